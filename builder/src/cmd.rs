@@ -1,0 +1,139 @@
+//! Running external programs (qemu-img, mkfs.ext4, apt-get, ...) in one checked way.
+//!
+//! Every call goes through [`run`], which names the program in the error, carries its
+//! exit status and the tail of its stderr, and says when the program is not installed.
+
+use std::ffi::OsStr;
+use std::io;
+use std::process::{Command, Output, Stdio};
+
+/// An external program failed to start or exited non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    /// The program is not on PATH.
+    #[error("`{program}` was not found: install it ({hint})")]
+    NotFound {
+        /// Program name.
+        program: String,
+        /// Which package provides it.
+        hint: String,
+    },
+    /// The program could not be started.
+    #[error("could not start `{command}`: {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The program ran and failed.
+    #[error("`{command}` failed ({status}):\n{stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Exit status as text.
+        status: String,
+        /// Last lines of stderr (or stdout when stderr is empty).
+        stderr: String,
+    },
+}
+
+/// The Debian package that provides a program kimg calls, for error messages.
+pub fn package_hint(program: &str) -> &'static str {
+    match program {
+        "qemu-img" => "apt-get install qemu-utils",
+        "qemu-system-x86_64" => "apt-get install qemu-system-x86",
+        "mkfs.ext4" | "e2fsck" | "debugfs" => "apt-get install e2fsprogs",
+        "apt-get" | "apt-cache" => {
+            "a Debian/Ubuntu host, or pass --kernel-deb / --kernel and --modules"
+        }
+        "busybox" => "apt-get install busybox-static",
+        "sgdisk" => "apt-get install gdisk",
+        "fsck.vfat" => "apt-get install dosfstools",
+        "xorriso" => "apt-get install xorriso",
+        _ => "see README.md",
+    }
+}
+
+/// Renders a command for messages: program and arguments, space separated.
+pub fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Runs `cmd` to completion with stdin closed; returns its output when it exits 0.
+pub fn run(cmd: &mut Command) -> Result<Output, CmdError> {
+    cmd.stdin(Stdio::null());
+    let out = cmd.output().map_err(|e| spawn_error(cmd, e))?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(CmdError::Failed {
+            command: display(cmd),
+            status: out.status.to_string(),
+            stderr: tail(if out.stderr.is_empty() {
+                &out.stdout
+            } else {
+                &out.stderr
+            }),
+        })
+    }
+}
+
+/// Like [`run`], returning stdout as (lossy) UTF-8.
+pub fn run_stdout(cmd: &mut Command) -> Result<String, CmdError> {
+    Ok(String::from_utf8_lossy(&run(cmd)?.stdout).into_owned())
+}
+
+/// Maps a spawn failure to [`CmdError`], with an install hint for a missing program.
+pub fn spawn_error(cmd: &Command, e: io::Error) -> CmdError {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    if e.kind() == io::ErrorKind::NotFound {
+        let hint = package_hint(&program).to_string();
+        CmdError::NotFound { program, hint }
+    } else {
+        CmdError::Spawn {
+            command: display(cmd),
+            source: e,
+        }
+    }
+}
+
+/// True when `program` can be found on PATH.
+pub fn exists(program: impl AsRef<OsStr>) -> bool {
+    let program = program.as_ref();
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// The last 20 lines of some output, for error messages.
+fn tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_carries_status_and_stderr() {
+        let err = run(Command::new("sh").args(["-c", "echo oops >&2; exit 3"])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("exit status: 3"), "{msg}");
+        assert!(msg.contains("oops"), "{msg}");
+        assert!(msg.contains("sh -c"), "{msg}");
+    }
+
+    #[test]
+    fn missing_program_says_what_to_install() {
+        let err = run(&mut Command::new("qemu-img-definitely-missing")).unwrap_err();
+        assert!(matches!(err, CmdError::NotFound { .. }), "{err}");
+        assert!(run_stdout(Command::new("sh").args(["-c", "echo hi"])).unwrap() == "hi\n");
+    }
+}

@@ -1,0 +1,1 @@
+//! ELF shared-library closure.

@@ -1,0 +1,1 @@
+//! Kernel: Debian packages, configs, modules.

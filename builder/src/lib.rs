@@ -1,0 +1,11 @@
+//! kimg: build minimal bootable Linux images and run throw-away QEMU clusters.
+//!
+//! The `kimg` binary only parses arguments and calls into these modules; tests call
+//! them directly.
+
+pub mod cache;
+pub mod cmd;
+pub mod disk;
+pub mod elf;
+pub mod hash;
+pub mod kernel;

@@ -1,0 +1,120 @@
+//! The kernel command line keys kimg-init reads, and the fixed names of the disk.
+//!
+//! The launcher writes `kimg.hostname=vm-NNN`; the image's boot entry carries the
+//! rest. Both sides build and read the line through this module.
+
+/// GPT partition name of the root filesystem; stage 1 looks for it by default.
+pub const ROOT_PARTLABEL: &str = "kimg-root";
+/// GPT partition name of the EFI system partition.
+pub const ESP_PARTLABEL: &str = "kimg-esp";
+/// Path of the kernel on the ESP.
+pub const ESP_KERNEL: &str = "kimg/vmlinuz";
+/// Path of the initramfs on the ESP.
+pub const ESP_INITRD: &str = "kimg/initrd.img";
+/// Kernel command line key carrying the VM's hostname.
+pub const KEY_HOSTNAME: &str = "kimg.hostname";
+/// Kernel command line key naming the root partition: `PARTLABEL=..` or `PARTUUID=..`.
+pub const KEY_ROOT: &str = "kimg.root";
+/// Kernel command line flag: stop in an emergency shell before switching root.
+pub const KEY_SHELL: &str = "kimg.shell";
+/// The serial console every kimg VM logs to.
+pub const CONSOLE: &str = "ttyS0";
+
+/// How stage 1 finds the root partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootSpec {
+    /// By GPT partition name.
+    PartLabel(String),
+    /// By GPT unique partition GUID (lower case, with dashes).
+    PartUuid(String),
+}
+
+impl Default for RootSpec {
+    fn default() -> Self {
+        RootSpec::PartLabel(ROOT_PARTLABEL.to_string())
+    }
+}
+
+impl RootSpec {
+    /// The `kimg.root=` value for this spec.
+    pub fn to_arg(&self) -> String {
+        match self {
+            RootSpec::PartLabel(l) => format!("PARTLABEL={l}"),
+            RootSpec::PartUuid(u) => format!("PARTUUID={u}"),
+        }
+    }
+}
+
+/// What kimg-init takes from `/proc/cmdline`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KimgArgs {
+    /// `kimg.hostname=`, if the launcher gave one.
+    pub hostname: Option<String>,
+    /// `kimg.root=`; the default partition label when absent or unreadable.
+    pub root: RootSpec,
+    /// `kimg.shell`: drop to a shell in stage 1 instead of booting.
+    pub shell: bool,
+}
+
+impl KimgArgs {
+    /// Reads the kimg keys out of a kernel command line; unknown words are ignored,
+    /// a malformed `kimg.root=` falls back to the default label.
+    pub fn parse(cmdline: &str) -> KimgArgs {
+        let mut args = KimgArgs::default();
+        for word in cmdline.split_ascii_whitespace() {
+            let (key, value) = word.split_once('=').unwrap_or((word, ""));
+            match key {
+                KEY_HOSTNAME if !value.is_empty() => args.hostname = Some(value.to_string()),
+                KEY_ROOT => {
+                    if let Some(l) = value.strip_prefix("PARTLABEL=").filter(|l| !l.is_empty()) {
+                        args.root = RootSpec::PartLabel(l.to_string());
+                    } else if let Some(u) =
+                        value.strip_prefix("PARTUUID=").filter(|u| !u.is_empty())
+                    {
+                        args.root = RootSpec::PartUuid(u.to_ascii_lowercase());
+                    }
+                }
+                KEY_SHELL => args.shell = true,
+                _ => {}
+            }
+        }
+        args
+    }
+}
+
+/// The command line an image boots with, before the launcher adds the hostname.
+pub fn base_cmdline(root: &RootSpec) -> String {
+    format!(
+        "console={CONSOLE} {KEY_ROOT}={} panic=-1 quiet loglevel=4",
+        root.to_arg()
+    )
+}
+
+/// `base` plus the VM's hostname, as the launcher passes it.
+pub fn with_hostname(base: &str, hostname: &str) -> String {
+    format!("{base} {KEY_HOSTNAME}={hostname}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_through_the_launcher_line() {
+        let root = RootSpec::PartUuid("0fc63daf-8483-4772-8e79-3d69d8477de4".into());
+        let line = with_hostname(&base_cmdline(&root), "vm-003");
+        let args = KimgArgs::parse(&line);
+        assert_eq!(args.hostname.as_deref(), Some("vm-003"));
+        assert_eq!(args.root, root);
+        assert!(!args.shell);
+    }
+
+    #[test]
+    fn defaults_and_garbage() {
+        let args = KimgArgs::parse("BOOT_IMAGE=/x kimg.root=BOGUS kimg.hostname= kimg.shell");
+        assert_eq!(args.root, RootSpec::default());
+        assert_eq!(args.hostname, None);
+        assert!(args.shell);
+        assert_eq!(KimgArgs::parse(""), KimgArgs::default());
+    }
+}
