@@ -3,9 +3,14 @@
 //! The `kimg` binary only parses arguments and calls into these modules; tests call
 //! them directly.
 
+pub mod bench;
 pub mod cache;
 pub mod cmd;
 pub mod disk;
 pub mod elf;
 pub mod hash;
+pub mod image;
+pub mod initramfs;
 pub mod kernel;
+pub mod rootfs;
+pub mod vm;

@@ -1,1 +1,51 @@
-fn main() {}
+//! The `kimg` command: parses arguments and dispatches to the library.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod cli;
+
+/// Build minimal bootable Linux images and boot throw-away QEMU clusters from them.
+///
+/// A typical session:
+///
+///   kimg build                      # Debian's cloud kernel -> out/hd.img + out/hd.json
+///   kimg run --nodes 1 --routers 0 --wait
+///   kimg exec vm-001 -- uname -a
+///   kimg status
+///   kimg stop
+#[derive(Parser)]
+#[command(name = "kimg", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Build(cli::build::Args),
+    Run(cli::run::Args),
+    Status(cli::status::Args),
+    Exec(cli::exec::Args),
+    Stop(cli::stop::Args),
+    Bench(cli::bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build(a) => cli::build::run(a),
+        Command::Run(a) => cli::run::run(a),
+        Command::Status(a) => cli::status::run(a),
+        Command::Exec(a) => cli::exec::run(a),
+        Command::Stop(a) => cli::stop::run(a),
+        Command::Bench(a) => cli::bench::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kimg: error: {e:#}");
+            ExitCode::from(cli::EXIT_FAILURE)
+        }
+    }
+}

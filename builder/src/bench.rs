@@ -1,0 +1,179 @@
+//! `kimg bench`: the figures the issues ask for, measured side by side in one run.
+//!
+//! - build: `kimg build` wall time with a warm kernel cache (goal <= 10 s);
+//! - boot: `kimg run --wait` start to ready for one VM, next to the floor: the same
+//!   kernel, machine and accelerator booting a busybox-only initramfs that powers
+//!   off at once (goal: ratio <= 1.5).
+
+use crate::image::{self, BuildOptions};
+use crate::initramfs::Initramfs;
+use crate::vm::accel::{self, Accel, AccelChoice};
+use crate::vm::cluster::{self, RunOptions};
+use crate::vm::qemu;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// Memory the benchmark VMs get (same for floor and kimg).
+const BENCH_MEM_MB: u32 = 384;
+
+/// Results of one benchmark run.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// Accelerator used for both boots.
+    pub accel: Accel,
+    /// `kimg build` wall seconds, warm kernel cache.
+    pub build_secs: f64,
+    /// Floor boots (wall seconds, QEMU start to exit).
+    pub floor_secs: Vec<f64>,
+    /// kimg boots (wall seconds, `run` start to ready).
+    pub boot_secs: Vec<f64>,
+    /// Median boot / median floor.
+    pub ratio: f64,
+}
+
+/// Errors of the benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The build failed.
+    #[error(transparent)]
+    Build(#[from] image::BuildError),
+    /// A cluster step failed.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+    /// Something else failed.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Options of `kimg bench`.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Build inputs (out_dir is replaced by a scratch dir).
+    pub build: BuildOptions,
+    /// Boots of each kind.
+    pub runs: usize,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// Scratch directory.
+    pub scratch: PathBuf,
+}
+
+/// The median of some samples (0 when empty).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Runs the whole benchmark; `log` gets one line per measurement.
+pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, BenchError> {
+    let out = opts.scratch.join("image");
+    let mut b = opts.build.clone();
+    b.out_dir = out.clone();
+    // Warm the kernel cache first; the figure is the second, warm build.
+    image::build(&b, &|_| {})?;
+    let t = Instant::now();
+    let built = image::build(&b, &|_| {})?;
+    let build_secs = t.elapsed().as_secs_f64();
+    log(&format!("build (warm cache): {build_secs:.2}s"));
+
+    let accel = accel::choose(opts.accel, qemu::QEMU, &opts.scratch).map_err(BenchError::Other)?;
+    let boot = opts.scratch.join("boot");
+    std::fs::create_dir_all(&boot).map_err(|e| BenchError::Other(e.to_string()))?;
+    let m = &built.manifest;
+    let files = crate::disk::extract_esp_files(&built.image, &[&m.kernel.esp_kernel], &boot)
+        .map_err(|e| BenchError::Other(e.to_string()))?;
+    let floor_initrd = opts.scratch.join("floor.img");
+    let mut fl = Initramfs::new();
+    fl.file("bin/busybox", &opts.build.busybox, 0o755).bytes(
+        "init",
+        "#!/bin/busybox sh\n/bin/busybox poweroff -f\n",
+        0o755,
+    );
+    fl.write(&floor_initrd, 1, 3)
+        .map_err(|e| BenchError::Other(e.to_string()))?;
+
+    let runtime = opts.scratch.join("rt");
+    std::env::set_var("KIMG_RUNTIME_DIR", &runtime);
+    let (mut floor_secs, mut boot_secs) = (Vec::new(), Vec::new());
+    for i in 0..opts.runs {
+        let f = floor_boot(accel, &files[0], &floor_initrd, &m.kernel.cmdline)?;
+        log(&format!("floor boot {}: {f:.2}s", i + 1));
+        floor_secs.push(f);
+        let ro = RunOptions {
+            name: "bench".into(),
+            image: built.image.clone(),
+            nodes: 1,
+            routers: 0,
+            mem_mb: BENCH_MEM_MB,
+            cpus: 1,
+            accel: if accel == Accel::Kvm {
+                AccelChoice::Kvm
+            } else {
+                AccelChoice::Tcg
+            },
+            wait: Some(Duration::from_secs(120)),
+        };
+        let t = Instant::now();
+        cluster::run(&ro, &|_| {})?;
+        let k = t.elapsed().as_secs_f64();
+        cluster::stop("bench", Duration::from_secs(10))?;
+        log(&format!("kimg boot {}: {k:.2}s", i + 1));
+        boot_secs.push(k);
+    }
+    let ratio = median(&boot_secs) / median(&floor_secs).max(f64::EPSILON);
+    Ok(BenchReport {
+        accel,
+        build_secs,
+        floor_secs,
+        boot_secs,
+        ratio,
+    })
+}
+
+/// Wall seconds of QEMU booting `initrd` (which powers off at once) until it exits.
+fn floor_boot(
+    accel: Accel,
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+) -> Result<f64, BenchError> {
+    let mut cmd = qemu::machine(accel, BENCH_MEM_MB, 1);
+    cmd.arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", cmdline]);
+    cmd.args(["-serial", "null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let t = Instant::now();
+    let st = cmd
+        .status()
+        .map_err(|e| BenchError::Other(format!("qemu: {e}")))?;
+    if !st.success() {
+        return Err(BenchError::Other(format!(
+            "floor boot: qemu exited with {st}"
+        )));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}

@@ -1,0 +1,82 @@
+//! `kimg bench`: build and boot figures, side by side.
+
+use kimg::bench::{self, BenchOptions};
+use kimg::image::{self, BuildOptions};
+use kimg::kernel::KernelSource;
+use kimg::vm::accel::AccelChoice;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Measure `kimg build` (warm kernel cache; goal <= 10 s) and one VM's boot to
+/// ready next to the floor: the same kernel and machine booting a busybox-only
+/// initramfs that powers off at once (goal: ratio <= 1.5).
+#[derive(clap::Args)]
+pub struct Args {
+    /// Boots of each kind; medians are compared.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Accelerator for both boots.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Use this Debian linux-image .deb instead of the cloud kernel.
+    #[arg(long, value_name = "FILE")]
+    kernel_deb: Option<PathBuf>,
+    /// The static kimg-init binary.
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `kimg bench`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let opts = BenchOptions {
+        build: BuildOptions {
+            out_dir: PathBuf::new(),
+            name: "hd".into(),
+            kernel: a
+                .kernel_deb
+                .map_or(KernelSource::DebianDefault, KernelSource::Deb),
+            size: image::DEFAULT_SIZE,
+            init: a.init.unwrap_or_else(image::default_init),
+            busybox: PathBuf::from("/bin/busybox"),
+            mtime: image::source_date_epoch(),
+            zstd_level: 9,
+        },
+        runs: a.runs.max(1),
+        accel: a.accel,
+        scratch: scratch.path().to_path_buf(),
+    };
+    let quiet = a.json;
+    let r = bench::run(&opts, &|l| {
+        if !quiet {
+            eprintln!("kimg bench: {l}");
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("accelerator                         {}", r.accel.as_str());
+        println!(
+            "kimg build, warm kernel cache       {:6.2} s   (goal <= 10 s)",
+            r.build_secs
+        );
+        println!(
+            "floor: busybox initramfs, poweroff  {:6.2} s   (median of {})",
+            bench::median(&r.floor_secs),
+            r.floor_secs.len()
+        );
+        println!(
+            "kimg run --wait, 1 VM, to ready     {:6.2} s   (median of {})",
+            bench::median(&r.boot_secs),
+            r.boot_secs.len()
+        );
+        println!(
+            "ratio boot / floor                  {:6.2}     (goal <= 1.5)",
+            r.ratio
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

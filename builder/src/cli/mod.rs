@@ -1,0 +1,56 @@
+//! One module per subcommand: its arguments and a `run` that calls the library.
+
+pub mod bench;
+pub mod build;
+pub mod exec;
+pub mod run;
+pub mod status;
+pub mod stop;
+
+/// Exit code of a failed kimg command. (`kimg exec` exits with the command's code;
+/// usage errors exit with clap's 2.)
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Default cluster name, shared by every cluster subcommand.
+pub const DEFAULT_CLUSTER: &str = "kimg";
+
+/// Parses sizes like `2G`, `512M`, `1073741824`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let mult = match s[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("{s:?}: use a number with K, M, G or T (e.g. 2G)")),
+            };
+            (&s[..i], mult)
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?}: use a number with K, M, G or T (e.g. 2G)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("2X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

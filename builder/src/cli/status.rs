@@ -1,0 +1,54 @@
+//! `kimg status`: a table (or JSON) of a cluster's VMs.
+
+use kimg::vm::cluster;
+use std::process::ExitCode;
+
+/// Show each VM of a cluster: role, state (booting, ready, degraded, dead), uptime
+/// and problems. A dead VM shows its last console lines.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Cluster name.
+    #[arg(long, default_value = super::DEFAULT_CLUSTER)]
+    name: String,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `kimg status`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let (state, vms) = cluster::status(&a.name)?;
+    if a.json {
+        let out = serde_json::json!({ "name": state.name, "image": state.image, "accel": state.accel, "vms": vms });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "cluster {} ({}, image {})",
+        state.name,
+        state.accel.as_str(),
+        state.image.display()
+    );
+    println!(
+        "{:<8} {:<8} {:<9} {:>8}  PROBLEMS",
+        "VM", "ROLE", "STATE", "UPTIME"
+    );
+    for v in &vms {
+        let uptime = v
+            .agent
+            .as_ref()
+            .map_or("-".to_string(), |a| format!("{:.0}s", a.uptime_secs));
+        let problems = v
+            .agent
+            .as_ref()
+            .map_or(String::new(), |a| a.problems.join("; "));
+        println!(
+            "{:<8} {:<8} {:<9} {:>8}  {}",
+            v.vm, v.role, v.state, uptime, problems
+        );
+        for l in &v.last_console {
+            println!("         | {l}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,645 @@
+//! A named cluster of VMs booted from one base image: its directory, lock and state,
+//! and the operations `kimg run`, `status`, `exec` and `stop` perform on it.
+//!
+//! The cluster directory lives under the runtime root (`$KIMG_RUNTIME_DIR`, else
+//! `$XDG_RUNTIME_DIR/kimg`, else `/tmp/kimg-<uid>`) so that socket paths stay short.
+//! It holds `cluster.json`, `boot/` (kernel and initramfs taken from the image's ESP)
+//! and one directory per VM (qcow2 layer, sockets, console log, pid file).
+
+use super::accel::{self, Accel, AccelChoice};
+use super::agent::{self, AgentError};
+use super::qemu::{self, VmPaths, VmSpec};
+use crate::cmd::{self, CmdError};
+use kimg_contract::agent::{BootState, ExecResult, Op, Reply, Status};
+use kimg_contract::cmdline::with_hostname;
+use kimg_contract::manifest::Manifest;
+use kimg_contract::{Role, VmId};
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Errors of cluster operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The cluster name has characters that do not belong in a path.
+    #[error("cluster name {0:?}: use letters, digits, '-' and '_' (at most 32)")]
+    BadName(String),
+    /// No cluster of that name is running.
+    #[error("no cluster named {0:?} (start one with `kimg run --name {0}`)")]
+    NotFound(String),
+    /// Another kimg holds the cluster's lock.
+    #[error("cluster {0:?} is being started or stopped by another kimg (lock {1})")]
+    Locked(String, PathBuf),
+    /// The image or its manifest is missing or unreadable.
+    #[error("image {path}: {why}")]
+    Image {
+        /// Image path.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        why: String,
+    },
+    /// The VM is not part of the cluster.
+    #[error("{vm} is not part of cluster {name:?} (see `kimg status --name {name}`)")]
+    NoSuchVm {
+        /// Cluster.
+        name: String,
+        /// VM asked for.
+        vm: VmId,
+    },
+    /// A VM's QEMU is not running.
+    #[error("{0} is not running (its QEMU is gone); see its console log")]
+    Dead(VmId),
+    /// KVM was asked for and does not work.
+    #[error("{0}")]
+    Accel(String),
+    /// VMs did not report ready in time.
+    #[error("{}", format_not_ready(.0))]
+    NotReady(Vec<(VmId, String, Vec<String>)>),
+    /// Talking to an agent failed.
+    #[error("{vm}: {source}")]
+    Agent {
+        /// VM.
+        vm: VmId,
+        /// Why.
+        source: AgentError,
+    },
+    /// The agent answered with an error.
+    #[error("{vm}: the agent refused: {message}")]
+    Refused {
+        /// VM.
+        vm: VmId,
+        /// Its message.
+        message: String,
+    },
+    /// An external program failed.
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+    /// Reading the image's ESP failed.
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
+    /// A file in the cluster directory could not be handled.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+fn format_not_ready(vms: &[(VmId, String, Vec<String>)]) -> String {
+    let mut s = String::from("VMs not ready:");
+    for (vm, why, lines) in vms {
+        s.push_str(&format!("\n  {vm}: {why}; last console lines:"));
+        for l in lines {
+            s.push_str(&format!("\n    | {l}"));
+        }
+    }
+    s
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ClusterError + '_ {
+    move |source| ClusterError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The directory all clusters live in.
+pub fn runtime_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("KIMG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("kimg");
+    }
+    PathBuf::from(format!("/tmp/kimg-{}", nix::unistd::getuid()))
+}
+
+/// The directory of cluster `name`.
+pub fn cluster_dir(name: &str) -> Result<PathBuf, ClusterError> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(ClusterError::BadName(name.to_string()));
+    }
+    Ok(runtime_root().join(name))
+}
+
+/// What `cluster.json` records about a running cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Cluster name.
+    pub name: String,
+    /// Base image (never written).
+    pub image: PathBuf,
+    /// Accelerator the VMs run with.
+    pub accel: Accel,
+    /// Unix time the cluster was started.
+    pub started: u64,
+    /// The VMs.
+    pub vms: Vec<VmRecord>,
+}
+
+/// One VM of a cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Its id (hostname).
+    pub vm: VmId,
+    /// Memory in MiB.
+    pub mem_mb: u32,
+    /// Virtual CPUs.
+    pub cpus: u32,
+}
+
+const STATE_FILE: &str = "cluster.json";
+
+/// Options of `kimg run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Cluster name.
+    pub name: String,
+    /// Base image (qcow2 with its manifest beside it).
+    pub image: PathBuf,
+    /// Number of nodes (vm-001..).
+    pub nodes: u16,
+    /// Number of routers (vm-201..).
+    pub routers: u16,
+    /// Memory per VM in MiB.
+    pub mem_mb: u32,
+    /// vCPUs per VM.
+    pub cpus: u32,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// Wait for every VM to report ready, at most this long.
+    pub wait: Option<Duration>,
+}
+
+/// Progress events of `run`, for the CLI to print.
+#[derive(Debug, Clone)]
+pub enum RunEvent {
+    /// An old cluster of the same name was stopped first.
+    Replaced,
+    /// The accelerator was chosen.
+    Accel(Accel),
+    /// A VM's QEMU was started.
+    Started(VmId),
+    /// A VM answered ready (or degraded) after this long.
+    Ready(VmId, BootState, Duration),
+}
+
+/// The VM ids a cluster of this size has, in order.
+pub fn vm_ids(nodes: u16, routers: u16) -> Result<Vec<VmId>, String> {
+    let mut ids = Vec::new();
+    for (role, count) in [(Role::Node, nodes), (Role::Router, routers)] {
+        if count > role.capacity() {
+            return Err(format!("at most {} {role}s", role.capacity()));
+        }
+        let first = role.first().unwrap_or(1);
+        ids.extend((0..count).filter_map(|i| VmId::new(first + i)));
+    }
+    if ids.is_empty() {
+        return Err("a cluster needs at least one VM".into());
+    }
+    Ok(ids)
+}
+
+/// The manifest beside an image (`hd.img` -> `hd.json`).
+pub fn read_manifest(image: &Path) -> Result<Manifest, ClusterError> {
+    let path = image.with_extension("json");
+    let text = fs::read_to_string(&path).map_err(|e| ClusterError::Image {
+        path: image.to_path_buf(),
+        why: format!(
+            "cannot read its manifest {}: {e} (images come from `kimg build`)",
+            path.display()
+        ),
+    })?;
+    serde_json::from_str(&text).map_err(|e| ClusterError::Image {
+        path: image.to_path_buf(),
+        why: format!("manifest {} is not a kimg manifest: {e}", path.display()),
+    })
+}
+
+/// Takes the cluster's lock; held until the returned value drops.
+fn lock(name: &str) -> Result<Flock<fs::File>, ClusterError> {
+    let root = runtime_root();
+    fs::create_dir_all(&root).map_err(io_err(&root))?;
+    let path = root.join(format!("{name}.lock"));
+    let file = fs::File::create(&path).map_err(io_err(&path))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| ClusterError::Locked(name.to_string(), path))
+}
+
+/// Starts a cluster (stopping a running one of the same name first).
+pub fn run(
+    opts: &RunOptions,
+    on_event: &(dyn Fn(RunEvent) + Sync),
+) -> Result<ClusterState, ClusterError> {
+    let dir = cluster_dir(&opts.name)?;
+    let ids = vm_ids(opts.nodes, opts.routers).map_err(|why| ClusterError::Image {
+        path: opts.image.clone(),
+        why,
+    })?;
+    let image = fs::canonicalize(&opts.image).map_err(|e| ClusterError::Image {
+        path: opts.image.clone(),
+        why: format!("{e} (build one with `kimg build`)"),
+    })?;
+    let manifest = read_manifest(&image)?;
+    let _lock = lock(&opts.name)?;
+    if dir.exists() {
+        stop_locked(&opts.name, &dir, Duration::from_secs(10))?;
+        on_event(RunEvent::Replaced);
+    }
+    // Sockets and files of the cluster are the user's alone (agent socket 0600).
+    let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let result = start(opts, &dir, &image, &manifest, &ids, on_event);
+    nix::sys::stat::umask(old_umask);
+    let state = match result {
+        Ok(state) => state,
+        Err(e) => {
+            // Leave nothing half-started behind.
+            let _ = stop_locked(&opts.name, &dir, Duration::from_secs(2));
+            return Err(e);
+        }
+    };
+    if let Some(limit) = opts.wait {
+        wait_ready(&dir, &state, limit, on_event)?;
+    }
+    Ok(state)
+}
+
+fn start(
+    opts: &RunOptions,
+    dir: &Path,
+    image: &Path,
+    manifest: &Manifest,
+    ids: &[VmId],
+    on_event: &(dyn Fn(RunEvent) + Sync),
+) -> Result<ClusterState, ClusterError> {
+    let boot = dir.join("boot");
+    fs::create_dir_all(&boot).map_err(io_err(&boot))?;
+    let files = crate::disk::extract_esp_files(
+        image,
+        &[&manifest.kernel.esp_kernel, &manifest.kernel.esp_initrd],
+        &boot,
+    )?;
+    let accel = accel::choose(opts.accel, qemu::QEMU, dir).map_err(ClusterError::Accel)?;
+    on_event(RunEvent::Accel(accel));
+    let state = ClusterState {
+        name: opts.name.clone(),
+        image: image.to_path_buf(),
+        accel,
+        started: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        vms: ids
+            .iter()
+            .map(|&vm| VmRecord {
+                vm,
+                mem_mb: opts.mem_mb,
+                cpus: opts.cpus,
+            })
+            .collect(),
+    };
+    let state_path = dir.join(STATE_FILE);
+    let json = serde_json::to_string_pretty(&state).unwrap_or_default();
+    fs::write(&state_path, json).map_err(io_err(&state_path))?;
+
+    // All VMs start in parallel; the first failure is reported.
+    std::thread::scope(|s| {
+        let handles: Vec<_> = state
+            .vms
+            .iter()
+            .map(|rec| {
+                let spec = VmSpec {
+                    vm: rec.vm,
+                    mem_mb: rec.mem_mb,
+                    cpus: rec.cpus,
+                    accel,
+                    kernel: files[0].clone(),
+                    initrd: files[1].clone(),
+                    cmdline: with_hostname(&manifest.kernel.cmdline, &rec.vm.hostname()),
+                };
+                s.spawn(move || {
+                    start_vm(dir, image, &spec).map(|()| on_event(RunEvent::Started(spec.vm)))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(ClusterError::Accel("VM start thread panicked".into())))
+            })
+            .collect::<Result<Vec<()>, _>>()
+    })?;
+    Ok(state)
+}
+
+fn start_vm(dir: &Path, image: &Path, spec: &VmSpec) -> Result<(), ClusterError> {
+    let paths = VmPaths::new(dir, spec.vm);
+    fs::create_dir_all(&paths.dir).map_err(io_err(&paths.dir))?;
+    cmd::run(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(image)
+            .arg(paths.disk()),
+    )?;
+    cmd::run(&mut qemu::command(spec, &paths))?;
+    Ok(())
+}
+
+/// Reads a cluster's state file.
+pub fn load(name: &str) -> Result<(PathBuf, ClusterState), ClusterError> {
+    let dir = cluster_dir(name)?;
+    let path = dir.join(STATE_FILE);
+    let text = fs::read_to_string(&path).map_err(|_| ClusterError::NotFound(name.to_string()))?;
+    let state = serde_json::from_str(&text).map_err(|e| ClusterError::Io {
+        path: path.clone(),
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    })?;
+    Ok((dir, state))
+}
+
+/// The pid of a VM's QEMU if it is still running.
+pub fn qemu_pid(paths: &VmPaths) -> Option<Pid> {
+    let pid: i32 = fs::read_to_string(paths.pidfile())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // Guard against pid reuse: the process must still be a QEMU.
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    comm.starts_with("qemu").then_some(Pid::from_raw(pid))
+}
+
+/// The last `n` lines of a VM's console log.
+pub fn console_tail(paths: &VmPaths, n: usize) -> Vec<String> {
+    let text = fs::read(paths.console_log()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
+}
+
+fn wait_ready(
+    dir: &Path,
+    state: &ClusterState,
+    limit: Duration,
+    on_event: &(dyn Fn(RunEvent) + Sync),
+) -> Result<(), ClusterError> {
+    let start = Instant::now();
+    let deadline = start + limit;
+    let failures: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = state
+            .vms
+            .iter()
+            .map(|rec| {
+                s.spawn(move || {
+                    let paths = VmPaths::new(dir, rec.vm);
+                    match poll_ready(&paths, deadline) {
+                        Ok(st) => {
+                            on_event(RunEvent::Ready(rec.vm, st, start.elapsed()));
+                            None
+                        }
+                        Err(why) => Some((rec.vm, why, console_tail(&paths, 15))),
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap_or(None))
+            .collect()
+    });
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(ClusterError::NotReady(failures))
+    }
+}
+
+/// Asks the agent for its status until it reports ready/degraded or time runs out.
+fn poll_ready(paths: &VmPaths, deadline: Instant) -> Result<BootState, String> {
+    loop {
+        if qemu_pid(paths).is_none() {
+            return Err("QEMU exited".into());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("no ready report before the timeout".into());
+        }
+        match agent::request(&paths.agent(), Op::Status, left.min(Duration::from_secs(2))) {
+            Ok(Reply::Status(st)) if st.state != BootState::Booting => return Ok(st.state),
+            Ok(_) | Err(AgentError::Timeout(_)) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// State of one VM as `kimg status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    /// The VM.
+    pub vm: VmId,
+    /// Its role.
+    pub role: Role,
+    /// booting, ready, degraded or dead.
+    pub state: String,
+    /// What the agent reported, when it answered.
+    pub agent: Option<Status>,
+    /// Last console lines of a dead VM.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub last_console: Vec<String>,
+}
+
+/// Queries every VM of a cluster.
+pub fn status(name: &str) -> Result<(ClusterState, Vec<VmStatus>), ClusterError> {
+    let (dir, state) = load(name)?;
+    let list = std::thread::scope(|s| {
+        let handles: Vec<_> = state
+            .vms
+            .iter()
+            .map(|rec| {
+                let dir = &dir;
+                s.spawn(move || {
+                    let paths = VmPaths::new(dir, rec.vm);
+                    let mut st = VmStatus {
+                        vm: rec.vm,
+                        role: rec.vm.role(),
+                        state: "booting".into(),
+                        agent: None,
+                        last_console: Vec::new(),
+                    };
+                    if qemu_pid(&paths).is_none() {
+                        st.state = "dead".into();
+                        st.last_console = console_tail(&paths, 10);
+                    } else if let Ok(Reply::Status(a)) =
+                        agent::request(&paths.agent(), Op::Status, Duration::from_secs(3))
+                    {
+                        st.state = serde_json::to_value(a.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default();
+                        st.agent = Some(a);
+                    }
+                    st
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    Ok((state, list))
+}
+
+/// Runs `argv` in a VM through its agent.
+pub fn exec(
+    name: &str,
+    vm: VmId,
+    argv: Vec<String>,
+    timeout: Option<Duration>,
+) -> Result<ExecResult, ClusterError> {
+    let (dir, state) = load(name)?;
+    if !state.vms.iter().any(|r| r.vm == vm) {
+        return Err(ClusterError::NoSuchVm {
+            name: name.to_string(),
+            vm,
+        });
+    }
+    let paths = VmPaths::new(&dir, vm);
+    if qemu_pid(&paths).is_none() {
+        return Err(ClusterError::Dead(vm));
+    }
+    let op = Op::Exec {
+        argv,
+        timeout_secs: timeout.map(|t| t.as_secs()),
+    };
+    // The agent enforces the command's own timeout; allow it a margin to answer.
+    let wait = timeout.map_or(Duration::from_secs(24 * 3600), |t| {
+        t + Duration::from_secs(10)
+    });
+    match agent::request(&paths.agent(), op, wait) {
+        Ok(Reply::Exec(r)) => Ok(r),
+        Ok(Reply::Error { message }) => Err(ClusterError::Refused { vm, message }),
+        Ok(other) => Err(ClusterError::Refused {
+            vm,
+            message: format!("unexpected answer {other:?}"),
+        }),
+        Err(source) => Err(ClusterError::Agent { vm, source }),
+    }
+}
+
+/// What `stop` did per VM.
+#[derive(Debug, Clone, Serialize)]
+pub struct StopReport {
+    /// VMs that powered off through their agent.
+    pub graceful: Vec<VmId>,
+    /// VMs whose QEMU had to be killed.
+    pub killed: Vec<VmId>,
+}
+
+/// Stops a cluster: agent poweroff, then SIGKILL after `grace`; removes its directory.
+pub fn stop(name: &str, grace: Duration) -> Result<StopReport, ClusterError> {
+    let dir = cluster_dir(name)?;
+    if !dir.exists() {
+        return Err(ClusterError::NotFound(name.to_string()));
+    }
+    let _lock = lock(name)?;
+    stop_locked(name, &dir, grace)
+}
+
+fn stop_locked(name: &str, dir: &Path, grace: Duration) -> Result<StopReport, ClusterError> {
+    let vms: Vec<VmId> = match load(name) {
+        Ok((_, state)) => state.vms.iter().map(|r| r.vm).collect(),
+        // A directory without a state file (a failed start): look at what is there.
+        Err(_) => fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let mut report = StopReport {
+        graceful: Vec::new(),
+        killed: Vec::new(),
+    };
+    let running: Vec<(VmId, Pid)> = vms
+        .iter()
+        .filter_map(|&vm| Some((vm, qemu_pid(&VmPaths::new(dir, vm))?)))
+        .collect();
+    std::thread::scope(|s| {
+        for (vm, _) in &running {
+            let sock = VmPaths::new(dir, *vm).agent();
+            s.spawn(move || agent::request(&sock, Op::Poweroff, Duration::from_secs(2)));
+        }
+    });
+    let deadline = Instant::now() + grace;
+    for (vm, pid) in running {
+        let paths = VmPaths::new(dir, vm);
+        while qemu_pid(&paths).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if qemu_pid(&paths).is_some() {
+            let _ = kill(pid, Signal::SIGKILL);
+            while qemu_pid(&paths).is_some() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            report.killed.push(vm);
+        } else {
+            report.graceful.push(vm);
+        }
+    }
+    fs::remove_dir_all(dir).map_err(io_err(dir))?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_follow_the_role_table() {
+        let ids = vm_ids(2, 1).unwrap();
+        let names: Vec<_> = ids.iter().map(|v| v.hostname()).collect();
+        assert_eq!(names, ["vm-001", "vm-002", "vm-201"]);
+        assert!(vm_ids(0, 0).is_err());
+        assert!(vm_ids(201, 0).is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(cluster_dir("ok-name_1").is_ok());
+        for bad in ["", "a/b", "..", "x y", &"a".repeat(33)] {
+            assert!(
+                matches!(cluster_dir(bad), Err(ClusterError::BadName(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn not_ready_error_lists_vms_and_console_lines() {
+        let vm: VmId = "vm-002".parse().unwrap();
+        let e = ClusterError::NotReady(vec![(
+            vm,
+            "QEMU exited".into(),
+            vec!["Kernel panic".into()],
+        )]);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("vm-002: QEMU exited") && msg.contains("| Kernel panic"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! Shared harness of the end-to-end tests: the kimg binary, one image built per test
+//! process, and clusters that are always stopped (even when a test fails).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The kimg binary under test (`$KIMG_BIN`, else the release build).
+pub fn kimg_bin() -> PathBuf {
+    let p = std::env::var_os("KIMG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/release/kimg"));
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/build first",
+        p.display()
+    );
+    p
+}
+
+/// Runs kimg with `args`; the runtime dir is the given one so tests never touch a
+/// user's clusters.
+pub fn kimg(runtime: &Path, args: &[&str]) -> Output {
+    Command::new(kimg_bin())
+        .args(args)
+        .env("KIMG_RUNTIME_DIR", runtime)
+        .output()
+        .expect("kimg runs")
+}
+
+/// Text of an output's stdout and stderr, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// An image built once per test process by `kimg build`.
+pub struct BuiltImage {
+    /// Directory holding hd.img and hd.json.
+    pub dir: PathBuf,
+    /// The qcow2 image.
+    pub image: PathBuf,
+    /// Its manifest.
+    pub manifest: kimg_contract::manifest::Manifest,
+    /// Wall time of the build.
+    pub build_time: Duration,
+}
+
+/// The shared base image (built on first use).
+pub fn image() -> &'static BuiltImage {
+    static IMAGE: OnceLock<BuiltImage> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("kimg-e2e-image-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let start = Instant::now();
+        let out = Command::new(kimg_bin())
+            .args(["build", "--out"])
+            .arg(&dir)
+            .output()
+            .expect("kimg build runs");
+        assert!(out.status.success(), "kimg build failed:\n{}", text(&out));
+        let image = dir.join("hd.img");
+        let manifest = serde_json::from_str(&std::fs::read_to_string(dir.join("hd.json")).unwrap())
+            .expect("hd.json is a manifest");
+        BuiltImage {
+            dir,
+            image,
+            manifest,
+            build_time: start.elapsed(),
+        }
+    })
+}
+
+/// A cluster started by a test in its own runtime dir; stopped on drop.
+pub struct TestCluster {
+    /// Runtime dir (KIMG_RUNTIME_DIR) of this cluster only.
+    pub runtime: tempfile::TempDir,
+    /// Cluster name.
+    pub name: String,
+}
+
+impl TestCluster {
+    /// A cluster named `name` in a fresh runtime dir (nothing started yet).
+    pub fn new(name: &str) -> TestCluster {
+        let runtime = tempfile::Builder::new()
+            .prefix("kimg-rt-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        TestCluster {
+            runtime,
+            name: name.to_string(),
+        }
+    }
+
+    /// Runs kimg with `--name` appended after the subcommand.
+    pub fn kimg(&self, sub: &str, args: &[&str]) -> Output {
+        let mut all = vec![sub, "--name", &self.name];
+        all.extend_from_slice(args);
+        kimg(self.runtime.path(), &all)
+    }
+
+    /// `kimg exec VM -- argv...`.
+    pub fn exec(&self, vm: &str, argv: &[&str]) -> Output {
+        let mut all = vec![vm, "--"];
+        all.extend_from_slice(argv);
+        self.kimg("exec", &all)
+    }
+
+    /// stdout of a command that must succeed in `vm`.
+    pub fn exec_ok(&self, vm: &str, argv: &[&str]) -> String {
+        let o = self.exec(vm, argv);
+        assert!(o.status.success(), "{vm}: {argv:?}:\n{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Pids of QEMU processes whose command line mentions this cluster's runtime dir.
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        let needle = self.runtime.path().to_string_lossy().into_owned();
+        let mut pids = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.starts_with("qemu-system") && cmd.contains(&needle) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let _ = self.kimg("stop", &["--grace", "5"]);
+        for pid in self.qemu_pids() {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+    }
+}
