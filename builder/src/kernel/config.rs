@@ -174,7 +174,9 @@ fn parse_line(raw: &str, line: usize) -> Result<Option<(String, ConfigValue)>, C
     if text.is_empty() {
         return Ok(None);
     }
-    let (symbol, value) = text.split_once('=').ok_or_else(|| err("expected CONFIG_X=value"))?;
+    let (symbol, value) = text
+        .split_once('=')
+        .ok_or_else(|| err("expected CONFIG_X=value"))?;
     if !valid_symbol(symbol) {
         return Err(err("bad symbol name"));
     }
@@ -257,9 +259,10 @@ fn want_of(value: &ConfigValue) -> Want {
 impl Want {
     fn satisfied_by(&self, found: Option<&ConfigValue>) -> bool {
         match (self, found) {
-            (Want::YesOrModule | Want::ModuleOrYes, Some(ConfigValue::Yes | ConfigValue::Module)) => {
-                true
-            }
+            (
+                Want::YesOrModule | Want::ModuleOrYes,
+                Some(ConfigValue::Yes | ConfigValue::Module),
+            ) => true,
             (Want::Off, None | Some(ConfigValue::No)) => true,
             (Want::Exactly(want), Some(found)) => {
                 want == found || (want.numeric().is_some() && want.numeric() == found.numeric())
@@ -362,10 +365,7 @@ mod tests {
     fn duplicates_are_an_error_naming_both_lines() {
         let err = KernelConfig::parse("CONFIG_A=y\n# x\nCONFIG_B=m\n# CONFIG_A is not set\n")
             .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "CONFIG_A is set twice, on lines 1 and 4"
-        );
+        assert_eq!(err.to_string(), "CONFIG_A is set twice, on lines 1 and 4");
     }
 
     fn miss(config: &str, fragment: &str) -> Vec<String> {
@@ -383,17 +383,26 @@ mod tests {
         assert!(miss("CONFIG_A=y\nCONFIG_B=m\n", "CONFIG_A=y\nCONFIG_B=y\n").is_empty());
         assert!(miss("CONFIG_A=y\nCONFIG_B=m\n", "CONFIG_A=m\nCONFIG_B=m\n").is_empty());
         assert!(miss("CONFIG_A=n\n", "# CONFIG_A is not set\nCONFIG_B=n\n").is_empty());
-        assert!(miss("CONFIG_S=\"a b\"\nCONFIG_N=0x10\n", "CONFIG_S=\"a b\"\nCONFIG_N=16\n")
-            .is_empty());
+        assert!(miss(
+            "CONFIG_S=\"a b\"\nCONFIG_N=0x10\n",
+            "CONFIG_S=\"a b\"\nCONFIG_N=16\n"
+        )
+        .is_empty());
         assert_eq!(
-            miss("# CONFIG_VIRTIO_BLK is not set\n", "CONFIG_VIRTIO_BLK=y\nCONFIG_X=m\n"),
+            miss(
+                "# CONFIG_VIRTIO_BLK is not set\n",
+                "CONFIG_VIRTIO_BLK=y\nCONFIG_X=m\n"
+            ),
             [
                 "CONFIG_VIRTIO_BLK: want y or m, found not set",
                 "CONFIG_X: want m or y, found not set"
             ]
         );
         assert_eq!(
-            miss("CONFIG_A=m\nCONFIG_S=\"x\"\nCONFIG_N=1\n", "CONFIG_A=n\nCONFIG_S=\"y\"\nCONFIG_N=2\n"),
+            miss(
+                "CONFIG_A=m\nCONFIG_S=\"x\"\nCONFIG_N=1\n",
+                "CONFIG_A=n\nCONFIG_S=\"y\"\nCONFIG_N=2\n"
+            ),
             [
                 "CONFIG_A: want not set, found m",
                 "CONFIG_N: want 2, found 1",

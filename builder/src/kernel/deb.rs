@@ -257,7 +257,10 @@ pub(crate) mod tests {
             let deb = write(dir.path(), &format!("{name}.deb"), &deb_with(name, data));
             let dest = dir.path().join(format!("out-{name}"));
             assert_eq!(unpack_data(&deb, &dest).unwrap(), name);
-            assert_eq!(std::fs::read(dest.join("boot/vmlinuz-1")).unwrap(), b"kernel");
+            assert_eq!(
+                std::fs::read(dest.join("boot/vmlinuz-1")).unwrap(),
+                b"kernel"
+            );
             assert_eq!(std::fs::read(dest.join("lib/a.ko")).unwrap(), b"odd");
         }
     }

@@ -369,9 +369,8 @@ pub fn elf_section<'a>(bytes: &'a [u8], wanted: &str) -> Result<Option<&'a [u8]>
         .ok_or("section name table index out of range")?;
     let names = section_bytes(bytes, strtab).ok_or("section name table out of bounds")?;
     for sh in &sections {
-        let name = usize::try_from(sh.sh_name)
-            .ok()
-            .and_then(|start| names.get(start..))
+        let name = names
+            .get(sh.sh_name..)
             .and_then(|rest| rest.split(|&b| b == 0).next());
         if name == Some(wanted.as_bytes()) {
             return section_bytes(bytes, sh)
@@ -444,7 +443,10 @@ pub(crate) mod tests {
         assert_eq!(parse_modinfo(b"depends=\0"), ModInfo::default());
         assert_eq!(parse_modinfo(b""), ModInfo::default());
         assert_eq!(parse_modinfo(b"name=a\0name=b\0"), parse_modinfo(b"name=a"));
-        assert_eq!(parse_modinfo(b"noequals\0=\0name=\0\xff\xfe=1"), ModInfo::default());
+        assert_eq!(
+            parse_modinfo(b"noequals\0=\0name=\0\xff\xfe=1"),
+            ModInfo::default()
+        );
         let odd = parse_modinfo(b"name=\xffx\0depends=,,a,,\0");
         assert_eq!(odd.name.as_deref(), Some("\u{fffd}x"));
         assert_eq!(odd.depends, ["a"]);
@@ -502,7 +504,11 @@ pub(crate) mod tests {
             &[
                 ("virtio/virtio.ko", "virtio", ""),
                 ("virtio/virtio_ring.ko.xz", "virtio_ring", "virtio"),
-                ("virtio/virtio_pci.ko.zst", "virtio_pci", "virtio_ring,virtio,ext4"),
+                (
+                    "virtio/virtio_pci.ko.zst",
+                    "virtio_pci",
+                    "virtio_ring,virtio,ext4",
+                ),
                 ("block/virtio-blk.ko", "virtio_blk", "virtio_ring,virtio"),
                 ("scsi/sr_mod.ko", "sr_mod", "cdrom"),
                 ("cdrom/cdrom.ko", "cdrom", ""),
@@ -519,7 +525,14 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(
             names(&got),
-            ["virtio", "virtio_ring", "virtio_pci", "cdrom", "sr_mod", "virtio_blk"]
+            [
+                "virtio",
+                "virtio_ring",
+                "virtio_pci",
+                "cdrom",
+                "sr_mod",
+                "virtio_blk"
+            ]
         );
         assert_eq!(
             got[2].rel_path,
@@ -528,14 +541,20 @@ pub(crate) mod tests {
         let err = index
             .closure(&["nope", "virtio", "also-missing"])
             .unwrap_err();
-        assert!(matches!(&err, ModuleError::Unknown { names, .. } if names == &["also_missing", "nope"]), "{err}");
+        assert!(
+            matches!(&err, ModuleError::Unknown { names, .. } if names == &["also_missing", "nope"]),
+            "{err}"
+        );
 
         let dep = index.modules_dep();
         assert!(dep.contains(
             "kernel/drivers/virtio/virtio_pci.ko.zst: kernel/drivers/virtio/virtio_ring.ko.xz kernel/drivers/virtio/virtio.ko\n"
         ), "{dep}");
         assert!(dep.contains("kernel/drivers/virtio/virtio.ko:\n"), "{dep}");
-        assert!(dep.starts_with("kernel/drivers/block/virtio-blk.ko: "), "{dep}");
+        assert!(
+            dep.starts_with("kernel/drivers/block/virtio-blk.ko: "),
+            "{dep}"
+        );
         assert_eq!(dep.lines().count(), 7);
     }
 
@@ -549,7 +568,10 @@ pub(crate) mod tests {
         );
         let index = ModuleIndex::scan(dir.path()).unwrap();
         let err = index.closure(&["a"]).unwrap_err();
-        assert_eq!(err.to_string(), "kernel module dependency cycle: a -> b -> c -> a");
+        assert_eq!(
+            err.to_string(),
+            "kernel module dependency cycle: a -> b -> c -> a"
+        );
         assert_eq!(index.modules_dep().lines().count(), 3);
     }
 
