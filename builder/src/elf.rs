@@ -181,8 +181,10 @@ fn wildcard(pattern: &[u8], text: &[u8]) -> bool {
 struct Needs {
     interpreter: Option<String>,
     needed: Vec<String>,
-    /// RUNPATH if present (it disables RPATH), else RPATH; `$ORIGIN` expanded.
-    search: Vec<PathBuf>,
+    /// DT_RUNPATH, `$ORIGIN` expanded.
+    runpath: Vec<PathBuf>,
+    /// DT_RPATH, `$ORIGIN` expanded; empty when there is a RUNPATH, which disables it.
+    rpath: Vec<PathBuf>,
 }
 
 fn needs_of(path: &Path) -> Result<Option<Needs>, ElfError> {
@@ -204,31 +206,44 @@ fn needs_of(path: &Path) -> Result<Option<Needs>, ElfError> {
     }
     let origin = path.parent().unwrap_or(Path::new("."));
     let origin = origin.to_string_lossy();
-    let paths = if elf.runpaths.is_empty() {
-        &elf.rpaths
-    } else {
-        &elf.runpaths
+    let expand = |paths: &[&str]| -> Vec<PathBuf> {
+        paths
+            .iter()
+            .flat_map(|p| p.split(':'))
+            .filter(|p| !p.is_empty())
+            .map(|p| PathBuf::from(p.replace("${ORIGIN}", &origin).replace("$ORIGIN", &origin)))
+            .collect()
     };
-    let search = paths
-        .iter()
-        .flat_map(|p| p.split(':'))
-        .filter(|p| !p.is_empty())
-        .map(|p| PathBuf::from(p.replace("${ORIGIN}", &origin).replace("$ORIGIN", &origin)))
-        .collect();
+    let runpath = expand(&elf.runpaths);
+    let rpath = if runpath.is_empty() {
+        expand(&elf.rpaths)
+    } else {
+        Vec::new()
+    };
     Ok(Some(Needs {
         interpreter: elf.interpreter.map(str::to_string),
         needed: elf.libraries.iter().map(|s| s.to_string()).collect(),
-        search,
+        runpath,
+        rpath,
     }))
 }
 
 fn closure_in(binaries: &[PathBuf], system: &[PathBuf]) -> Result<Vec<PathBuf>, ElfError> {
     let mut found = BTreeSet::new();
-    let mut queue: VecDeque<PathBuf> = binaries.iter().cloned().collect();
+    // Each queued object carries the RPATHs of the objects that loaded it: like ld.so,
+    // an object without RUNPATH searches its own RPATH, then its loaders' RPATHs.
+    let mut queue: VecDeque<(PathBuf, Vec<PathBuf>)> =
+        binaries.iter().map(|b| (b.clone(), Vec::new())).collect();
     let mut seen: BTreeSet<PathBuf> = binaries.iter().cloned().collect();
-    while let Some(object) = queue.pop_front() {
+    while let Some((object, inherited)) = queue.pop_front() {
         let Some(needs) = needs_of(&object)? else {
             continue;
+        };
+        let chain: Vec<PathBuf> = needs.rpath.iter().chain(&inherited).cloned().collect();
+        let search = if needs.runpath.is_empty() {
+            &chain
+        } else {
+            &needs.runpath
         };
         let missing = |library: &str| ElfError::MissingLibrary {
             library: library.to_string(),
@@ -246,8 +261,7 @@ fn closure_in(binaries: &[PathBuf], system: &[PathBuf]) -> Result<Vec<PathBuf>, 
             let lib = if name.contains('/') {
                 Some(PathBuf::from(name)).filter(|p| p.is_file())
             } else {
-                needs
-                    .search
+                search
                     .iter()
                     .chain(system)
                     .map(|d| d.join(name))
@@ -258,7 +272,7 @@ fn closure_in(binaries: &[PathBuf], system: &[PathBuf]) -> Result<Vec<PathBuf>, 
         for lib in libs {
             if seen.insert(lib.clone()) {
                 found.insert(lib.clone());
-                queue.push_back(lib);
+                queue.push_back((lib, chain.clone()));
             }
         }
     }
@@ -396,6 +410,71 @@ mod tests {
             other => panic!("{other}"),
         }
         assert!(err.to_string().contains("libfoo.so"), "{err}");
+    }
+
+    #[test]
+    fn rpath_is_inherited_by_libraries() {
+        if !cmd::exists("gcc") {
+            eprintln!("skipping: gcc not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("lib")).unwrap();
+        std::fs::write(d.join("foo.c"), "int foo(void) { return 1; }\n").unwrap();
+        std::fs::write(
+            d.join("bar.c"),
+            "int foo(void); int bar(void) { return foo(); }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("main.c"),
+            "int bar(void); int main(void) { return bar(); }\n",
+        )
+        .unwrap();
+        let gcc = |args: &[&str]| {
+            cmd::run(Command::new("gcc").args(args).current_dir(d)).unwrap();
+        };
+        gcc(&["-shared", "-fPIC", "-o", "lib/libfoo.so", "foo.c"]);
+        // libbar has no RPATH of its own: libfoo is found through the executable's.
+        gcc(&[
+            "-shared",
+            "-fPIC",
+            "-o",
+            "lib/libbar.so",
+            "bar.c",
+            "-Llib",
+            "-lfoo",
+        ]);
+        let old_dtags = "-Wl,--disable-new-dtags,-rpath,$ORIGIN/lib";
+        gcc(&[
+            "-o",
+            "x",
+            "main.c",
+            "-Llib",
+            "-lbar",
+            "-Wl,-rpath-link,lib",
+            old_dtags,
+        ]);
+        let libs = library_closure(&[d.join("x")]).unwrap();
+        assert!(libs.contains(&d.join("lib/libfoo.so")), "{libs:?}");
+        assert!(libs.contains(&d.join("lib/libbar.so")), "{libs:?}");
+        // With RUNPATH instead, ld.so would not search it for libbar's needs.
+        gcc(&[
+            "-o",
+            "y",
+            "main.c",
+            "-Llib",
+            "-lbar",
+            "-Wl,-rpath-link,lib",
+            "-Wl,--enable-new-dtags,-rpath,$ORIGIN/lib",
+        ]);
+        let err = library_closure(&[d.join("y")]).unwrap_err();
+        assert!(
+            matches!(&err, ElfError::MissingLibrary { library, needed_by }
+                if library == "libfoo.so" && needed_by == &d.join("lib/libbar.so")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -161,7 +161,9 @@ pub fn unpack_data(deb: &Path, dest: &Path) -> Result<String, DebError> {
     };
     std::fs::create_dir_all(dest).map_err(unpack_err)?;
     let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
+    // Keep only the rwx bits: setuid files from an untrusted package must not appear
+    // in the cache of a user who may run kimg as root.
+    archive.set_preserve_permissions(false);
     for entry in archive.entries().map_err(unpack_err)? {
         let mut entry = entry.map_err(unpack_err)?;
         let path = entry.path_bytes().into_owned();
