@@ -85,7 +85,6 @@ pub fn ar_members<R: Read + Seek>(r: &mut R, len: u64) -> Result<Vec<ArMember>, 
     let mut members = Vec::new();
     let mut pos = 8u64;
     while pos < len {
-        // A single trailing newline of padding is tolerated by GNU ar too.
         if len - pos < AR_HEADER_LEN {
             return Err(format!("truncated member header at offset {pos}"));
         }
@@ -109,7 +108,8 @@ pub fn ar_members<R: Read + Seek>(r: &mut R, len: u64) -> Result<Vec<ArMember>, 
             .filter(|&end| end <= len)
             .ok_or_else(|| format!("member {name:?} is truncated ({size} bytes declared)"))?;
         members.push(ArMember { name, offset, size });
-        // Member data is padded to an even offset.
+        // Member data is padded to an even offset; a missing final pad byte ends the
+        // loop (pos > len), as GNU ar tolerates too.
         pos = end + (end % 2);
     }
     Ok(members)
