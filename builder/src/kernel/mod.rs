@@ -5,16 +5,13 @@
 //! `lib/modules/<version>` directory and, when there is one, its `.config`. Downloads
 //! and unpacked packages live in kimg's cache and are reused.
 
+pub mod apt;
 pub mod config;
 pub mod deb;
 pub mod modules;
 
-use crate::cmd::{self, CmdError};
+use crate::cmd::CmdError;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-/// The Debian metapackage that tracks the current cloud kernel.
-pub const DEBIAN_META_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// Getting a kernel failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +43,16 @@ pub enum KernelError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// A downloaded package does not match the archive's checksum.
+    #[error("{}: sha256 {actual} does not match the archive's {expected}", path.display())]
+    Checksum {
+        /// The downloaded file (removed).
+        path: PathBuf,
+        /// sha256 from `apt-cache show`.
+        expected: String,
+        /// sha256 of the file.
+        actual: String,
     },
     /// Unpacking the kernel package failed.
     #[error(transparent)]
@@ -95,106 +102,34 @@ pub struct Kernel {
 pub fn prepare(src: &KernelSource, cache: &Path) -> Result<Kernel, KernelError> {
     match src {
         KernelSource::DebianDefault => {
-            let (deb, package) = download_default(cache)?;
-            let mut kernel = from_deb(&deb, cache)?;
-            kernel.package = Some(package);
+            let download = apt::download_default(cache)?;
+            let mut kernel = from_deb(&download.deb, Some(&download.sha256), cache)?;
+            kernel.package = Some(download.package);
             Ok(kernel)
         }
-        KernelSource::Deb(deb) => from_deb(deb, cache),
+        KernelSource::Deb(deb) => from_deb(deb, None, cache),
         KernelSource::Files { kernel, modules } => from_files(kernel, modules),
     }
 }
 
-/// Resolves the metapackage to its versioned kernel package and downloads that into
-/// `<cache>/debs`, reusing an earlier download. Returns the .deb and "package version".
-fn download_default(cache: &Path) -> Result<(PathBuf, String), KernelError> {
-    for program in ["apt-cache", "apt-get"] {
-        if !cmd::exists(program) {
-            return Err(KernelError::NoApt { program });
-        }
-    }
-    let show = cmd::run_stdout(Command::new("apt-cache").args([
-        "show",
-        "--no-all-versions",
-        DEBIAN_META_PACKAGE,
-    ]))?;
-    let resolve_err = |reason: &str| KernelError::Resolve {
-        package: DEBIAN_META_PACKAGE.to_string(),
-        reason: reason.to_string(),
-    };
-    let (package, version) =
-        kernel_dependency(&show).ok_or_else(|| resolve_err("no linux-image-* dependency"))?;
-    let version = match version {
-        Some(v) => v,
-        None => {
-            let policy = cmd::run_stdout(Command::new("apt-cache").args(["policy", &package]))?;
-            candidate_version(&policy).ok_or_else(|| resolve_err("no candidate version"))?
-        }
-    };
-    let debs = cache.join("debs");
-    std::fs::create_dir_all(&debs).map_err(|source| KernelError::Io {
-        path: debs.clone(),
-        source,
-    })?;
-    // apt-get names downloads package_version_arch.deb, with an epoch's ':' as %3a.
-    let file = debs.join(format!(
-        "{package}_{}_amd64.deb",
-        version.replace(':', "%3a")
-    ));
-    if !file.is_file() {
-        cmd::run(
-            Command::new("apt-get")
-                .args(["download", "-q"])
-                .arg(format!("{package}={version}"))
-                .current_dir(&debs),
-        )?;
-        if !file.is_file() {
-            return Err(KernelError::Layout {
-                path: file,
-                reason: "apt-get download did not produce this file".into(),
-            });
-        }
-    }
-    Ok((file, format!("{package} {version}")))
-}
-
-/// From `apt-cache show` output of the metapackage: the `linux-image-*` package it
-/// depends on and, when pinned with `(= version)`, that version.
-fn kernel_dependency(show: &str) -> Option<(String, Option<String>)> {
-    let depends = show.lines().find_map(|l| l.strip_prefix("Depends:"))?;
-    depends.split(',').find_map(|dep| {
-        // An alternative (`a | b`) is not expected here; take its first choice.
-        let dep = dep.split('|').next()?.trim();
-        let (name, rest) = dep.split_once(' ').unwrap_or((dep, ""));
-        if !name.starts_with("linux-image-") {
-            return None;
-        }
-        let version = rest
-            .trim()
-            .strip_prefix("(=")
-            .and_then(|v| v.strip_suffix(')'))
-            .map(|v| v.trim().to_string());
-        Some((name.to_string(), version))
-    })
-}
-
-/// The `Candidate:` line of `apt-cache policy` output.
-fn candidate_version(policy: &str) -> Option<String> {
-    policy
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Candidate:"))
-        .map(str::trim)
-        .filter(|v| !v.is_empty() && *v != "(none)")
-        .map(str::to_string)
-}
-
 /// Unpacks `deb` into `<cache>/kernels/<sha256 of deb>/` (once) and finds the kernel.
-fn from_deb(deb: &Path, cache: &Path) -> Result<Kernel, KernelError> {
+/// `sha256` is the .deb's digest when already known (a verified download).
+fn from_deb(deb: &Path, sha256: Option<&str>, cache: &Path) -> Result<Kernel, KernelError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| KernelError::Io { path, source }
     };
-    let (digest, _) = crate::hash::file_sha256(deb).map_err(io_err(deb))?;
+    let digest = match sha256 {
+        Some(d) => d.to_string(),
+        None => crate::hash::file_sha256(deb).map_err(io_err(deb))?.0,
+    };
+    // The digest names a directory: never let a corrupt marker file point elsewhere.
+    if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(KernelError::Layout {
+            path: deb.to_path_buf(),
+            reason: format!("bad sha256 {digest:?}"),
+        });
+    }
     let kernels = cache.join("kernels");
     let root = kernels.join(&digest);
     if !root.is_dir() {
@@ -317,24 +252,7 @@ mod tests {
     use std::time::Instant;
 
     #[test]
-    fn parses_apt_output() {
-        let show = "Package: linux-image-cloud-amd64\nVersion: 6.1.192-2\n\
-                    Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)\nDescription: x\n";
-        assert_eq!(
-            kernel_dependency(show),
-            Some((
-                "linux-image-6.1.0-56-cloud-amd64".into(),
-                Some("6.1.192-2".into())
-            ))
-        );
-        assert_eq!(
-            kernel_dependency("Depends: foo, linux-image-6.12.1-cloud-amd64-unsigned\n"),
-            Some(("linux-image-6.12.1-cloud-amd64-unsigned".into(), None))
-        );
-        assert_eq!(kernel_dependency("Depends: foo\n"), None);
-        let policy = "linux-image-x:\n  Installed: (none)\n  Candidate: 1:6.1-2\n";
-        assert_eq!(candidate_version(policy).as_deref(), Some("1:6.1-2"));
-        assert_eq!(candidate_version("  Candidate: (none)\n"), None);
+    fn package_name_from_deb_file_name() {
         assert_eq!(
             package_from_file_name(Path::new("/c/linux-image-x_1%3a6.1-2_amd64.deb")).as_deref(),
             Some("linux-image-x 1:6.1-2")
@@ -402,7 +320,7 @@ mod tests {
     /// cloud kernel into a temp cache, checks module ordering and the base fragment.
     #[test]
     fn debian_default_kernel_end_to_end() {
-        if !cmd::exists("apt-get") || !cmd::exists("apt-cache") {
+        if !crate::cmd::exists("apt-get") || !crate::cmd::exists("apt-cache") {
             eprintln!("skipping: apt-get/apt-cache not installed");
             return;
         }
@@ -419,6 +337,25 @@ mod tests {
             kernel.package.as_deref().unwrap_or("?")
         );
         assert!(kernel.vmlinuz.is_file());
+        // An interrupted download (file without its verification marker) is fetched
+        // again rather than reused.
+        let debs: Vec<PathBuf> = std::fs::read_dir(cache.path().join("debs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        let deb = debs
+            .iter()
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .unwrap();
+        let marker = PathBuf::from(format!("{}.sha256", deb.display()));
+        assert!(marker.is_file(), "{debs:?}");
+        std::fs::remove_file(&marker).unwrap();
+        std::fs::write(deb, b"partial").unwrap();
+        assert_eq!(
+            prepare(&KernelSource::DebianDefault, cache.path()).unwrap(),
+            kernel
+        );
+        assert!(marker.is_file());
 
         let t = Instant::now();
         let index = ModuleIndex::scan(&kernel.modules_dir).unwrap();
