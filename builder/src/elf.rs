@@ -235,6 +235,10 @@ fn closure_in(binaries: &[PathBuf], system: &[PathBuf]) -> Result<Vec<PathBuf>, 
     let mut queue: VecDeque<(PathBuf, Vec<PathBuf>)> =
         binaries.iter().map(|b| (b.clone(), Vec::new())).collect();
     let mut seen: BTreeSet<PathBuf> = binaries.iter().cloned().collect();
+    // File names of the interpreters: libc's DT_NEEDED `ld-linux-x86-64.so.2` is the
+    // already-loaded interpreter (ld.so matches it by SONAME), not another copy from
+    // the library path.
+    let mut interpreters = BTreeSet::new();
     while let Some((object, inherited)) = queue.pop_front() {
         let Some(needs) = needs_of(&object)? else {
             continue;
@@ -255,9 +259,15 @@ fn closure_in(binaries: &[PathBuf], system: &[PathBuf]) -> Result<Vec<PathBuf>, 
             if !p.is_file() {
                 return Err(missing(interp));
             }
+            if let Some(name) = p.file_name() {
+                interpreters.insert(name.to_os_string());
+            }
             libs.push(p);
         }
         for name in &needs.needed {
+            if interpreters.contains(std::ffi::OsStr::new(name)) {
+                continue;
+            }
             let lib = if name.contains('/') {
                 Some(PathBuf::from(name)).filter(|p| p.is_file())
             } else {
@@ -282,7 +292,16 @@ fn closure_in(binaries: &[PathBuf], system: &[PathBuf]) -> Result<Vec<PathBuf>, 
 /// True for a readable x86-64 ELF file: ld.so skips same-named libraries of other
 /// architectures (e.g. 32-bit ones in /usr/lib32) and keeps searching.
 fn is_x86_64_elf(path: &Path) -> bool {
-    path.is_file() && matches!(elf_kind(path), Ok(ElfKind::Static | ElfKind::Dynamic))
+    use std::io::Read;
+    // Only the header is needed here; the library is parsed fully once it is queued.
+    let mut header = [0u8; 20];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .is_ok()
+        && header.starts_with(b"\x7fELF")
+        && header[4] == goblin::elf::header::ELFCLASS64
+        && header[5] == goblin::elf::header::ELFDATA2LSB
+        && u16::from_le_bytes([header[18], header[19]]) == EM_X86_64
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ElfError> {
@@ -317,6 +336,10 @@ mod tests {
     fn ls_needs_libc_and_loader() {
         assert_eq!(elf_kind(&ls()).unwrap(), ElfKind::Dynamic);
         let libs = library_closure(&[ls()]).unwrap();
+        eprintln!("{libs:?}");
+        // The interpreter once, by its PT_INTERP path, not again as libc's DT_NEEDED.
+        let loaders = libs.iter().filter(|p| p.ends_with("ld-linux-x86-64.so.2"));
+        assert_eq!(loaders.count(), 1, "{libs:?}");
         assert!(libs.iter().any(|p| p.ends_with("libc.so.6")), "{libs:?}");
         assert!(
             libs.iter()
