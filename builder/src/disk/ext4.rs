@@ -5,7 +5,7 @@ use super::guid::Guid;
 use super::DiskError;
 use crate::cmd;
 use kimg_contract::cmdline::ROOT_PARTLABEL;
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -127,25 +127,22 @@ pub struct Ext4Params {
     pub mtime: u64,
 }
 
-/// Creates `image` (`size` bytes, sparse) holding an ext4 made from `root_dir`,
-/// then runs the ownership/timestamp fix-up; `work` holds the debugfs script.
+/// Makes the ext4 from `root_dir` in place at byte `offset` of the raw disk file
+/// `disk` (`size` bytes, a multiple of 4096), then runs the ownership/timestamp
+/// fix-up on it; `work` holds the debugfs script.
+///
+/// Both tools work on the partition inside the disk file (`mkfs.ext4 -E offset=`,
+/// debugfs's `file?offset=` I/O option), so no separate filesystem image is made
+/// and copied.
 pub fn build(
     root_dir: &Path,
     staging: &Staging,
-    image: &Path,
+    disk: &Path,
+    offset: u64,
     size: u64,
     params: Ext4Params,
     work: &Path,
 ) -> Result<(), DiskError> {
-    let f = File::create(image).map_err(|source| DiskError::Io {
-        path: image.to_path_buf(),
-        source,
-    })?;
-    f.set_len(size).map_err(|source| DiskError::Io {
-        path: image.to_path_buf(),
-        source,
-    })?;
-    drop(f);
     let fake_time = params.mtime.to_string();
     cmd::run(
         Command::new("mkfs.ext4")
@@ -155,10 +152,14 @@ pub fn build(
             .arg("-U")
             .arg(params.uuid.to_string())
             .arg("-E")
-            .arg(format!("hash_seed={},root_owner=0:0", params.hash_seed))
+            .arg(format!(
+                "hash_seed={},root_owner=0:0,offset={offset},nodiscard",
+                params.hash_seed
+            ))
             .arg("-d")
             .arg(root_dir)
-            .arg(image),
+            .arg(disk)
+            .arg((size / BLOCK).to_string()),
     )?;
 
     let script = work.join("fixup.debugfs");
@@ -166,13 +167,31 @@ pub fn build(
         path: script.clone(),
         source,
     })?;
+    // The `?` introduces I/O options, so name the disk relative to its directory,
+    // whose path may contain anything.
+    let (dir, name) = match (disk.parent(), disk.file_name()) {
+        (Some(d), Some(n)) if !n.as_bytes().contains(&b'?') => (d, n),
+        _ => {
+            return Err(DiskError::Spec(format!(
+                "debugfs cannot address {}",
+                disk.display()
+            )))
+        }
+    };
+    let mut device = name.to_os_string();
+    device.push(format!("?offset={offset}"));
     let out = cmd::run(
         Command::new("debugfs")
+            .current_dir(if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            })
             .env("E2FSPROGS_FAKE_TIME", &fake_time)
             .arg("-w")
             .arg("-f")
             .arg(&script)
-            .arg(image),
+            .arg(device),
     )?;
     // debugfs exits 0 even when a command fails; its errors go to stderr, after the
     // version banner.
@@ -183,7 +202,7 @@ pub fn build(
         .collect();
     if !errors.is_empty() {
         return Err(DiskError::Debugfs {
-            path: image.to_path_buf(),
+            path: disk.to_path_buf(),
             stderr: errors.join("\n"),
         });
     }

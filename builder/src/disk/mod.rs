@@ -235,6 +235,38 @@ pub fn build_disk(spec: &DiskSpec, out: &Path) -> Result<Vec<Partition>, DiskErr
     let raw = File::create(&raw_path).map_err(io_err(&raw_path))?;
     raw.set_len(spec.size).map_err(io_err(&raw_path))?;
 
+    // The FAT image is built in memory while mkfs.ext4 runs (2 cores, both CPU bound).
+    let (esp, ext) = std::thread::scope(|s| {
+        let esp = s.spawn(|| {
+            esp::build(
+                spec.esp_files,
+                layout.esp_size,
+                ids.fat_volume_id,
+                spec.mtime,
+            )
+        });
+        // mkfs first and into a still-empty disk: it then cannot clobber the rest.
+        let ext = ext4::build(
+            spec.root_dir,
+            &staging,
+            &raw_path,
+            layout.root_offset,
+            layout.root_size,
+            ext4::Ext4Params {
+                uuid: ids.ext4_uuid,
+                hash_seed: ids.ext4_hash_seed,
+                mtime: spec.mtime,
+            },
+            tmp.path(),
+        );
+        let esp = esp
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (esp, ext)
+    });
+    ext?;
+    raw::write_nonzero(&raw, &raw_path, layout.esp_offset, &esp?)?;
+
     let sectors = spec.size / gpt::SECTOR;
     let lba = |bytes: u64| bytes / gpt::SECTOR;
     let table = gpt::encode(
@@ -259,34 +291,6 @@ pub fn build_disk(spec: &DiskSpec, out: &Path) -> Result<Vec<Partition>, DiskErr
     );
     raw::write_nonzero(&raw, &raw_path, 0, &table.primary)?;
     raw::write_nonzero(&raw, &raw_path, table.backup_offset, &table.backup)?;
-
-    let esp = esp::build(
-        spec.esp_files,
-        layout.esp_size,
-        ids.fat_volume_id,
-        spec.mtime,
-    )?;
-    raw::write_nonzero(&raw, &raw_path, layout.esp_offset, &esp)?;
-    drop(esp);
-
-    // A separate file rather than mkfs's offset=: debugfs needs a plain filesystem image.
-    let root_path = tmp.path().join("root.ext4");
-    ext4::build(
-        spec.root_dir,
-        &staging,
-        &root_path,
-        layout.root_size,
-        ext4::Ext4Params {
-            uuid: ids.ext4_uuid,
-            hash_seed: ids.ext4_hash_seed,
-            mtime: spec.mtime,
-        },
-        tmp.path(),
-    )?;
-    let root = File::open(&root_path).map_err(io_err(&root_path))?;
-    raw::copy_sparse(&root, &root_path, &raw, &raw_path, layout.root_offset)?;
-    drop(root);
-    fs::remove_file(&root_path).map_err(io_err(&root_path))?;
     drop(raw);
 
     let qcow = tmp.path().join("disk.qcow2");

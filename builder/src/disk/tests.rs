@@ -276,3 +276,41 @@ fn layout_rules() {
     assert!(Layout::new(81 * MIB, ESP_MIN_SIZE).is_err());
     assert!(Layout::new(82 * MIB, ESP_MIN_SIZE).is_ok());
 }
+
+/// Timing of a realistic build: `KIMG_BENCH_ROOT=<staging dir> KIMG_BENCH_ESP=<dir
+/// with vmlinuz and initrd.img> [KIMG_BENCH_OUT=<keep image here>] cargo test -p kimg bench_2g -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_2g() {
+    let root = PathBuf::from(std::env::var("KIMG_BENCH_ROOT").unwrap());
+    let esp = PathBuf::from(std::env::var("KIMG_BENCH_ESP").unwrap());
+    let esp_files = vec![
+        ("kimg/vmlinuz".to_string(), esp.join("vmlinuz")),
+        ("kimg/initrd.img".to_string(), esp.join("initrd.img")),
+    ];
+    let work = tempfile::tempdir_in(&esp).unwrap();
+    let out = work.path().join("hd.qcow2");
+    let spec = DiskSpec {
+        esp_files: &esp_files,
+        root_dir: &root,
+        size: 2 << 30,
+        esp_size: ESP_MIN_SIZE,
+        seed: [3; 32],
+        mtime: MTIME,
+    };
+    let t = std::time::Instant::now();
+    build_disk(&spec, &out).unwrap();
+    let built = t.elapsed();
+    let t = std::time::Instant::now();
+    let dest = work.path().join("boot");
+    extract_esp_files(&out, &["kimg/vmlinuz", "kimg/initrd.img"], &dest).unwrap();
+    let size = fs::metadata(&out).unwrap().len();
+    eprintln!(
+        "build_disk: {built:?}, qcow2 {} MB; extract_esp_files: {:?}",
+        size / 1_000_000,
+        t.elapsed()
+    );
+    if let Some(keep) = std::env::var_os("KIMG_BENCH_OUT") {
+        fs::rename(&out, keep).unwrap();
+    }
+}
