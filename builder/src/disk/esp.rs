@@ -59,8 +59,8 @@ pub fn build(
     Ok(img)
 }
 
-/// Splits an ESP path into its components; rejects empty, `.` and `..` parts.
-fn esp_components(esp_path: &str) -> Result<Vec<&str>, DiskError> {
+/// Splits an ESP path (`a/b/c`) into its components; rejects empty, `.` and `..` parts.
+pub fn esp_components(esp_path: &str) -> Result<Vec<&str>, DiskError> {
     let comps: Vec<&str> = esp_path.split('/').collect();
     if comps
         .iter()

@@ -7,7 +7,7 @@ use crate::cmd;
 use kimg_contract::cmdline::ROOT_PARTLABEL;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -30,7 +30,7 @@ pub struct Entry {
 pub struct Staging {
     /// Every entry below the root, parents before children, sorted by name.
     pub entries: Vec<Entry>,
-    /// Lower bound of the data blocks the tree needs, in bytes.
+    /// Estimate of the data blocks the tree needs, in bytes (without ext4 metadata).
     pub data_bytes: u64,
 }
 
@@ -68,7 +68,12 @@ pub fn walk(root_dir: &Path) -> Result<Staging, DiskError> {
             let mut fs_path = prefix.clone();
             fs_path.push(b'/');
             fs_path.extend_from_slice(name.as_bytes());
-            staging.data_bytes += m.len().div_ceil(BLOCK) * BLOCK;
+            let ft = m.file_type();
+            if ft.is_socket() {
+                // mkfs.ext4 -d skips sockets (with a warning), so the fix-up must too.
+                continue;
+            }
+            staging.data_bytes += data_estimate(&m);
             if m.is_dir() {
                 subdirs.push((host, fs_path.clone()));
             }
@@ -82,6 +87,25 @@ pub fn walk(root_dir: &Path) -> Result<Staging, DiskError> {
         stack.extend(subdirs.into_iter().rev());
     }
     Ok(staging)
+}
+
+/// Data bytes an entry takes in ext4: sparse files count their allocated blocks
+/// only (mkfs keeps holes), short symlinks live in the inode.
+fn data_estimate(m: &fs::Metadata) -> u64 {
+    let bytes = if m.file_type().is_symlink() {
+        if m.len() < 60 {
+            0
+        } else {
+            m.len()
+        }
+    } else if m.is_file() {
+        m.len().min(m.blocks() * 512)
+    } else if m.is_dir() {
+        m.len()
+    } else {
+        0
+    };
+    bytes.div_ceil(BLOCK) * BLOCK
 }
 
 /// The debugfs script: ownership to 0:0 where needed, every timestamp to `mtime`,
@@ -213,6 +237,8 @@ pub fn build(
 mod tests {
     use super::*;
 
+    use std::fs::File;
+
     #[test]
     fn walk_and_script() {
         let dir = tempfile::tempdir().unwrap();
@@ -229,7 +255,18 @@ mod tests {
             .map(|e| String::from_utf8_lossy(&e.fs_path).into_owned())
             .collect();
         assert_eq!(paths, ["/a file", "/b", "/l", "/b/c", "/b/c/f"]);
-        assert!(st.data_bytes >= 4096 + 8192);
+        // Two directories and the 5000-byte file; the 1-byte file is one block.
+        assert!(st.data_bytes >= 4 * 4096, "{}", st.data_bytes);
+        let sparse = File::create(root.join("b/sparse")).unwrap();
+        sparse.set_len(1 << 40).unwrap();
+        assert!(walk(root).unwrap().data_bytes < 1 << 20);
+        let _ = std::os::unix::net::UnixListener::bind(root.join("b/sock")).unwrap();
+        assert!(!walk(root)
+            .unwrap()
+            .entries
+            .iter()
+            .any(|e| e.fs_path.ends_with(b"sock")));
+        fs::remove_file(root.join("b/sparse")).unwrap();
         let script = String::from_utf8(fixup_script(&st, 42)).unwrap();
         assert!(
             script.contains("sif \"/l\" uid 0\nsif \"/l\" gid 0\n"),

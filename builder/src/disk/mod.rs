@@ -211,7 +211,8 @@ pub fn build_disk(spec: &DiskSpec, out: &Path) -> Result<Vec<Partition>, DiskErr
         });
     }
     let mut esp_bytes = 0;
-    for (_, host) in spec.esp_files {
+    for (esp_path, host) in spec.esp_files {
+        esp::esp_components(esp_path)?;
         esp_bytes += fs::metadata(host).map_err(io_err(host))?.len();
     }
     if esp_bytes > layout.esp_size {

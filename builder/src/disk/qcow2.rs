@@ -2,7 +2,7 @@
 
 use super::DiskError;
 use crate::cmd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Converts the raw disk `raw` into a qcow2 (v3, `compat=1.1`) at `out`.
@@ -21,8 +21,8 @@ pub fn from_raw(raw: &Path, out: &Path) -> Result<(), DiskError> {
                 "-o",
                 "compat=1.1",
             ])
-            .arg(raw)
-            .arg(out),
+            .arg(plain(raw))
+            .arg(plain(out)),
     )?;
     Ok(())
 }
@@ -37,9 +37,9 @@ pub fn read_range(
     count: u64,
 ) -> Result<(), DiskError> {
     let mut if_arg = std::ffi::OsString::from("if=");
-    if_arg.push(image);
+    if_arg.push(plain(image));
     let mut of_arg = std::ffi::OsString::from("of=");
-    of_arg.push(out);
+    of_arg.push(plain(out));
     cmd::run(
         Command::new("qemu-img")
             .args(["dd", "-f", "qcow2", "-O", "raw"])
@@ -50,4 +50,28 @@ pub fn read_range(
             .arg(of_arg),
     )?;
     Ok(())
+}
+
+/// `path` as qemu reads it literally: a relative path whose first `/` comes after a
+/// `:` (`a:b/c`) would be taken as a `protocol:` prefix, so it gets a `./`.
+fn plain(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        Path::new(".").join(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_cannot_look_like_protocols() {
+        assert_eq!(
+            plain(Path::new("nbd:x/hd.qcow2")),
+            Path::new("./nbd:x/hd.qcow2")
+        );
+        assert_eq!(plain(Path::new("/a:b")), Path::new("/a:b"));
+    }
 }
