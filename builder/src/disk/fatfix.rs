@@ -172,7 +172,14 @@ mod tests {
             .iter()
             .map(|p| (p.to_string(), host.clone()))
             .collect();
-        let img = crate::disk::esp::build(&files, 64 << 20, 1, 1_700_000_000).unwrap();
+        // 64 MiB gets 512-byte clusters, 300 MiB larger ones.
+        for size in [64u64 << 20, 300 << 20] {
+            check(&files, size, dir.path());
+        }
+    }
+
+    fn check(files: &[(String, PathBuf)], size: u64, dir: &std::path::Path) {
+        let img = crate::disk::esp::build(files, size, 1, 1_700_000_000).unwrap();
         let g = Geometry::read(&img).unwrap();
         // Slot 0 and 1 of each subdirectory are the dot entries; `..` of a top-level
         // directory is 0.
@@ -188,7 +195,7 @@ mod tests {
         assert_eq!(&first[ENTRY..ENTRY + 11], b"..         ");
         assert_eq!(entry_cluster(&first[ENTRY..]), 0);
 
-        let raw = dir.path().join("esp.raw");
+        let raw = dir.join("esp.raw");
         std::fs::write(&raw, &img).unwrap();
         // Exit status 0 is the check: fsck.vfat found nothing to repair.
         crate::cmd::run(Command::new("fsck.vfat").arg("-n").arg(&raw)).unwrap();
