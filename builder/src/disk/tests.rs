@@ -152,6 +152,12 @@ fn image_passes_standard_tools() {
     let esp_raw = work.path().join("esp.raw");
     slice(&raw, esp.offset, esp.size, &esp_raw);
     sh("fsck.vfat", &["-n", s(&esp_raw)]);
+    // FAT32 boot sector: volume id at 67, label at 71, type at 82.
+    let boot = fs::read(&esp_raw).unwrap();
+    let id = u32::from_le_bytes(boot[67..71].try_into().unwrap());
+    assert_eq!(format!("{id:08x}"), esp.fs_uuid);
+    assert_eq!(&boot[71..82], b"KIMG-ESP   ");
+    assert_eq!(&boot[82..90], b"FAT32   ");
     let root_raw = work.path().join("root.raw");
     slice(&raw, root.offset, root.size, &root_raw);
     sh("e2fsck", &["-fn", s(&root_raw)]);
