@@ -141,6 +141,29 @@ mod tests {
     }
 
     #[test]
+    fn failed_spawns_race_with_a_busy_reaper() {
+        start_test_reaper();
+        let busy = std::thread::spawn(|| {
+            let end = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < end {
+                REAPER.reap_all();
+            }
+        });
+        let not_exec =
+            std::env::temp_dir().join(format!("kimg-init-noexec-{}", std::process::id()));
+        std::fs::write(&not_exec, "echo hi\n").unwrap();
+        let not_exec = not_exec.to_string_lossy().into_owned();
+        for _ in 0..50 {
+            assert_eq!(run(&sv(&["/nonexistent/kimg"]), None).exit_code, 127);
+            // A PATH lookup with a changed environment takes std's fork path.
+            assert_eq!(run(&sv(&["no-such-program-kimg"]), None).exit_code, 127);
+            assert_eq!(run(&sv(&[&not_exec]), None).exit_code, 126);
+        }
+        std::fs::remove_file(&not_exec).unwrap();
+        busy.join().unwrap();
+    }
+
+    #[test]
     fn timeout_kills_the_group() {
         start_test_reaper();
         let start = Instant::now();

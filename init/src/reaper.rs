@@ -2,8 +2,9 @@
 //!
 //! PID 1 must `waitpid(-1)` to collect orphans, which would also collect the children
 //! that exec threads wait for. So exec children are spawned through [`Reaper::spawn`],
-//! which registers the pid *while holding the lock*: the reaper, which takes the same
-//! lock to record a status, can never see such a child's exit before it is registered.
+//! which registers the pid *while holding the lock*; the reaper holds the same lock
+//! while it calls `waitpid`, so it can never collect such a child before it is
+//! registered (nor while std's spawn waits for a child whose exec failed).
 //! Exec threads never call `Child::wait`; they wait on the map with [`Reaper::wait`].
 //! Statuses of unregistered pids (orphans) are dropped.
 
@@ -57,7 +58,9 @@ impl Reaper {
         Ok(child)
     }
 
-    /// Records `code` for `pid`; false if nobody watches `pid` (an orphan).
+    /// Records `code` for `pid` as [`Reaper::reap_all`] does; false if nobody watches
+    /// `pid` (an orphan).
+    #[cfg(test)]
     pub fn record(&self, pid: i32, code: i32) -> bool {
         let mut watched = self.lock();
         match watched.get_mut(&pid) {
@@ -71,13 +74,21 @@ impl Reaper {
     }
 
     /// Reaps every exited child without blocking. Returns whether children remain.
+    ///
+    /// Holds the lock while reaping, so it never runs during [`Reaper::spawn`]: std's
+    /// spawn itself waits for a child whose exec failed, and panics if that child was
+    /// reaped from under it.
     pub fn reap_all(&self) -> bool {
+        let mut watched = self.lock();
         loop {
             match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => return true,
                 Ok(status) => {
                     if let Some((pid, code)) = exit_code(status) {
-                        self.record(pid, code);
+                        if let Some(slot) = watched.get_mut(&pid) {
+                            *slot = Some(code);
+                            self.exited.notify_all();
+                        }
                     }
                 }
                 Err(Errno::EINTR) => {}
