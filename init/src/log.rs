@@ -1,9 +1,10 @@
 //! Logging for PID 1: lines `<N>kimg-init: ...` to /dev/kmsg, /dev/console as fallback,
 //! and a panic hook that logs before the abort.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Mutex;
 
 /// The kernel log device; lines written here get a `<N>` level prefix.
 pub const KMSG: &str = "/dev/kmsg";
@@ -23,10 +24,14 @@ pub enum Level {
     Info = 6,
 }
 
+/// /dev/kmsg, kept open once opened: the descriptor stays valid while stage 1 moves
+/// /dev into the new root and after the chroot.
+static KMSG_FILE: Mutex<Option<File>> = Mutex::new(None);
+
 /// Logs `msg` at `level`: to /dev/kmsg, else to /dev/console, else to stderr.
 pub fn log(level: Level, msg: &str) {
     let line = format!("<{}>{PREFIX}{msg}\n", level as u8);
-    if write_device(KMSG, line.as_bytes()).is_ok() {
+    if write_kmsg(line.as_bytes()).is_ok() {
         return;
     }
     // kmsg is unavailable (no /dev yet, or not PID 1): the console gets the line
@@ -46,12 +51,27 @@ pub fn console(msg: &str) {
     }
 }
 
-fn write_device(path: &str, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = OpenOptions::new()
+fn write_kmsg(bytes: &[u8]) -> std::io::Result<()> {
+    // Logging must work even if a thread died holding the lock.
+    let mut kmsg = KMSG_FILE.lock().unwrap_or_else(|e| e.into_inner());
+    if kmsg.is_none() {
+        *kmsg = Some(open_device(KMSG)?);
+    }
+    match kmsg.as_mut() {
+        Some(f) => f.write_all(bytes),
+        None => Err(std::io::ErrorKind::NotFound.into()),
+    }
+}
+
+fn open_device(path: &str) -> std::io::Result<File> {
+    OpenOptions::new()
         .write(true)
         .custom_flags(nix::libc::O_NOCTTY)
-        .open(path)?;
-    f.write_all(bytes)
+        .open(path)
+}
+
+fn write_device(path: &str, bytes: &[u8]) -> std::io::Result<()> {
+    open_device(path)?.write_all(bytes)
 }
 
 /// Makes a panic log its message before the (panic=abort) abort.

@@ -65,9 +65,10 @@ impl Problems {
 }
 
 fn stage1() -> ! {
-    info!("stage 1 (initramfs), version {}", env!("CARGO_PKG_VERSION"));
     let mut problems = Problems::default();
+    // First, so that /dev/kmsg exists for the log.
     mount_kernel_filesystems(mounts::STAGE1, &mut problems);
+    info!("stage 1 (initramfs), version {}", env!("CARGO_PKG_VERSION"));
     let args = read_args(&mut problems);
     load_modules(&mut problems);
     if args.shell {
@@ -93,8 +94,8 @@ fn stage1() -> ! {
 
 /// Prints what went wrong and what was tried, then runs the emergency shell forever.
 fn fatal(what: &str, detail: &str, problems: &Problems) -> ! {
-    error!("FATAL: {what}: {detail}");
-    let mut text = format!("FATAL: {what}\n{detail}\n");
+    error!("FATAL: {what}");
+    let mut text = format!("FATAL: {what}\n{}\n", detail.trim_end());
     for p in &problems.0 {
         text.push_str(&format!("earlier problem: {p}\n"));
     }
