@@ -49,7 +49,8 @@ pub fn run(argv: &[String], timeout: Option<Duration>) -> ExecResult {
     let pid = child.id() as i32;
     let stdout = collect(child.stdout.take());
     let stderr = collect(child.stderr.take());
-    let deadline = timeout.map(|t| Instant::now() + t);
+    // A timeout too large for the clock is no timeout.
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     let mut timed_out = false;
     let code = match REAPER.wait(pid, deadline) {
         Some(code) => code,
@@ -174,6 +175,13 @@ mod tests {
         assert_eq!(r.exit_code, 137);
         assert!(start.elapsed() < Duration::from_secs(5));
         assert!(r.stderr.contains("timeout"), "{}", r.stderr);
+    }
+
+    #[test]
+    fn huge_timeout_is_no_timeout() {
+        start_test_reaper();
+        let r = run(&sv(&["true"]), Some(Duration::from_secs(u64::MAX)));
+        assert_eq!(r.exit_code, 0);
     }
 
     #[test]

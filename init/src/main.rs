@@ -26,6 +26,7 @@ use kimg_contract::cmdline::KimgArgs;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Present only in the initramfs: selects stage 1.
@@ -86,6 +87,9 @@ fn stage1() -> ! {
     if let Err(e) = switchroot::mount_root(&root) {
         fatal("cannot mount the root partition", &e.to_string(), &problems);
     }
+    if let Err(e) = save_problems(&problems) {
+        error!("{e}");
+    }
     match switchroot::switch_root() {
         Ok(never) => match never {},
         Err(e) => fatal("switch_root failed", &e.to_string(), &problems),
@@ -108,10 +112,12 @@ fn stage2() -> ! {
         env!("CARGO_PKG_VERSION")
     );
     let mut problems = Problems::default();
+    problems.0.extend(stage1_problems());
     // Before any thread exists, so that every thread inherits the blocked mask.
     let signals = block_signals()
         .inspect_err(|e| problems.add("signals", e))
         .ok();
+    SIGNALS_OK.store(signals.is_some(), Ordering::SeqCst);
     mount_kernel_filesystems(mounts::STAGE2, &mut problems);
     let args = read_args(&mut problems);
     load_modules(&mut problems);
@@ -126,10 +132,8 @@ fn stage2() -> ! {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     let ready_secs = agent::uptime();
+    // The one line on the console (errors went to kmsg at a level the console shows).
     log::console(&format!("ready in {:.2}s", ready_secs.unwrap_or(0.0)));
-    for p in &problems.0 {
-        log::console(&format!("degraded: {p}"));
-    }
     let state = Arc::new(agent::State {
         hostname,
         kernel,
@@ -140,6 +144,29 @@ fn stage2() -> ! {
         error!("agent: cannot start its thread: {e}");
     }
     supervise(signals)
+}
+
+/// Stage 1's problems, handed to stage 2 on /run (a tmpfs that moves into the root).
+pub const STAGE1_PROBLEMS: &str = "/run/kimg-init.stage1-problems";
+
+/// Writes stage 1's problems, one per line, for stage 2's status.
+fn save_problems(problems: &Problems) -> Result<()> {
+    if problems.0.is_empty() {
+        return Ok(());
+    }
+    let text: String = problems
+        .0
+        .iter()
+        .map(|p| format!("stage 1: {p}\n"))
+        .collect();
+    std::fs::write(STAGE1_PROBLEMS, text).context(|| format!("write {STAGE1_PROBLEMS}"))
+}
+
+/// The problems stage 1 left behind, if it ran and had any.
+fn stage1_problems() -> Vec<String> {
+    std::fs::read_to_string(STAGE1_PROBLEMS)
+        .map(|t| t.lines().map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 /// Mounts a table; each failure is a problem, none is fatal by itself.
@@ -205,8 +232,14 @@ fn block_signals() -> Result<SignalFd> {
     SignalFd::new(&mask).context(|| "signalfd")
 }
 
+/// Whether PID 1's main loop reads signals (else a SIGPWR to itself would be lost).
+static SIGNALS_OK: AtomicBool = AtomicBool::new(false);
+
 /// Asks PID 1's main loop to power off (from the agent thread).
 fn request_poweroff() {
+    if !SIGNALS_OK.load(Ordering::SeqCst) {
+        shutdown::power_off("agent request");
+    }
     if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGPWR) {
         error!("agent: cannot signal poweroff to PID 1: {e}; powering off from here");
         shutdown::power_off("agent request");
