@@ -72,7 +72,7 @@ fn built_image_passes_qemu_img_sgdisk_e2fsck_and_fsck_vfat() {
             assert!(ls.contains("kimg-init"), "{ls}");
             for line in ls.lines().filter(|l| l.contains("kimg-init")) {
                 let f: Vec<&str> = line.split_whitespace().collect();
-                assert_eq!((f[2], f[3]), ("0", "0"), "{line}");
+                assert_eq!((f[3], f[4]), ("0", "0"), "uid, gid: {line}");
             }
             let stat = tool(&[
                 "debugfs",

@@ -20,6 +20,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -355,6 +356,10 @@ fn start_vm(dir: &Path, image: &Path, spec: &VmSpec) -> Result<(), ClusterError>
             .arg(paths.disk()),
     )?;
     cmd::run(&mut qemu::command(spec, &paths))?;
+    // QEMU's -daemonize sets umask 027 before creating the sockets: tighten them.
+    for sock in [paths.agent(), paths.console()] {
+        fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).map_err(io_err(&sock))?;
+    }
     Ok(())
 }
 
