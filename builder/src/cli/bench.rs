@@ -1,17 +1,30 @@
-//! `kimg bench`: build and boot figures, side by side.
+//! `kimg bench`: the issues' figures, each suite measured side by side in one run.
 
-use kimg::bench::{self, BenchOptions};
+use kimg::bench::{self, boot::BenchOptions};
 use kimg::image::{self, BuildOptions};
 use kimg::kernel::KernelSource;
 use kimg::vm::accel::AccelChoice;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Measure `kimg build` (warm kernel cache; goal <= 10 s) and one VM's boot to
-/// ready next to the floor: the same kernel and machine booting a busybox-only
-/// initramfs that powers off at once (goal: ratio <= 1.5).
+/// Measure what the issues ask for; each suite prints its figures next to what they
+/// are compared with, measured in the same run.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(subcommand)]
+    suite: Suite,
+}
+
+#[derive(clap::Subcommand)]
+enum Suite {
+    Boot(BootArgs),
+}
+
+/// `kimg build` with a warm kernel cache (goal <= 10 s), and one VM's boot to ready
+/// next to the floor: the same kernel and machine booting a busybox-only initramfs
+/// that powers off at once (goal: ratio <= 1.5).
+#[derive(clap::Args)]
+struct BootArgs {
     /// Boots of each kind; medians are compared.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -31,6 +44,12 @@ pub struct Args {
 
 /// Runs `kimg bench`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    match a.suite {
+        Suite::Boot(b) => boot(b),
+    }
+}
+
+fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
     let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
     let opts = BenchOptions {
         build: BuildOptions {
@@ -50,7 +69,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         scratch: scratch.path().to_path_buf(),
     };
     let quiet = a.json;
-    let r = bench::run(&opts, &|l| {
+    let r = bench::boot::run(&opts, &|l| {
         if !quiet {
             eprintln!("kimg bench: {l}");
         }

@@ -1,10 +1,11 @@
-//! `kimg bench`: the figures the issues ask for, measured side by side in one run.
+//! `kimg bench boot`: build and single-VM boot figures (the base image issue).
 //!
 //! - build: `kimg build` wall time with a warm kernel cache (goal <= 10 s);
 //! - boot: `kimg run --wait` start to ready for one VM, next to the floor: the same
 //!   kernel, machine and accelerator booting a busybox-only initramfs that powers
 //!   off at once (goal: ratio <= 1.5).
 
+use super::median;
 use crate::image::{self, BuildOptions};
 use crate::initramfs::Initramfs;
 use crate::vm::accel::{self, Accel, AccelChoice};
@@ -58,17 +59,6 @@ pub struct BenchOptions {
     pub accel: AccelChoice,
     /// Scratch directory.
     pub scratch: PathBuf,
-}
-
-/// The median of some samples (0 when empty).
-pub fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// Runs the whole benchmark; `log` gets one line per measurement.
@@ -164,16 +154,4 @@ fn floor_boot(
         )));
     }
     Ok(t.elapsed().as_secs_f64())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::median;
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(&[]), 0.0);
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-    }
 }
