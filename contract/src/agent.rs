@@ -96,6 +96,9 @@ pub struct Status {
     /// Failed steps, one line each.
     #[serde(default)]
     pub problems: Vec<String>,
+    /// The services of this VM, in start order.
+    #[serde(default)]
+    pub services: Vec<crate::service::ServiceStatus>,
 }
 
 /// Outcome of an [`Op::Exec`].
@@ -154,6 +157,7 @@ mod tests {
             kernel: "6.1".into(),
             init_version: "0.1.0".into(),
             problems: vec![],
+            services: vec![],
         };
         for reply in [
             Reply::Status(status),

@@ -8,5 +8,6 @@ pub mod agent;
 pub mod cmdline;
 pub mod manifest;
 pub mod role;
+pub mod service;
 
 pub use role::{Role, VmId};

@@ -64,6 +64,7 @@ pub fn status(state: &State) -> Status {
         kernel: state.kernel.clone(),
         init_version: env!("CARGO_PKG_VERSION").to_string(),
         problems: state.problems.clone(),
+        services: crate::services::snapshot(),
     }
 }
 

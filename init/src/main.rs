@@ -18,6 +18,7 @@ mod modules;
 mod mounts;
 mod reaper;
 mod rootdev;
+mod services;
 mod shutdown;
 mod switchroot;
 
@@ -128,6 +129,7 @@ fn stage2() -> ! {
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
         problems.add("ctrl-alt-del", format!("reboot(RB_DISABLE_CAD): {e}"));
     }
+    start_services(&hostname, &mut problems);
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -213,6 +215,25 @@ fn hostname(args: &KimgArgs) -> String {
     args.hostname
         .clone()
         .unwrap_or_else(|| DEFAULT_HOSTNAME.to_string())
+}
+
+/// Starts the supervisor for the services of this VM (none when the hostname is not
+/// a VM name: roles come from the number).
+fn start_services(hostname: &str, problems: &mut Problems) {
+    let Ok(vm) = hostname.parse::<kimg_contract::VmId>() else {
+        return;
+    };
+    let mut bad = Vec::new();
+    let specs = services::load(vm, &mut bad);
+    for b in bad {
+        problems.add("services", b);
+    }
+    if let Err(e) = services::start(specs) {
+        problems.add(
+            "services",
+            format!("cannot start the supervisor thread: {e}"),
+        );
+    }
 }
 
 /// Signals PID 1 handles: children, and the three ways to ask for power off.

@@ -13,6 +13,7 @@ pub const GRACE: Duration = Duration::from_secs(2);
 /// Powers the machine off. Never returns; if the power-off call fails, sleeps forever.
 pub fn power_off(reason: &str) -> ! {
     info!("powering off ({reason})");
+    crate::services::stop();
     signal_all(Signal::SIGTERM);
     if !reap_for(GRACE) {
         signal_all(Signal::SIGKILL);
