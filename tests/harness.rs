@@ -154,3 +154,40 @@ impl Drop for TestCluster {
         }
     }
 }
+
+impl TestCluster {
+    /// `kimg status --json` of this cluster.
+    pub fn status_json(&self) -> serde_json::Value {
+        let o = self.kimg("status", &["--json"]);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).expect("status --json is JSON")
+    }
+
+    /// Waits until service `name` on `vm` is in one of `states`; its last status.
+    pub fn wait_service(
+        &self,
+        vm: &str,
+        name: &str,
+        states: &[&str],
+        timeout: Duration,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status_json();
+            let svc = st["vms"]
+                .as_array()
+                .and_then(|vms| vms.iter().find(|v| v["vm"] == vm))
+                .and_then(|v| v["agent"]["services"].as_array())
+                .and_then(|s| s.iter().find(|s| s["name"] == name).cloned())
+                .unwrap_or(serde_json::Value::Null);
+            if states.iter().any(|s| svc["state"] == *s) {
+                return svc;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{vm}: service {name} not {states:?} in {timeout:?}: {svc}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}

@@ -27,6 +27,21 @@ pub const STAGE1_MODULES: &[&str] = &[
 ];
 /// Modules kimg-init loads from the root filesystem in stage 2.
 pub const STAGE2_MODULES: &[&str] = &["virtio_net", "virtio_rng"];
+/// Further stage-2 modules of the Kubernetes flavour (the rest, e.g. xt matches,
+/// the kernel loads on demand through modprobe and modules.dep).
+pub const K8S_MODULES: &[&str] = &[
+    "overlay",
+    "br_netfilter",
+    "nf_conntrack",
+    "ipip",
+    "rbd",
+    "veth",
+    "vxlan",
+    "ip_vs",
+    "ip_vs_rr",
+    "ip_vs_wrr",
+    "ip_vs_sh",
+];
 /// Marker file that tells kimg-init it runs from the initramfs.
 const INITRAMFS_MARKER: &str = "etc/kimg/initramfs";
 /// Default virtual disk size.
@@ -60,6 +75,9 @@ pub enum BuildError {
     /// Staging the root filesystem failed.
     #[error(transparent)]
     Rootfs(#[from] rootfs::RootfsError),
+    /// The Kubernetes binaries are missing or wrong.
+    #[error(transparent)]
+    K8s(#[from] crate::k8s::K8sError),
     /// Writing the disk failed.
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
@@ -95,8 +113,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
 pub struct BuildOptions {
     /// Output directory.
     pub out_dir: PathBuf,
-    /// Base name of the outputs (`hd` -> `hd.img`, `hd.json`).
-    pub name: String,
     /// Where the kernel comes from.
     pub kernel: KernelSource,
     /// Virtual disk size in bytes.
@@ -109,6 +125,20 @@ pub struct BuildOptions {
     pub mtime: u64,
     /// zstd level of the initramfs.
     pub zstd_level: i32,
+    /// The Kubernetes flavour: `Some(release)` with the Kubernetes binaries
+    /// (`Some` of an empty path when `--k8s` was given without a release).
+    pub k8s: Option<PathBuf>,
+}
+
+impl BuildOptions {
+    /// Base name of the outputs: `hd` or `hd-k8s`.
+    pub fn name(&self) -> &'static str {
+        if self.k8s.is_some() {
+            "hd-k8s"
+        } else {
+            "hd"
+        }
+    }
 }
 
 /// What a build produced.
@@ -146,6 +176,15 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
             });
         }
     }
+    // The Kubernetes binaries are checked before any work is done.
+    let release = match &opts.k8s {
+        None => None,
+        Some(p) if p.as_os_str().is_empty() => return Err(crate::k8s::K8sError::NoRelease.into()),
+        Some(p) => {
+            fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
+            Some(crate::k8s::find_release(p, &opts.out_dir)?)
+        }
+    };
     let mut steps = Vec::new();
     let mut t = Instant::now();
     let mut step = |name: &'static str, log: &dyn Fn(&str)| {
@@ -161,7 +200,11 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
 
     let index = ModuleIndex::scan(&kernel.modules_dir)?;
     let stage1 = index.closure(STAGE1_MODULES)?;
-    let stage2 = index.closure(STAGE2_MODULES)?;
+    let mut stage2_wanted = STAGE2_MODULES.to_vec();
+    if release.is_some() {
+        stage2_wanted.extend_from_slice(K8S_MODULES);
+    }
+    let stage2 = index.closure(&stage2_wanted)?;
     step("modules", log);
 
     fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
@@ -199,10 +242,17 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
 
     let root = tmp.path().join("root");
     fs::create_dir(&root).map_err(io_err(&root))?;
-    let manifests = [RootfsManifest::parse(
+    let mut manifests = vec![RootfsManifest::parse(
         "rootfs/base.toml",
         rootfs::BASE_TOML,
     )?];
+    let mut extra_binaries = Vec::new();
+    if let Some(r) = &release {
+        manifests.push(RootfsManifest::parse("rootfs/k8s.toml", rootfs::K8S_TOML)?);
+        for (name, path) in &r.binaries {
+            extra_binaries.push((path.clone(), format!("/usr/bin/{name}"), r.version.clone()));
+        }
+    }
     let stage2_paths: Vec<PathBuf> = stage2.iter().map(|m| m.rel_path.clone()).collect();
     let os_release = format!(
         "ID=kimg\nNAME=kimg\nPRETTY_NAME=\"kimg {v}\"\nVERSION_ID={v}\nHOME_URL=\"https://github.com/kimg\"\n",
@@ -219,6 +269,7 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
             stage2_modules: &stage2_paths,
             manifests: &manifests,
             os_release: &os_release,
+            extra_binaries: &extra_binaries,
         },
     )?;
     rootfs::set_times(&root, mtime as i64)?;
@@ -287,7 +338,7 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         kimg_version: env!("CARGO_PKG_VERSION").to_string(),
-        flavour: "base".into(),
+        flavour: if release.is_some() { "k8s" } else { "base" }.into(),
         kernel: KernelInfo {
             version: kernel.version.clone(),
             cmdline,
@@ -302,8 +353,8 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
     let json_tmp = tmp.path().join("manifest.json");
     let json = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
     fs::write(&json_tmp, json).map_err(io_err(&json_tmp))?;
-    let image = opts.out_dir.join(format!("{}.img", opts.name));
-    let manifest_path = opts.out_dir.join(format!("{}.json", opts.name));
+    let image = opts.out_dir.join(format!("{}.img", opts.name()));
+    let manifest_path = opts.out_dir.join(format!("{}.json", opts.name()));
     fs::rename(&img_tmp, &image).map_err(io_err(&image))?;
     fs::rename(&json_tmp, &manifest_path).map_err(io_err(&manifest_path))?;
     Ok(BuildOutput {

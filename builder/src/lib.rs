@@ -11,6 +11,7 @@ pub mod elf;
 pub mod hash;
 pub mod image;
 pub mod initramfs;
+pub mod k8s;
 pub mod kernel;
 pub mod rootfs;
 pub mod vm;

@@ -44,8 +44,24 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kimg: error: {e:#}");
+            eprintln!("kimg: error: {}", error_chain(&e));
             ExitCode::from(cli::EXIT_FAILURE)
         }
     }
+}
+
+/// The error and its causes joined by ": ", skipping a cause whose text the message
+/// already carries (kimg's errors print their source themselves).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
 }

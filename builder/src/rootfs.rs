@@ -18,6 +18,8 @@ use std::process::Command;
 
 /// The built-in rootfs manifest.
 pub const BASE_TOML: &str = include_str!("../../rootfs/base.toml");
+/// The Kubernetes flavour's rootfs manifest.
+pub const K8S_TOML: &str = include_str!("../../rootfs/k8s.toml");
 
 /// Where busybox, kimg-init and the module lists go.
 const BUSYBOX: &str = "usr/bin/busybox";
@@ -105,9 +107,26 @@ pub struct RootfsManifest {
     /// Host binaries to copy with their libraries.
     #[serde(default)]
     pub binaries: Vec<String>,
+    /// Host directories whose files are all copied like binaries (CNI plugins,
+    /// iptables extensions that are loaded with dlopen).
+    #[serde(default)]
+    pub binary_dirs: Vec<String>,
     /// Files written with inline content.
     #[serde(default, rename = "file")]
     pub files: Vec<FileSpec>,
+    /// Symbolic links.
+    #[serde(default, rename = "link")]
+    pub links: Vec<LinkSpec>,
+}
+
+/// One `[[link]]` of a rootfs manifest.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSpec {
+    /// Absolute path of the link in the image.
+    pub path: String,
+    /// What it points to.
+    pub target: String,
 }
 
 /// One `[[file]]` of a rootfs manifest.
@@ -151,6 +170,8 @@ pub struct RootfsInputs<'a> {
     pub manifests: &'a [RootfsManifest],
     /// Content of /etc/os-release.
     pub os_release: &'a str,
+    /// Further binaries: (host file, path in the image, version).
+    pub extra_binaries: &'a [(PathBuf, String, Option<String>)],
 }
 
 /// Stages the root filesystem in `dir` (which must exist and be empty) and returns
@@ -196,7 +217,35 @@ pub fn stage(dir: &Path, inp: &RootfsInputs) -> Result<Vec<Component>, RootfsErr
     replace_with_symlink(&dir.join(INIT_LINK), "kimg-init")?;
 
     for m in inp.manifests {
-        stage_binaries(dir, &m.binaries, &mut components)?;
+        let mut bins = Vec::new();
+        for name in &m.binaries {
+            let host = find_binary(name).ok_or_else(|| RootfsError::MissingBinary(name.clone()))?;
+            bins.push((host.clone(), host.to_string_lossy().into_owned(), None));
+        }
+        for d in &m.binary_dirs {
+            let dir_path = Path::new(d);
+            let mut files: Vec<PathBuf> = fs::read_dir(dir_path)
+                .map_err(io_err(dir_path))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect();
+            files.sort();
+            bins.extend(
+                files
+                    .into_iter()
+                    .map(|f| (f.clone(), f.to_string_lossy().into_owned(), None)),
+            );
+        }
+        package_versions(&mut bins);
+        stage_binaries(dir, &bins, &mut components)?;
+        for l in &m.links {
+            let link = dir.join(l.path.trim_start_matches('/'));
+            if let Some(parent) = link.parent() {
+                fs::create_dir_all(parent).map_err(io_err(parent))?;
+            }
+            replace_with_symlink(&link, &l.target)?;
+        }
         for f in &m.files {
             let mode = parse_mode(f)?;
             let dest = dir.join(f.path.trim_start_matches('/'));
@@ -208,6 +257,7 @@ pub fn stage(dir: &Path, inp: &RootfsInputs) -> Result<Vec<Component>, RootfsErr
             set_mode(&dest, mode)?;
         }
     }
+    stage_binaries(dir, inp.extra_binaries, &mut components)?;
     write(dir, "etc/os-release", inp.os_release, 0o644)?;
 
     stage_modules(dir, inp)?;
@@ -237,32 +287,88 @@ fn stage_modules(dir: &Path, inp: &RootfsInputs) -> Result<(), RootfsError> {
     write(dir, MODULES_LOAD, &list, 0o644)
 }
 
-/// Copies each named host binary and its shared libraries to the same paths.
+/// Copies binaries (host file, image path, version) and the shared libraries they
+/// need (libraries go to the path they were found at).
 fn stage_binaries(
     dir: &Path,
-    names: &[String],
+    bins: &[(PathBuf, String, Option<String>)],
     out: &mut Vec<Component>,
 ) -> Result<(), RootfsError> {
-    let mut found = Vec::new();
-    for name in names {
-        let host = find_binary(name).ok_or_else(|| RootfsError::MissingBinary(name.clone()))?;
-        found.push(host);
-    }
-    let libs = elf::library_closure(&found)?;
-    for path in found.iter().chain(libs.iter()) {
-        let rel = path.strip_prefix("/").unwrap_or(path);
+    // Only ELF files have libraries; data files in binary_dirs are copied as they are.
+    let elves: Vec<PathBuf> = bins
+        .iter()
+        .filter(|(h, _, _)| matches!(elf::elf_kind(h), Ok(elf::ElfKind::Dynamic)))
+        .map(|(h, _, _)| h.clone())
+        .collect();
+    let libs = elf::library_closure(&elves)?;
+    let lib_entries = libs
+        .iter()
+        .map(|l| (l.clone(), l.to_string_lossy().into_owned(), None));
+    for (host, image_path, version) in bins.iter().cloned().chain(lib_entries) {
+        let rel = image_path.trim_start_matches('/');
         let dest = dir.join(rel);
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
         let _ = fs::remove_file(&dest);
-        fs::copy(path, &dest).map_err(io_err(path))?;
-        let name = path
+        fs::copy(&host, &dest).map_err(io_err(&host))?;
+        let name = Path::new(rel)
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        out.push(component(&name, path, &rel.to_string_lossy(), None)?);
+        out.push(component(&name, &host, rel, version)?);
     }
     Ok(())
+}
+
+/// Fills in the Debian package version of each binary that dpkg knows (one
+/// `dpkg-query` call for all); binaries outside any package keep `None`.
+fn package_versions(bins: &mut [(PathBuf, String, Option<String>)]) {
+    if bins.is_empty() || !crate::cmd::exists("dpkg-query") {
+        return;
+    }
+    // dpkg knows the paths it installed: try the canonical path too (merged /usr).
+    let mut q = Command::new("dpkg-query");
+    q.arg("-S");
+    for (h, _, _) in bins.iter() {
+        q.arg(h);
+        if let Ok(c) = fs::canonicalize(h) {
+            q.arg(c);
+        }
+    }
+    // Exit status 1 only means some paths belong to no package.
+    let Ok(out) = q.stdin(std::process::Stdio::null()).output() else {
+        return;
+    };
+    let owners = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut pkg_of = std::collections::BTreeMap::new();
+    for line in owners.lines() {
+        if let Some((pkgs, path)) = line.split_once(": ") {
+            let pkg = pkgs
+                .split(", ")
+                .next()
+                .unwrap_or(pkgs)
+                .split(':')
+                .next()
+                .unwrap_or(pkgs);
+            pkg_of.insert(PathBuf::from(path), pkg.to_string());
+        }
+    }
+    let pkgs: std::collections::BTreeSet<&String> = pkg_of.values().collect();
+    let mut w = Command::new("dpkg-query");
+    w.args(["-W", "-f", "${Package} ${Version}\n"]).args(pkgs);
+    let Ok(versions) = crate::cmd::run_stdout(&mut w) else {
+        return;
+    };
+    let version_of: std::collections::BTreeMap<&str, &str> =
+        versions.lines().filter_map(|l| l.split_once(' ')).collect();
+    for (h, _, v) in bins.iter_mut() {
+        let pkg = pkg_of
+            .get(h.as_path())
+            .or_else(|| fs::canonicalize(&*h).ok().and_then(|c| pkg_of.get(&c)));
+        if let Some(ver) = pkg.and_then(|p| version_of.get(p.as_str())) {
+            *v = Some(format!("{} {ver}", pkg.map_or("", String::as_str)));
+        }
+    }
 }
 
 fn find_binary(name: &str) -> Option<PathBuf> {
@@ -433,6 +539,23 @@ mod tests {
             .unwrap()
             .content;
         assert!(passwd.starts_with("root:x:0:0:"), "{passwd:?}");
+    }
+
+    #[test]
+    fn k8s_manifest_parses_and_its_services_are_valid() {
+        let m = RootfsManifest::parse("k8s.toml", K8S_TOML).unwrap();
+        assert!(m.binaries.iter().any(|b| b == "containerd"));
+        let services: Vec<_> = m
+            .files
+            .iter()
+            .filter(|f| f.path.starts_with("/etc/kimg/services/"))
+            .collect();
+        assert!(services.len() >= 3);
+        for f in services {
+            let stem = Path::new(&f.path).file_stem().unwrap().to_string_lossy();
+            kimg_contract::service::ServiceSpec::parse(&stem, &f.content)
+                .unwrap_or_else(|e| panic!("{}: {e}", f.path));
+        }
     }
 
     #[test]

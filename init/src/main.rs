@@ -21,6 +21,7 @@ mod rootdev;
 mod services;
 mod shutdown;
 mod switchroot;
+mod sysctl;
 
 use error::{Context, Result};
 use kimg_contract::cmdline::KimgArgs;
@@ -128,6 +129,9 @@ fn stage2() -> ! {
     }
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
         problems.add("ctrl-alt-del", format!("reboot(RB_DISABLE_CAD): {e}"));
+    }
+    for p in sysctl::apply_dir(std::path::Path::new(sysctl::SYSCTL_DIR)) {
+        problems.add("sysctl", p);
     }
     start_services(&hostname, &mut problems);
     let kernel = nix::sys::utsname::uname()

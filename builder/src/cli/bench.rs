@@ -54,7 +54,6 @@ fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
     let opts = BenchOptions {
         build: BuildOptions {
             out_dir: PathBuf::new(),
-            name: "hd".into(),
             kernel: a
                 .kernel_deb
                 .map_or(KernelSource::DebianDefault, KernelSource::Deb),
@@ -63,6 +62,7 @@ fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
             busybox: PathBuf::from("/bin/busybox"),
             mtime: image::source_date_epoch(),
             zstd_level: 9,
+            k8s: None,
         },
         runs: a.runs.max(1),
         accel: a.accel,

@@ -35,6 +35,14 @@ pub struct Args {
     /// The static busybox to install.
     #[arg(long, value_name = "FILE", default_value = "/bin/busybox")]
     busybox: PathBuf,
+    /// Build the Kubernetes flavour (hd-k8s.img): containerd, runc, CNI plugins, etcd,
+    /// iptables, conntrack, ipset from this host's Debian packages, and the
+    /// Kubernetes binaries from --k8s-release.
+    #[arg(long)]
+    k8s: bool,
+    /// A Kubernetes release: kubernetes-server-linux-amd64.tar.gz or its folder.
+    #[arg(long, value_name = "PATH", requires = "k8s")]
+    k8s_release: Option<PathBuf>,
     /// Print the manifest as JSON on stdout instead of a summary.
     #[arg(long)]
     json: bool,
@@ -49,13 +57,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let opts = BuildOptions {
         out_dir: a.out,
-        name: "hd".into(),
         kernel,
         size: a.size,
         init: a.init.unwrap_or_else(image::default_init),
         busybox: a.busybox,
         mtime: image::source_date_epoch(),
         zstd_level: 9,
+        k8s: a.k8s.then(|| a.k8s_release.unwrap_or_default()),
     };
     let start = std::time::Instant::now();
     let out = image::build(&opts, &|line| eprintln!("kimg build: {line}"))

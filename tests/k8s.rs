@@ -1,0 +1,195 @@
+//! End-to-end: the Kubernetes flavour. `kimg build --k8s` takes containerd, runc,
+//! the CNI plugins and etcd from the host's Debian packages and the Kubernetes
+//! binaries from a release; kimg-init starts the services by role.
+//!
+//! No Kubernetes release can be downloaded on the test machines: the release used
+//! here is made of test doubles (tests/doubles/k8s-double.c, built static), which
+//! record their arguments and stay up.
+
+use kimg_tests::{kimg, kimg_bin, text, TestCluster};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const K8S_BINARIES: &[&str] = &[
+    "kubelet",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+    "kubectl",
+];
+
+/// A release folder of test doubles, laid out like kubernetes-server-linux-amd64.
+fn double_release(dir: &Path) -> PathBuf {
+    let bin = dir.join("kubernetes/server/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("doubles/k8s-double.c");
+    let out = dir.join("k8s-double");
+    let st = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "gcc -static of the test double (apt-get install gcc libc6-dev)"
+    );
+    for name in K8S_BINARIES {
+        std::fs::copy(&out, bin.join(name)).unwrap();
+    }
+    std::fs::write(dir.join("kubernetes/version"), "v0.0.0-test-double\n").unwrap();
+    dir.to_path_buf()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn k8s_build_without_release_fails_before_any_work_naming_the_binaries() {
+    let out = tempfile::tempdir().unwrap();
+    let target = out.path().join("o");
+    let o = kimg(
+        out.path(),
+        &["build", "--k8s", "--out", target.to_str().unwrap()],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    for b in K8S_BINARIES {
+        assert!(err.contains(b), "{b} not named: {err}");
+    }
+    assert!(!target.exists(), "work was done before the check");
+}
+
+#[test]
+fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
+    let work = tempfile::tempdir().unwrap();
+    let release = double_release(&work.path().join("release"));
+    let out = work.path().join("out");
+    let o = Command::new(kimg_bin())
+        .args(["build", "--k8s", "--k8s-release"])
+        .arg(&release)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "kimg build --k8s:\n{}", text(&o));
+    let image = out.join("hd-k8s.img");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("hd-k8s.json")).unwrap()).unwrap();
+    assert_eq!(manifest["flavour"], "k8s");
+    let comps = manifest["components"].as_array().unwrap();
+    let version_of = |n: &str| {
+        comps
+            .iter()
+            .find(|c| c["name"] == n)
+            .map(|c| c["version"].clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        version_of("containerd")
+            .as_str()
+            .unwrap_or("")
+            .starts_with("containerd "),
+        "{:?}",
+        version_of("containerd")
+    );
+    assert!(version_of("etcd")
+        .as_str()
+        .unwrap_or("")
+        .starts_with("etcd-server "));
+    assert_eq!(version_of("kubelet"), "v0.0.0-test-double");
+    // The image holds no private key (the PKI is generated per cluster).
+    let bytes = std::fs::read(&image).unwrap();
+    assert!(
+        !contains(&bytes, b"PRIVATE KEY-----"),
+        "a private key is in the image"
+    );
+
+    let c = TestCluster::new("e2e-k8s");
+    let run = c.kimg(
+        "run",
+        &[
+            "--image",
+            image.to_str().unwrap(),
+            "--nodes",
+            "2",
+            "--routers",
+            "1",
+            "--mem",
+            "512",
+            "--wait=240",
+        ],
+    );
+    assert!(run.status.success(), "kimg run:\n{}", text(&run));
+    for vm in ["vm-001", "vm-002"] {
+        c.wait_service(vm, "containerd", &["ready"], Duration::from_secs(120));
+        let v = c.exec_ok(
+            vm,
+            &[
+                "ctr",
+                "--address",
+                "/run/containerd/containerd.sock",
+                "version",
+            ],
+        );
+        assert!(v.contains("Server:") && v.contains("Version:"), "{vm}: {v}");
+        c.wait_service(vm, "kimg-images", &["done"], Duration::from_secs(60));
+    }
+    // The router runs no Kubernetes component.
+    let st = c.status_json();
+    let router = st["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vm"] == "vm-201")
+        .unwrap()
+        .clone();
+    assert_eq!(router["state"], "ready", "{router}");
+    assert_eq!(
+        router["agent"]["services"],
+        serde_json::json!([]),
+        "{router}"
+    );
+    let ps = c.exec_ok("vm-201", &["ps", "-o", "comm"]);
+    assert!(!ps.contains("containerd") && !ps.contains("etcd"), "{ps}");
+    // etcd only on vm-001, and healthy.
+    c.wait_service("vm-001", "etcd", &["ready"], Duration::from_secs(120));
+    let h = c.exec(
+        "vm-001",
+        &[
+            "etcdctl",
+            "--endpoints",
+            "http://127.0.0.1:2379",
+            "endpoint",
+            "health",
+        ],
+    );
+    assert!(
+        h.status.success() && String::from_utf8_lossy(&h.stderr).contains("is healthy"),
+        "{}",
+        text(&h)
+    );
+    assert!(!c.exec_ok("vm-002", &["ps", "-o", "comm"]).contains("etcd"));
+    // Modules and sysctls of the flavour are in place.
+    let modules = c.exec_ok("vm-002", &["cat", "/proc/modules"]);
+    for m in ["overlay", "br_netfilter", "ipip", "rbd"] {
+        assert!(
+            modules.lines().any(|l| l.starts_with(&format!("{m} "))),
+            "{m} not loaded: {modules}"
+        );
+    }
+    assert_eq!(
+        c.exec_ok(
+            "vm-002",
+            &["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"]
+        )
+        .trim(),
+        "1"
+    );
+    assert!(c
+        .exec_ok("vm-002", &["iptables", "-t", "nat", "-L", "-n"])
+        .contains("Chain POSTROUTING"));
+}
