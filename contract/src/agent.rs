@@ -96,6 +96,9 @@ pub struct Status {
     /// Failed steps, one line each.
     #[serde(default)]
     pub problems: Vec<String>,
+    /// Addresses configured at boot, `ADDR/PREFIX` (IPv4 first), per the net plan.
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 /// Outcome of an [`Op::Exec`].
@@ -154,6 +157,7 @@ mod tests {
             kernel: "6.1".into(),
             init_version: "0.1.0".into(),
             problems: vec![],
+            addresses: vec!["192.168.1.1/24".into()],
         };
         for reply in [
             Reply::Status(status),

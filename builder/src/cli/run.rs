@@ -3,13 +3,21 @@
 use anyhow::Context;
 use kimg::vm::accel::AccelChoice;
 use kimg::vm::cluster::{self, RunEvent, RunOptions};
+use kimg::vm::network::NetBackend;
+use kimg_contract::VmId;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// Start a cluster of VMs from an image: vm-001.. are nodes, vm-201.. routers.
+/// Start a cluster of VMs from an image: vm-001.. are nodes, vm-201.. routers,
+/// vm-221.. testers.
 ///
-/// Each VM gets its own qcow2 layer over the image (the image is never written), a
+/// Nodes and routers share the cluster network (192.168.1.N, fd00:6b69:0:1::N),
+/// routers and testers the tester network (192.168.2.N, fd00:6b69:0:2::N); nodes and
+/// testers route through vm-201, routers forward. The networks are closed: by
+/// default one vde_switch per network (no root); `--net bridge` (root) uses Linux
+/// bridges and taps inside a network namespace `kimg-NAME`. `kimg status` shows the
+/// plan. Each VM gets its own qcow2 layer over the image (the image is never written), a
 /// serial console logged to a file, and an agent socket that `kimg status`, `kimg
 /// exec` and `kimg stop` use. A running cluster with the same name is stopped first.
 /// KVM is used when it really works here, else TCG.
@@ -27,9 +35,16 @@ pub struct Args {
     /// Number of routers (vm-201..).
     #[arg(long, default_value_t = 2)]
     routers: u16,
-    /// Memory per VM in MiB.
-    #[arg(long, default_value_t = 384)]
-    mem: u32,
+    /// Number of testers (vm-221..).
+    #[arg(long, default_value_t = 0)]
+    testers: u16,
+    /// Memory in MiB: for every VM (`--mem 256`) or one VM (`--mem vm-001=1024`);
+    /// repeat to combine.
+    #[arg(long, value_name = "MB|VM=MB", default_value = "384", value_parser = parse_mem)]
+    mem: Vec<MemArg>,
+    /// Network backend: user (vde_switch, no root) or bridge (netns, root).
+    #[arg(long, value_enum, default_value_t = NetBackend::User)]
+    net: NetBackend,
     /// vCPUs per VM.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
@@ -47,14 +62,47 @@ pub struct Args {
     json: bool,
 }
 
+/// One `--mem` value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemArg {
+    /// Every VM.
+    All(u32),
+    /// One VM.
+    Vm(VmId, u32),
+}
+
+fn parse_mem(s: &str) -> Result<MemArg, String> {
+    let mb = |m: &str| {
+        m.parse::<u32>()
+            .ok()
+            .filter(|m| *m >= 64)
+            .ok_or_else(|| format!("{m:?}: memory is a number of MiB, at least 64"))
+    };
+    match s.split_once('=') {
+        None => Ok(MemArg::All(mb(s)?)),
+        Some((vm, m)) => Ok(MemArg::Vm(vm.parse().map_err(|e| format!("{e}"))?, mb(m)?)),
+    }
+}
+
 /// Runs `kimg run`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let mut mem_mb = 384;
+    let mut mem_overrides = Vec::new();
+    for m in &a.mem {
+        match *m {
+            MemArg::All(mb) => mem_mb = mb,
+            MemArg::Vm(vm, mb) => mem_overrides.push((vm, mb)),
+        }
+    }
     let opts = RunOptions {
         name: a.name.clone(),
         image: a.image,
         nodes: a.nodes,
         routers: a.routers,
-        mem_mb: a.mem,
+        testers: a.testers,
+        mem_overrides,
+        net: a.net,
+        mem_mb,
         cpus: a.cpus,
         accel: a.accel,
         wait: a.wait.map(Duration::from_secs),
@@ -94,4 +142,21 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_for_all_or_one_vm() {
+        assert_eq!(parse_mem("256"), Ok(MemArg::All(256)));
+        assert_eq!(
+            parse_mem("vm-001=1024"),
+            Ok(MemArg::Vm(VmId::new(1).unwrap(), 1024))
+        );
+        for bad in ["", "12", "x=256", "vm-001=", "vm-001=lots"] {
+            assert!(parse_mem(bad).is_err(), "{bad}");
+        }
+    }
 }
