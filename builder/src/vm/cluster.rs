@@ -378,10 +378,13 @@ fn start_vms(
                     accel,
                     kernel: files[0].clone(),
                     initrd: files[1].clone(),
+                    // no_timer_check: under TCG on a busy host the kernel's IO-APIC
+                    // timer check can miss ticks and panic ("IO-APIC + timer doesn't
+                    // work!"), seen when many VMs boot at once on 2 cores.
                     cmdline: with_size(
                         &with_hostname(base_cmdline, &rec.vm.hostname()),
                         &state.size,
-                    ),
+                    ) + " no_timer_check",
                 };
                 s.spawn(move || {
                     start_vm(dir, image, &spec, state)
