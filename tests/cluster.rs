@@ -141,6 +141,27 @@ fn cluster_of_nodes_routers_and_a_tester_talks_and_survives_a_dead_vm() {
         text(&o)
     );
 
+    // Scale in the dead VM, scale out a new node: it joins the network.
+    let o = c.kimg("scalein", &["vm-004", "--grace", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = c.kimg("scaleout", &["vm-005", "--wait=240"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let st = statuses(&c);
+    let names: Vec<&str> = st.iter().map(|(vm, _, _)| vm.as_str()).collect();
+    assert_eq!(
+        names,
+        ["vm-001", "vm-002", "vm-003", "vm-005", "vm-201", "vm-202", "vm-221"]
+    );
+    let out = c.exec_ok(
+        "vm-005",
+        &[
+            "sh",
+            "-c",
+            &ping_script(&["vm-001".into(), "vm-201".into()]),
+        ],
+    );
+    assert_eq!(out.trim(), "done", "vm-005: {out}");
+
     let o = c.kimg("stop", &["--grace", "10"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(c.qemu_pids().is_empty());

@@ -216,9 +216,14 @@ fn load_modules(problems: &mut Problems) {
 /// The VM's hostname: `kimg.hostname=` from the command line, else the VM a kimg
 /// MAC names (see kimg_contract::net), else [`DEFAULT_HOSTNAME`].
 fn hostname(args: &KimgArgs) -> String {
+    hostname_or(args, net::vm_from_nics)
+}
+
+/// [`hostname`] with the MAC lookup passed in (tests have no kimg NICs).
+fn hostname_or(args: &KimgArgs, from_mac: impl FnOnce() -> Option<VmId>) -> String {
     args.hostname
         .clone()
-        .or_else(|| net::vm_from_links(&net::links()).map(|vm| vm.hostname()))
+        .or_else(|| from_mac().map(|vm| vm.hostname()))
         .unwrap_or_else(|| DEFAULT_HOSTNAME.to_string())
 }
 
@@ -307,7 +312,10 @@ mod tests {
     fn hostname_from_cmdline_or_default() {
         let args = KimgArgs::parse("console=ttyS0 kimg.hostname=vm-003");
         assert_eq!(hostname(&args), "vm-003");
-        assert_eq!(hostname(&KimgArgs::parse("quiet")), DEFAULT_HOSTNAME);
+        let none = KimgArgs::parse("quiet");
+        assert_eq!(hostname_or(&none, || None), DEFAULT_HOSTNAME);
+        assert_eq!(hostname_or(&none, || VmId::new(202)), "vm-202");
+        assert_eq!(hostname_or(&args, || VmId::new(202)), "vm-003");
     }
 
     #[test]

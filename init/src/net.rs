@@ -66,6 +66,19 @@ pub fn vm_from_links(links: &[Link]) -> Option<VmId> {
         .next()
 }
 
+/// The VM a kimg MAC names, waiting up to [`NIC_TIMEOUT`] for virtio_net to probe
+/// the NICs (only when the command line named no VM).
+pub fn vm_from_nics() -> Option<VmId> {
+    let deadline = Instant::now() + NIC_TIMEOUT;
+    loop {
+        let found = vm_from_links(&links());
+        if found.is_some() || Instant::now() >= deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits until every NIC the plan gives `vm` exists (virtio_net probes them after
 /// the module loads) and returns the links then present.
 pub fn wait_for_nics(vm: VmId) -> Vec<Link> {
