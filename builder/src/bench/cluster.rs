@@ -54,6 +54,9 @@ pub struct ClusterBenchReport {
     pub cluster_cpu_secs: f64,
     /// Host load average (1 min) when the cluster was ready: others' work slows it.
     pub load_avg: f64,
+    /// cluster QEMU CPU / (6 x single CPU): what booting in parallel costs beyond
+    /// the CPU itself; with the host's cores all ours, wall ratio ~ this.
+    pub cpu_ratio: f64,
     /// cluster wall / floor (goal <= 1.5).
     pub ratio: f64,
     /// Mean QEMU RSS of an idle VM of the 6-VM cluster, MB.
@@ -187,6 +190,7 @@ fn measure(o: &ClusterBenchOptions, log: &dyn Fn(&str)) -> Result<ClusterBenchRe
         cluster_floor_secs,
         cluster_cpu_secs,
         load_avg,
+        cpu_ratio: cluster_cpu_secs / (6.0 * single_cpu_secs).max(f64::EPSILON),
         ratio: cluster_wall_secs / cluster_floor_secs.max(f64::EPSILON),
         idle_rss_mb,
         big_vms,

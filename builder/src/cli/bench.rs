@@ -117,6 +117,10 @@ fn cluster(a: ClusterArgs) -> anyhow::Result<ExitCode> {
         r.cluster_cpu_secs, r.load_avg
     );
     println!(
+        "  their CPU / (6 x single CPU)       {:6.2}     (> 1: parallel boots cost extra CPU)",
+        r.cpu_ratio
+    );
+    println!(
         "ratio cluster / floor                {:6.2}     (goal <= 1.5)",
         r.ratio
     );
