@@ -58,7 +58,21 @@ fn ping_script(targets: &[String]) -> String {
 #[test]
 fn cluster_of_nodes_routers_and_a_tester_talks_and_survives_a_dead_vm() {
     let c = TestCluster::new("e2e-net");
-    run(&c, &["--nodes", "4", "--routers", "2", "--testers", "1"]);
+    run(
+        &c,
+        &[
+            "--nodes",
+            "4",
+            "--routers",
+            "2",
+            "--testers",
+            "1",
+            "--cpus",
+            "vm-201=2",
+            "--mem",
+            "vm-202=320",
+        ],
+    );
     let nodes = ["vm-001", "vm-002", "vm-003", "vm-004"];
     let routers = ["vm-201", "vm-202"];
 
@@ -78,6 +92,14 @@ fn cluster_of_nodes_routers_and_a_tester_talks_and_survives_a_dead_vm() {
         assert_eq!(a.role, vm.parse::<VmId>().unwrap().role());
         assert_eq!(a.addresses, planned(vm), "{vm}");
     }
+    // Per-VM overrides reached the VMs (256 MiB gives a MemTotal below 256 MiB).
+    let cpus = c.exec_ok("vm-201", &["grep", "-c", "^processor", "/proc/cpuinfo"]);
+    assert_eq!(cpus.trim(), "2");
+    let mem_kb = |vm: &str| -> u64 {
+        let m = c.exec_ok(vm, &["head", "-1", "/proc/meminfo"]);
+        m.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert!(mem_kb("vm-202") > 256 * 1024 && mem_kb("vm-201") < 256 * 1024);
     let table = c.kimg("status", &[]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(

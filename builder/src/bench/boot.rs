@@ -104,6 +104,7 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
             testers: 0,
             mem_mb: BENCH_MEM_MB,
             mem_overrides: Vec::new(),
+            cpus_overrides: Vec::new(),
             net: Default::default(),
             cpus: 1,
             accel: if accel == Accel::Kvm {

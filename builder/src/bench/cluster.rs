@@ -81,6 +81,7 @@ fn options(o: &ClusterBenchOptions, nodes: u16, routers: u16) -> RunOptions {
         testers: 0,
         mem_mb: o.mem_mb,
         mem_overrides: Vec::new(),
+        cpus_overrides: Vec::new(),
         net: o.net,
         cpus: 1,
         accel: o.accel,

@@ -41,13 +41,14 @@ pub struct Args {
     /// Memory in MiB: for every VM (`--mem 256`) or one VM (`--mem vm-001=1024`);
     /// repeat to combine.
     #[arg(long, value_name = "MB|VM=MB", default_value = "384", value_parser = parse_mem)]
-    mem: Vec<MemArg>,
+    mem: Vec<PerVm>,
     /// Network backend: user (vde_switch, no root) or bridge (netns, root).
     #[arg(long, value_enum, default_value_t = NetBackend::User)]
     net: NetBackend,
-    /// vCPUs per VM.
-    #[arg(long, default_value_t = 1)]
-    cpus: u32,
+    /// vCPUs: for every VM (`--cpus 2`) or one VM (`--cpus vm-201=2`); repeat to
+    /// combine.
+    #[arg(long, value_name = "N|VM=N", default_value = "1", value_parser = parse_cpus)]
+    cpus: Vec<PerVm>,
     /// Accelerator.
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     accel: AccelChoice,
@@ -62,38 +63,58 @@ pub struct Args {
     json: bool,
 }
 
-/// One `--mem` value.
+/// One `--mem` or `--cpus` value.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum MemArg {
+pub enum PerVm {
     /// Every VM.
     All(u32),
     /// One VM.
     Vm(VmId, u32),
 }
 
-fn parse_mem(s: &str) -> Result<MemArg, String> {
-    let mb = |m: &str| {
+/// `N` or `VM=N` with N in `range`.
+fn parse_per_vm(
+    s: &str,
+    range: std::ops::RangeInclusive<u32>,
+    what: &str,
+) -> Result<PerVm, String> {
+    let n = |m: &str| {
         m.parse::<u32>()
             .ok()
-            .filter(|m| *m >= 64)
-            .ok_or_else(|| format!("{m:?}: memory is a number of MiB, at least 64"))
+            .filter(|m| range.contains(m))
+            .ok_or_else(|| format!("{m:?}: {what} from {} to {}", range.start(), range.end()))
     };
     match s.split_once('=') {
-        None => Ok(MemArg::All(mb(s)?)),
-        Some((vm, m)) => Ok(MemArg::Vm(vm.parse().map_err(|e| format!("{e}"))?, mb(m)?)),
+        None => Ok(PerVm::All(n(s)?)),
+        Some((vm, m)) => Ok(PerVm::Vm(vm.parse().map_err(|e| format!("{e}"))?, n(m)?)),
     }
+}
+
+fn parse_mem(s: &str) -> Result<PerVm, String> {
+    parse_per_vm(s, 64..=1 << 20, "memory is a number of MiB")
+}
+
+fn parse_cpus(s: &str) -> Result<PerVm, String> {
+    parse_per_vm(s, 1..=64, "vCPUs are a number")
+}
+
+/// The value for every VM and the per-VM ones, last word wins.
+fn split(args: &[PerVm], default: u32) -> (u32, Vec<(VmId, u32)>) {
+    let mut all = default;
+    let mut per = Vec::new();
+    for a in args {
+        match *a {
+            PerVm::All(n) => all = n,
+            PerVm::Vm(vm, n) => per.push((vm, n)),
+        }
+    }
+    (all, per)
 }
 
 /// Runs `kimg run`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let mut mem_mb = 384;
-    let mut mem_overrides = Vec::new();
-    for m in &a.mem {
-        match *m {
-            MemArg::All(mb) => mem_mb = mb,
-            MemArg::Vm(vm, mb) => mem_overrides.push((vm, mb)),
-        }
-    }
+    let (mem_mb, mem_overrides) = split(&a.mem, 384);
+    let (cpus, cpus_overrides) = split(&a.cpus, 1);
     let opts = RunOptions {
         name: a.name.clone(),
         image: a.image,
@@ -103,7 +124,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         mem_overrides,
         net: a.net,
         mem_mb,
-        cpus: a.cpus,
+        cpus,
+        cpus_overrides,
         accel: a.accel,
         wait: a.wait.map(Duration::from_secs),
     };
@@ -150,13 +172,15 @@ mod tests {
 
     #[test]
     fn mem_for_all_or_one_vm() {
-        assert_eq!(parse_mem("256"), Ok(MemArg::All(256)));
-        assert_eq!(
-            parse_mem("vm-001=1024"),
-            Ok(MemArg::Vm(VmId::new(1).unwrap(), 1024))
-        );
+        let vm1 = VmId::new(1).unwrap();
+        assert_eq!(parse_mem("256"), Ok(PerVm::All(256)));
+        assert_eq!(parse_mem("vm-001=1024"), Ok(PerVm::Vm(vm1, 1024)));
         for bad in ["", "12", "x=256", "vm-001=", "vm-001=lots"] {
             assert!(parse_mem(bad).is_err(), "{bad}");
         }
+        assert_eq!(parse_cpus("1=2"), Ok(PerVm::Vm(vm1, 2)));
+        assert!(parse_cpus("0").is_err());
+        let (all, per) = split(&[PerVm::Vm(vm1, 2), PerVm::All(4)], 1);
+        assert_eq!((all, per), (4, vec![(vm1, 2)]));
     }
 }

@@ -192,6 +192,8 @@ pub struct RunOptions {
     pub mem_mb: u32,
     /// Memory of particular VMs in MiB (`--mem vm-001=1024`).
     pub mem_overrides: Vec<(VmId, u32)>,
+    /// vCPUs of particular VMs (`--cpus vm-201=2`).
+    pub cpus_overrides: Vec<(VmId, u32)>,
     /// Network backend.
     pub net: NetBackend,
     /// vCPUs per VM.
@@ -328,7 +330,12 @@ fn start(
                     .rev()
                     .find(|(v, _)| *v == vm)
                     .map_or(opts.mem_mb, |(_, m)| *m),
-                cpus: opts.cpus,
+                cpus: opts
+                    .cpus_overrides
+                    .iter()
+                    .rev()
+                    .find(|(v, _)| *v == vm)
+                    .map_or(opts.cpus, |(_, c)| *c),
             })
             .collect(),
         size,
