@@ -133,15 +133,51 @@ fn cluster_of_nodes_routers_and_a_tester_talks_and_survives_a_dead_vm() {
     let hosts = c.exec_ok("vm-221", &["cat", "/etc/hosts"]);
     assert!(hosts.contains("192.168.1.4\tvm-004"), "{hosts}");
 
+    // An image booted without kimg.hostname finds its number from its MAC: restart
+    // vm-003's own QEMU command line without that key.
+    let pidfile = c.runtime.path().join("e2e-net/vm-003/qemu.pid");
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let argv: Vec<String> = std::fs::read(format!("/proc/{}/cmdline", pid.trim()))
+        .unwrap()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .map(|a| a.replace(" kimg.hostname=vm-003", ""))
+        .collect();
+    assert!(
+        argv.iter().any(|a| a.contains("kimg.nodes=4"))
+            && !argv.iter().any(|a| a.contains("kimg.hostname"))
+    );
+    kill9(pid.trim());
+    let o = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    let agent = loop {
+        let st = statuses(&c);
+        if let Some((_, state, Some(a))) = st.iter().find(|(vm, _, _)| vm == "vm-003") {
+            if state != "booting" {
+                break a.clone();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vm-003 did not come back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_eq!(agent.hostname, "vm-003", "{:?}", agent.problems);
+    assert!(agent.problems.is_empty(), "{:?}", agent.problems);
+    assert_eq!(agent.addresses, planned("vm-003"));
+    let out = c.exec_ok("vm-003", &["sh", "-c", &ping_script(&["vm-001".into()])]);
+    assert_eq!(out.trim(), "done", "{out}");
+
     // Kill one QEMU: it shows dead with console lines, the others still answer.
     let pidfile = c.runtime.path().join("e2e-net/vm-004/qemu.pid");
     let pid = std::fs::read_to_string(&pidfile).unwrap();
-    let k = std::process::Command::new("kill")
-        .args(["-9", pid.trim()])
-        .status()
-        .unwrap();
-    assert!(k.success());
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    kill9(pid.trim());
     let st = statuses(&c);
     for (vm, state, _) in &st {
         let want = if vm == "vm-004" { "dead" } else { "ready" };
@@ -249,4 +285,16 @@ fn nix_is_root() -> bool {
         .unwrap_or_default()
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+/// SIGKILLs a process and waits until it is gone or a zombie.
+fn kill9(pid: &str) {
+    let k = std::process::Command::new("kill")
+        .args(["-9", pid])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    while kimg::vm::cluster::alive(pid.parse().unwrap()) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
