@@ -42,6 +42,7 @@ pub enum CmdError {
 pub fn package_hint(program: &str) -> &'static str {
     match program {
         "qemu-img" => "apt-get install qemu-utils",
+        "vde_switch" => "apt-get install vde2",
         "qemu-system-x86_64" => "apt-get install qemu-system-x86",
         "mkfs.ext4" | "e2fsck" | "debugfs" => "apt-get install e2fsprogs",
         "apt-get" | "apt-cache" => {

@@ -29,6 +29,10 @@ enum Command {
     Exec(cli::exec::Args),
     Stop(cli::stop::Args),
     Bench(cli::bench::Args),
+    Console(cli::console::Args),
+    Logs(cli::logs::Args),
+    Scaleout(cli::scale::OutArgs),
+    Scalein(cli::scale::InArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +44,10 @@ fn main() -> ExitCode {
         Command::Exec(a) => cli::exec::run(a),
         Command::Stop(a) => cli::stop::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Console(a) => cli::console::run(a),
+        Command::Logs(a) => cli::logs::run(a),
+        Command::Scaleout(a) => cli::scale::run_out(a),
+        Command::Scalein(a) => cli::scale::run_in(a),
     };
     match result {
         Ok(code) => code,

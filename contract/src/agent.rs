@@ -99,6 +99,9 @@ pub struct Status {
     /// The services of this VM, in start order.
     #[serde(default)]
     pub services: Vec<crate::service::ServiceStatus>,
+    /// Addresses configured at boot, `ADDR/PREFIX` (IPv4 first), per the net plan.
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 /// Outcome of an [`Op::Exec`].
@@ -158,6 +161,7 @@ mod tests {
             init_version: "0.1.0".into(),
             problems: vec![],
             services: vec![],
+            addresses: vec!["192.168.1.1/24".into()],
         };
         for reply in [
             Reply::Status(status),

@@ -17,6 +17,12 @@ pub const KEY_HOSTNAME: &str = "kimg.hostname";
 pub const KEY_ROOT: &str = "kimg.root";
 /// Kernel command line flag: stop in an emergency shell before switching root.
 pub const KEY_SHELL: &str = "kimg.shell";
+/// Kernel command line key: number of nodes in the cluster (for /etc/hosts).
+pub const KEY_NODES: &str = "kimg.nodes";
+/// Kernel command line key: number of routers in the cluster.
+pub const KEY_ROUTERS: &str = "kimg.routers";
+/// Kernel command line key: number of testers in the cluster.
+pub const KEY_TESTERS: &str = "kimg.testers";
 /// The serial console every kimg VM logs to.
 pub const CONSOLE: &str = "ttyS0";
 
@@ -54,6 +60,9 @@ pub struct KimgArgs {
     pub root: RootSpec,
     /// `kimg.shell`: drop to a shell in stage 1 instead of booting.
     pub shell: bool,
+    /// `kimg.nodes=`, `kimg.routers=`, `kimg.testers=`: the cluster's size, when the
+    /// launcher gave all three.
+    pub size: Option<crate::net::ClusterSize>,
 }
 
 impl KimgArgs {
@@ -61,6 +70,7 @@ impl KimgArgs {
     /// a malformed `kimg.root=` falls back to the default label.
     pub fn parse(cmdline: &str) -> KimgArgs {
         let mut args = KimgArgs::default();
+        let (mut nodes, mut routers, mut testers) = (None, None, None);
         for word in cmdline.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             match key {
@@ -75,8 +85,18 @@ impl KimgArgs {
                     }
                 }
                 KEY_SHELL => args.shell = true,
+                KEY_NODES => nodes = value.parse().ok(),
+                KEY_ROUTERS => routers = value.parse().ok(),
+                KEY_TESTERS => testers = value.parse().ok(),
                 _ => {}
             }
+        }
+        if let (Some(nodes), Some(routers), Some(testers)) = (nodes, routers, testers) {
+            args.size = Some(crate::net::ClusterSize {
+                nodes,
+                routers,
+                testers,
+            });
         }
         args
     }
@@ -95,6 +115,14 @@ pub fn with_hostname(base: &str, hostname: &str) -> String {
     format!("{base} {KEY_HOSTNAME}={hostname}")
 }
 
+/// `base` plus the cluster's size, as the launcher passes it.
+pub fn with_size(base: &str, size: &crate::net::ClusterSize) -> String {
+    format!(
+        "{base} {KEY_NODES}={} {KEY_ROUTERS}={} {KEY_TESTERS}={}",
+        size.nodes, size.routers, size.testers
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +135,17 @@ mod tests {
         assert_eq!(args.hostname.as_deref(), Some("vm-003"));
         assert_eq!(args.root, root);
         assert!(!args.shell);
+        assert_eq!(args.size, None);
+        let size = crate::net::ClusterSize {
+            nodes: 5,
+            routers: 1,
+            testers: 2,
+        };
+        assert_eq!(KimgArgs::parse(&with_size(&line, &size)).size, Some(size));
+        assert_eq!(
+            KimgArgs::parse("kimg.nodes=3 kimg.routers=x kimg.testers=0").size,
+            None
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod cmdline;
 pub mod manifest;
+pub mod net;
 pub mod role;
 pub mod service;
 

@@ -38,6 +38,8 @@ pub struct State {
     pub ready_secs: Option<f64>,
     /// Failed boot steps.
     pub problems: Vec<String>,
+    /// Addresses the network step configured.
+    pub addresses: Vec<String>,
 }
 
 /// Seconds since the kernel started (first field of /proc/uptime).
@@ -65,6 +67,7 @@ pub fn status(state: &State) -> Status {
         init_version: env!("CARGO_PKG_VERSION").to_string(),
         problems: state.problems.clone(),
         services: crate::services::snapshot(),
+        addresses: state.addresses.clone(),
     }
 }
 
@@ -299,6 +302,7 @@ mod tests {
             kernel: "6.1.0-test".into(),
             ready_secs: Some(2.5),
             problems: problems.iter().map(|s| s.to_string()).collect(),
+            addresses: Vec::new(),
         }
     }
 

@@ -16,6 +16,8 @@ mod error;
 mod exec;
 mod modules;
 mod mounts;
+mod net;
+mod netlink;
 mod reaper;
 mod rootdev;
 mod services;
@@ -25,6 +27,7 @@ mod sysctl;
 
 use error::{Context, Result};
 use kimg_contract::cmdline::KimgArgs;
+use kimg_contract::VmId;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
 use std::path::Path;
@@ -124,6 +127,7 @@ fn stage2() -> ! {
     let args = read_args(&mut problems);
     load_modules(&mut problems);
     let hostname = hostname(&args);
+    let addresses = network(&hostname, &args, &mut problems);
     if let Err(e) = nix::unistd::sethostname(&hostname) {
         problems.add("hostname", format!("sethostname {hostname}: {e}"));
     }
@@ -145,6 +149,7 @@ fn stage2() -> ! {
         kernel,
         ready_secs,
         problems: problems.0,
+        addresses,
     });
     if let Err(e) = agent::start(state, request_poweroff) {
         error!("agent: cannot start its thread: {e}");
@@ -214,10 +219,17 @@ fn load_modules(problems: &mut Problems) {
     }
 }
 
-/// The VM's hostname: `kimg.hostname=` from the command line, else [`DEFAULT_HOSTNAME`].
+/// The VM's hostname: `kimg.hostname=` from the command line, else the VM a kimg
+/// MAC names (see kimg_contract::net), else [`DEFAULT_HOSTNAME`].
 fn hostname(args: &KimgArgs) -> String {
+    hostname_or(args, net::vm_from_nics)
+}
+
+/// [`hostname`] with the MAC lookup passed in (tests have no kimg NICs).
+fn hostname_or(args: &KimgArgs, from_mac: impl FnOnce() -> Option<VmId>) -> String {
     args.hostname
         .clone()
+        .or_else(|| from_mac().map(|vm| vm.hostname()))
         .unwrap_or_else(|| DEFAULT_HOSTNAME.to_string())
 }
 
@@ -238,6 +250,22 @@ fn start_services(hostname: &str, problems: &mut Problems) {
             format!("cannot start the supervisor thread: {e}"),
         );
     }
+}
+
+/// Configures the network of the plan for this VM; returns the addresses set. A
+/// hostname that is no VM (an image booted without kimg) gets loopback only.
+fn network(hostname: &str, args: &KimgArgs, problems: &mut Problems) -> Vec<String> {
+    let Ok(vm) = hostname.parse::<VmId>() else {
+        info!("hostname {hostname} is no kimg VM: no network plan");
+        return Vec::new();
+    };
+    let size = args.size.unwrap_or_default().including(vm);
+    let links = net::wait_for_nics(vm);
+    let (addresses, failed) = net::configure(vm, &size, &links);
+    for f in failed {
+        problems.add("network", f);
+    }
+    addresses
 }
 
 /// Signals PID 1 handles: children, and the three ways to ask for power off.
@@ -309,7 +337,10 @@ mod tests {
     fn hostname_from_cmdline_or_default() {
         let args = KimgArgs::parse("console=ttyS0 kimg.hostname=vm-003");
         assert_eq!(hostname(&args), "vm-003");
-        assert_eq!(hostname(&KimgArgs::parse("quiet")), DEFAULT_HOSTNAME);
+        let none = KimgArgs::parse("quiet");
+        assert_eq!(hostname_or(&none, || None), DEFAULT_HOSTNAME);
+        assert_eq!(hostname_or(&none, || VmId::new(202)), "vm-202");
+        assert_eq!(hostname_or(&args, || VmId::new(202)), "vm-003");
     }
 
     #[test]

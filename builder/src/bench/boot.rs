@@ -101,7 +101,11 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
             image: built.image.clone(),
             nodes: 1,
             routers: 0,
+            testers: 0,
             mem_mb: BENCH_MEM_MB,
+            mem_overrides: Vec::new(),
+            cpus_overrides: Vec::new(),
+            net: Default::default(),
             cpus: 1,
             accel: if accel == Accel::Kvm {
                 AccelChoice::Kvm

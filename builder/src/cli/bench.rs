@@ -4,6 +4,7 @@ use kimg::bench::{self, boot::BenchOptions};
 use kimg::image::{self, BuildOptions};
 use kimg::kernel::KernelSource;
 use kimg::vm::accel::AccelChoice;
+use kimg::vm::network::NetBackend;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,6 +19,32 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 enum Suite {
     Boot(BootArgs),
+    Cluster(ClusterArgs),
+}
+
+/// Cluster start: wall time of `kimg run --nodes 4 --wait` (6 VMs) next to the floor
+/// 6 x one VM's QEMU CPU time to ready / host cores (goal: ratio <= 1.5), QEMU RSS
+/// per idle VM, and a 20-node cluster's time to ready and total RSS.
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// Image built by `kimg build`.
+    #[arg(long, default_value = "out/hd.img")]
+    image: PathBuf,
+    /// Memory per VM in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem: u32,
+    /// Nodes of the big cluster (plus 2 routers).
+    #[arg(long, default_value_t = 20)]
+    big_nodes: u16,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Network backend.
+    #[arg(long, value_enum, default_value_t = NetBackend::User)]
+    net: NetBackend,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `kimg build` with a warm kernel cache (goal <= 10 s), and one VM's boot to ready
@@ -46,7 +73,69 @@ struct BootArgs {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     match a.suite {
         Suite::Boot(b) => boot(b),
+        Suite::Cluster(c) => cluster(c),
     }
+}
+
+fn cluster(a: ClusterArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tempfile::Builder::new()
+        .prefix("kimg-bench-rt-")
+        .tempdir_in("/tmp")?;
+    let opts = bench::cluster::ClusterBenchOptions {
+        image: a.image,
+        mem_mb: a.mem,
+        big_nodes: a.big_nodes,
+        accel: a.accel,
+        net: a.net,
+        runtime: runtime.path().to_path_buf(),
+    };
+    let quiet = a.json;
+    let r = bench::cluster::run(&opts, &|l| {
+        if !quiet {
+            eprintln!("kimg bench: {l}");
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "accelerator, host cores              {}, {}",
+        r.accel.as_str(),
+        r.cores
+    );
+    println!(
+        "1 VM: run --wait to ready            {:6.2} s   (QEMU CPU {:.2} s)",
+        r.single_wall_secs, r.single_cpu_secs
+    );
+    println!(
+        "6 VMs (4 nodes, 2 routers) to ready  {:6.2} s   (floor 6 x CPU / cores = {:.2} s)",
+        r.cluster_wall_secs, r.cluster_floor_secs
+    );
+    println!(
+        "  their QEMU CPU until ready         {:6.2} s   (host load average {:.1})",
+        r.cluster_cpu_secs, r.load_avg
+    );
+    println!(
+        "  their CPU / (6 x single CPU)       {:6.2}     (> 1: parallel boots cost extra CPU)",
+        r.cpu_ratio
+    );
+    println!(
+        "ratio cluster / floor                {:6.2}     (goal <= 1.5)",
+        r.ratio
+    );
+    println!(
+        "QEMU RSS per idle VM                 {:6.0} MB",
+        r.idle_rss_mb
+    );
+    println!(
+        "{} VMs ({} nodes, 2 routers) ready   {:6.2} s   (total QEMU RSS {:.0} MB)",
+        r.big_vms,
+        r.big_vms.saturating_sub(2),
+        r.big_wall_secs,
+        r.big_total_rss_mb
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {

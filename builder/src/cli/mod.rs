@@ -2,8 +2,11 @@
 
 pub mod bench;
 pub mod build;
+pub mod console;
 pub mod exec;
+pub mod logs;
 pub mod run;
+pub mod scale;
 pub mod status;
 pub mod stop;
 

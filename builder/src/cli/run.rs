@@ -3,13 +3,21 @@
 use anyhow::Context;
 use kimg::vm::accel::AccelChoice;
 use kimg::vm::cluster::{self, RunEvent, RunOptions};
+use kimg::vm::network::NetBackend;
+use kimg_contract::VmId;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// Start a cluster of VMs from an image: vm-001.. are nodes, vm-201.. routers.
+/// Start a cluster of VMs from an image: vm-001.. are nodes, vm-201.. routers,
+/// vm-221.. testers.
 ///
-/// Each VM gets its own qcow2 layer over the image (the image is never written), a
+/// Nodes and routers share the cluster network (192.168.1.N, fd00:6b69:0:1::N),
+/// routers and testers the tester network (192.168.2.N, fd00:6b69:0:2::N); nodes and
+/// testers route through vm-201, routers forward. The networks are closed: by
+/// default one vde_switch per network (no root); `--net bridge` (root) uses Linux
+/// bridges and taps inside a network namespace `kimg-NAME`. `kimg status` shows the
+/// plan. Each VM gets its own qcow2 layer over the image (the image is never written), a
 /// serial console logged to a file, and an agent socket that `kimg status`, `kimg
 /// exec` and `kimg stop` use. A running cluster with the same name is stopped first.
 /// KVM is used when it really works here, else TCG.
@@ -27,12 +35,20 @@ pub struct Args {
     /// Number of routers (vm-201..).
     #[arg(long, default_value_t = 2)]
     routers: u16,
-    /// Memory per VM in MiB.
-    #[arg(long, default_value_t = 384)]
-    mem: u32,
-    /// vCPUs per VM.
-    #[arg(long, default_value_t = 1)]
-    cpus: u32,
+    /// Number of testers (vm-221..).
+    #[arg(long, default_value_t = 0)]
+    testers: u16,
+    /// Memory in MiB: for every VM (`--mem 256`) or one VM (`--mem vm-001=1024`);
+    /// repeat to combine.
+    #[arg(long, value_name = "MB|VM=MB", default_value = "384", value_parser = parse_mem)]
+    mem: Vec<PerVm>,
+    /// Network backend: user (vde_switch, no root) or bridge (netns, root).
+    #[arg(long, value_enum, default_value_t = NetBackend::User)]
+    net: NetBackend,
+    /// vCPUs: for every VM (`--cpus 2`) or one VM (`--cpus vm-201=2`); repeat to
+    /// combine.
+    #[arg(long, value_name = "N|VM=N", default_value = "1", value_parser = parse_cpus)]
+    cpus: Vec<PerVm>,
     /// Accelerator.
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     accel: AccelChoice,
@@ -47,15 +63,69 @@ pub struct Args {
     json: bool,
 }
 
+/// One `--mem` or `--cpus` value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PerVm {
+    /// Every VM.
+    All(u32),
+    /// One VM.
+    Vm(VmId, u32),
+}
+
+/// `N` or `VM=N` with N in `range`.
+fn parse_per_vm(
+    s: &str,
+    range: std::ops::RangeInclusive<u32>,
+    what: &str,
+) -> Result<PerVm, String> {
+    let n = |m: &str| {
+        m.parse::<u32>()
+            .ok()
+            .filter(|m| range.contains(m))
+            .ok_or_else(|| format!("{m:?}: {what} from {} to {}", range.start(), range.end()))
+    };
+    match s.split_once('=') {
+        None => Ok(PerVm::All(n(s)?)),
+        Some((vm, m)) => Ok(PerVm::Vm(vm.parse().map_err(|e| format!("{e}"))?, n(m)?)),
+    }
+}
+
+fn parse_mem(s: &str) -> Result<PerVm, String> {
+    parse_per_vm(s, 64..=1 << 20, "memory is a number of MiB")
+}
+
+fn parse_cpus(s: &str) -> Result<PerVm, String> {
+    parse_per_vm(s, 1..=64, "vCPUs are a number")
+}
+
+/// The value for every VM and the per-VM ones, last word wins.
+fn split(args: &[PerVm], default: u32) -> (u32, Vec<(VmId, u32)>) {
+    let mut all = default;
+    let mut per = Vec::new();
+    for a in args {
+        match *a {
+            PerVm::All(n) => all = n,
+            PerVm::Vm(vm, n) => per.push((vm, n)),
+        }
+    }
+    (all, per)
+}
+
 /// Runs `kimg run`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let (mem_mb, mem_overrides) = split(&a.mem, 384);
+    let (cpus, cpus_overrides) = split(&a.cpus, 1);
     let opts = RunOptions {
         name: a.name.clone(),
         image: a.image,
         nodes: a.nodes,
         routers: a.routers,
-        mem_mb: a.mem,
-        cpus: a.cpus,
+        testers: a.testers,
+        mem_overrides,
+        net: a.net,
+        mem_mb,
+        cpus,
+        cpus_overrides,
         accel: a.accel,
         wait: a.wait.map(Duration::from_secs),
     };
@@ -94,4 +164,23 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_for_all_or_one_vm() {
+        let vm1 = VmId::new(1).unwrap();
+        assert_eq!(parse_mem("256"), Ok(PerVm::All(256)));
+        assert_eq!(parse_mem("vm-001=1024"), Ok(PerVm::Vm(vm1, 1024)));
+        for bad in ["", "12", "x=256", "vm-001=", "vm-001=lots"] {
+            assert!(parse_mem(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_cpus("1=2"), Ok(PerVm::Vm(vm1, 2)));
+        assert!(parse_cpus("0").is_err());
+        let (all, per) = split(&[PerVm::Vm(vm1, 2), PerVm::All(4)], 1);
+        assert_eq!((all, per), (4, vec![(vm1, 2)]));
+    }
 }

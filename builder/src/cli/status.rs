@@ -3,8 +3,9 @@
 use kimg::vm::cluster;
 use std::process::ExitCode;
 
-/// Show each VM of a cluster: role, state (booting, ready, degraded, dead), uptime
-/// and problems. A dead VM shows its last console lines.
+/// Show each VM of a cluster: role, state (booting, ready, degraded, dead),
+/// addresses, uptime and problems, under the cluster's network plan. A dead VM shows
+/// its last console lines.
 #[derive(clap::Args)]
 pub struct Args {
     /// Cluster name.
@@ -19,7 +20,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let (state, vms) = cluster::status(&a.name)?;
     if a.json {
-        let out = serde_json::json!({ "name": state.name, "image": state.image, "accel": state.accel, "vms": vms });
+        let out = serde_json::json!({ "name": state.name, "image": state.image, "accel": state.accel, "net": state.net, "size": state.size, "plan": kimg_contract::net::describe(&state.size), "vms": vms });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -29,9 +30,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         state.accel.as_str(),
         state.image.display()
     );
+    for line in kimg_contract::net::describe(&state.size) {
+        println!("  {line}");
+    }
     println!(
-        "{:<8} {:<8} {:<9} {:>8}  PROBLEMS",
-        "VM", "ROLE", "STATE", "UPTIME"
+        "{:<8} {:<8} {:<9} {:>8}  {:<44} PROBLEMS",
+        "VM", "ROLE", "STATE", "UPTIME", "ADDRESSES"
     );
     for v in &vms {
         let uptime = v
@@ -42,9 +46,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             .agent
             .as_ref()
             .map_or(String::new(), |a| a.problems.join("; "));
+        let addresses = v
+            .agent
+            .as_ref()
+            .map_or(String::new(), |a| a.addresses.join(" "));
         println!(
-            "{:<8} {:<8} {:<9} {:>8}  {}",
-            v.vm, v.role, v.state, uptime, problems
+            "{:<8} {:<8} {:<9} {:>8}  {:<44} {}",
+            v.vm, v.role, v.state, uptime, addresses, problems
         );
         for l in &v.last_console {
             println!("         | {l}");

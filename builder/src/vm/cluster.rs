@@ -8,11 +8,13 @@
 
 use super::accel::{self, Accel, AccelChoice};
 use super::agent::{self, AgentError};
+use super::network::{self, NetBackend, NetworkError};
 use super::qemu::{self, VmPaths, VmSpec};
 use crate::cmd::{self, CmdError};
 use kimg_contract::agent::{BootState, ExecResult, Op, Reply, Status};
-use kimg_contract::cmdline::with_hostname;
+use kimg_contract::cmdline::{with_hostname, with_size};
 use kimg_contract::manifest::Manifest;
+use kimg_contract::net::ClusterSize;
 use kimg_contract::{Role, VmId};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
@@ -84,6 +86,9 @@ pub enum ClusterError {
     /// Reading the image's ESP failed.
     #[error(transparent)]
     Disk(#[from] crate::disk::DiskError),
+    /// Creating or removing the cluster's networks failed.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     /// A file in the cluster directory could not be handled.
     #[error("{path}: {source}")]
     Io {
@@ -149,6 +154,12 @@ pub struct ClusterState {
     pub started: u64,
     /// The VMs.
     pub vms: Vec<VmRecord>,
+    /// Size the VMs were told (kimg.nodes/routers/testers) for their /etc/hosts.
+    #[serde(default)]
+    pub size: ClusterSize,
+    /// How the VMs are connected.
+    #[serde(default)]
+    pub net: NetBackend,
 }
 
 /// One VM of a cluster.
@@ -175,8 +186,16 @@ pub struct RunOptions {
     pub nodes: u16,
     /// Number of routers (vm-201..).
     pub routers: u16,
+    /// Number of testers (vm-221..).
+    pub testers: u16,
     /// Memory per VM in MiB.
     pub mem_mb: u32,
+    /// Memory of particular VMs in MiB (`--mem vm-001=1024`).
+    pub mem_overrides: Vec<(VmId, u32)>,
+    /// vCPUs of particular VMs (`--cpus vm-201=2`).
+    pub cpus_overrides: Vec<(VmId, u32)>,
+    /// Network backend.
+    pub net: NetBackend,
     /// vCPUs per VM.
     pub cpus: u32,
     /// Accelerator choice.
@@ -199,15 +218,8 @@ pub enum RunEvent {
 }
 
 /// The VM ids a cluster of this size has, in order.
-pub fn vm_ids(nodes: u16, routers: u16) -> Result<Vec<VmId>, String> {
-    let mut ids = Vec::new();
-    for (role, count) in [(Role::Node, nodes), (Role::Router, routers)] {
-        if count > role.capacity() {
-            return Err(format!("at most {} {role}s", role.capacity()));
-        }
-        let first = role.first().unwrap_or(1);
-        ids.extend((0..count).filter_map(|i| VmId::new(first + i)));
-    }
+pub fn vm_ids(size: &ClusterSize) -> Result<Vec<VmId>, String> {
+    let ids = size.members()?;
     if ids.is_empty() {
         return Err("a cluster needs at least one VM".into());
     }
@@ -246,7 +258,12 @@ pub fn run(
     on_event: &(dyn Fn(RunEvent) + Sync),
 ) -> Result<ClusterState, ClusterError> {
     let dir = cluster_dir(&opts.name)?;
-    let ids = vm_ids(opts.nodes, opts.routers).map_err(|why| ClusterError::Image {
+    let size = ClusterSize {
+        nodes: opts.nodes,
+        routers: opts.routers,
+        testers: opts.testers,
+    };
+    let ids = vm_ids(&size).map_err(|why| ClusterError::Image {
         path: opts.image.clone(),
         why,
     })?;
@@ -262,7 +279,7 @@ pub fn run(
     }
     // Sockets and files of the cluster are the user's alone (agent socket 0600).
     let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let result = start(opts, &dir, &image, &manifest, &ids, on_event);
+    let result = start(opts, &dir, &image, &manifest, &ids, size, on_event);
     nix::sys::stat::umask(old_umask);
     let state = match result {
         Ok(state) => state,
@@ -284,6 +301,7 @@ fn start(
     image: &Path,
     manifest: &Manifest,
     ids: &[VmId],
+    size: ClusterSize,
     on_event: &(dyn Fn(RunEvent) + Sync),
 ) -> Result<ClusterState, ClusterError> {
     let boot = dir.join("boot");
@@ -306,19 +324,58 @@ fn start(
             .iter()
             .map(|&vm| VmRecord {
                 vm,
-                mem_mb: opts.mem_mb,
-                cpus: opts.cpus,
+                mem_mb: opts
+                    .mem_overrides
+                    .iter()
+                    .rev()
+                    .find(|(v, _)| *v == vm)
+                    .map_or(opts.mem_mb, |(_, m)| *m),
+                cpus: opts
+                    .cpus_overrides
+                    .iter()
+                    .rev()
+                    .find(|(v, _)| *v == vm)
+                    .map_or(opts.cpus, |(_, c)| *c),
             })
             .collect(),
+        size,
+        net: opts.net,
     };
-    let state_path = dir.join(STATE_FILE);
-    let json = serde_json::to_string_pretty(&state).unwrap_or_default();
-    fs::write(&state_path, json).map_err(io_err(&state_path))?;
+    save(dir, &state)?;
+    network::create(state.net, &state.name, dir)?;
+    start_vms(
+        dir,
+        &state,
+        &state.vms,
+        &files,
+        &manifest.kernel.cmdline,
+        on_event,
+    )?;
+    Ok(state)
+}
 
-    // All VMs start in parallel; the first failure is reported.
+/// Writes `cluster.json` whole (temporary file, then rename).
+fn save(dir: &Path, state: &ClusterState) -> Result<(), ClusterError> {
+    let state_path = dir.join(STATE_FILE);
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let json = serde_json::to_string_pretty(state).unwrap_or_default();
+    fs::write(&tmp, json).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &state_path).map_err(io_err(&state_path))
+}
+
+/// Starts `vms` of the cluster in parallel; the first failure is reported.
+fn start_vms(
+    dir: &Path,
+    state: &ClusterState,
+    vms: &[VmRecord],
+    files: &[PathBuf],
+    base_cmdline: &str,
+    on_event: &(dyn Fn(RunEvent) + Sync),
+) -> Result<(), ClusterError> {
+    let image = state.image.as_path();
+    let accel = state.accel;
     std::thread::scope(|s| {
-        let handles: Vec<_> = state
-            .vms
+        let handles: Vec<_> = vms
             .iter()
             .map(|rec| {
                 let spec = VmSpec {
@@ -328,10 +385,17 @@ fn start(
                     accel,
                     kernel: files[0].clone(),
                     initrd: files[1].clone(),
-                    cmdline: with_hostname(&manifest.kernel.cmdline, &rec.vm.hostname()),
+                    // no_timer_check: under TCG on a busy host the kernel's IO-APIC
+                    // timer check can miss ticks and panic ("IO-APIC + timer doesn't
+                    // work!"), seen when many VMs boot at once on 2 cores.
+                    cmdline: with_size(
+                        &with_hostname(base_cmdline, &rec.vm.hostname()),
+                        &state.size,
+                    ) + " no_timer_check",
                 };
                 s.spawn(move || {
-                    start_vm(dir, image, &spec).map(|()| on_event(RunEvent::Started(spec.vm)))
+                    start_vm(dir, image, &spec, state)
+                        .map(|()| on_event(RunEvent::Started(spec.vm)))
                 })
             })
             .collect();
@@ -343,10 +407,15 @@ fn start(
             })
             .collect::<Result<Vec<()>, _>>()
     })?;
-    Ok(state)
+    Ok(())
 }
 
-fn start_vm(dir: &Path, image: &Path, spec: &VmSpec) -> Result<(), ClusterError> {
+fn start_vm(
+    dir: &Path,
+    image: &Path,
+    spec: &VmSpec,
+    state: &ClusterState,
+) -> Result<(), ClusterError> {
     let paths = VmPaths::new(dir, spec.vm);
     fs::create_dir_all(&paths.dir).map_err(io_err(&paths.dir))?;
     cmd::run(
@@ -355,7 +424,9 @@ fn start_vm(dir: &Path, image: &Path, spec: &VmSpec) -> Result<(), ClusterError>
             .arg(image)
             .arg(paths.disk()),
     )?;
-    cmd::run(&mut qemu::command(spec, &paths))?;
+    let mut qemu = qemu::command(spec, &paths);
+    qemu.args(network::attach(state.net, &state.name, dir, spec.vm)?);
+    cmd::run(&mut network::wrap(state.net, &state.name, qemu))?;
     // QEMU's -daemonize sets umask 027 before creating the sockets: tighten them.
     for sock in [paths.agent(), paths.console()] {
         fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).map_err(io_err(&sock))?;
@@ -384,7 +455,18 @@ pub fn qemu_pid(paths: &VmPaths) -> Option<Pid> {
         .ok()?;
     // Guard against pid reuse: the process must still be a QEMU.
     let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    comm.starts_with("qemu").then_some(Pid::from_raw(pid))
+    (comm.starts_with("qemu") && alive(pid)).then_some(Pid::from_raw(pid))
+}
+
+/// Whether process `pid` exists and is not a zombie (a killed daemon whose parent,
+/// e.g. a container's PID 1, does not reap keeps its /proc entry).
+pub fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest.trim_start());
+        !(state.starts_with('Z') || state.starts_with('X'))
+    })
 }
 
 /// The last `n` lines of a VM's console log.
@@ -575,6 +657,14 @@ fn stop_locked(name: &str, dir: &Path, grace: Duration) -> Result<StopReport, Cl
             })
             .unwrap_or_default(),
     };
+    let report = stop_vms(dir, &vms, grace);
+    network::destroy(name, dir)?;
+    fs::remove_dir_all(dir).map_err(io_err(dir))?;
+    Ok(report)
+}
+
+/// Powers `vms` off through their agents, kills what still runs after `grace`.
+fn stop_vms(dir: &Path, vms: &[VmId], grace: Duration) -> StopReport {
     let mut report = StopReport {
         graceful: Vec::new(),
         killed: Vec::new(),
@@ -605,7 +695,107 @@ fn stop_locked(name: &str, dir: &Path, grace: Duration) -> Result<StopReport, Cl
             report.graceful.push(vm);
         }
     }
-    fs::remove_dir_all(dir).map_err(io_err(dir))?;
+    report
+}
+
+/// The files of `vm` in cluster `name`, if it is a member.
+pub fn vm_paths(name: &str, vm: VmId) -> Result<VmPaths, ClusterError> {
+    let (dir, state) = load(name)?;
+    if !state.vms.iter().any(|r| r.vm == vm) {
+        return Err(ClusterError::NoSuchVm {
+            name: name.to_string(),
+            vm,
+        });
+    }
+    Ok(VmPaths::new(&dir, vm))
+}
+
+/// Adds VMs to a running cluster, like the others (memory and cpus of the first
+/// VM); with `wait`, until they report ready. The size the new VMs are told grows to
+/// include them; VMs already running keep their /etc/hosts.
+pub fn scaleout(
+    name: &str,
+    vms: &[VmId],
+    wait: Option<Duration>,
+    on_event: &(dyn Fn(RunEvent) + Sync),
+) -> Result<ClusterState, ClusterError> {
+    let _lock = lock(name)?;
+    let (dir, mut state) = load(name)?;
+    let mut added = Vec::new();
+    for &vm in vms {
+        if vm.role() == Role::Reserved || vm.number() > 255 {
+            return Err(ClusterError::Image {
+                path: state.image.clone(),
+                why: format!("{vm} has no role in the role table (nodes vm-001.., routers vm-201.., testers vm-221..)"),
+            });
+        }
+        if state.vms.iter().any(|r| r.vm == vm) || added.iter().any(|r: &VmRecord| r.vm == vm) {
+            continue;
+        }
+        let like = state.vms.first();
+        added.push(VmRecord {
+            vm,
+            mem_mb: like.map_or(384, |r| r.mem_mb),
+            cpus: like.map_or(1, |r| r.cpus),
+        });
+        state.size = state.size.including(vm);
+    }
+    let manifest = read_manifest(&state.image)?;
+    let boot = dir.join("boot");
+    let files: Vec<PathBuf> = [&manifest.kernel.esp_kernel, &manifest.kernel.esp_initrd]
+        .iter()
+        .map(|p| boot.join(Path::new(p.as_str()).file_name().unwrap_or_default()))
+        .collect();
+    let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let result = start_vms(
+        &dir,
+        &state,
+        &added,
+        &files,
+        &manifest.kernel.cmdline,
+        on_event,
+    );
+    nix::sys::stat::umask(old_umask);
+    // Whatever started is part of the cluster now (so that stop finds it).
+    let started: Vec<VmRecord> = added
+        .into_iter()
+        .filter(|r| qemu_pid(&VmPaths::new(&dir, r.vm)).is_some())
+        .collect();
+    state.vms.extend(started.iter().cloned());
+    state.vms.sort_by_key(|r| r.vm);
+    save(&dir, &state)?;
+    result?;
+    if let Some(limit) = wait {
+        let only = ClusterState {
+            vms: started,
+            ..state.clone()
+        };
+        wait_ready(&dir, &only, limit, on_event)?;
+    }
+    Ok(state)
+}
+
+/// Removes VMs from a running cluster: agent poweroff, then SIGKILL after `grace`;
+/// their files (and taps) go too.
+pub fn scalein(name: &str, vms: &[VmId], grace: Duration) -> Result<StopReport, ClusterError> {
+    let _lock = lock(name)?;
+    let (dir, mut state) = load(name)?;
+    for &vm in vms {
+        if !state.vms.iter().any(|r| r.vm == vm) {
+            return Err(ClusterError::NoSuchVm {
+                name: name.to_string(),
+                vm,
+            });
+        }
+    }
+    let report = stop_vms(&dir, vms, grace);
+    for &vm in vms {
+        network::detach(state.net, name, vm);
+        let paths = VmPaths::new(&dir, vm);
+        fs::remove_dir_all(&paths.dir).map_err(io_err(&paths.dir))?;
+    }
+    state.vms.retain(|r| !vms.contains(&r.vm));
+    save(&dir, &state)?;
     Ok(report)
 }
 
@@ -615,11 +805,16 @@ mod tests {
 
     #[test]
     fn ids_follow_the_role_table() {
-        let ids = vm_ids(2, 1).unwrap();
+        let size = |nodes, routers, testers| ClusterSize {
+            nodes,
+            routers,
+            testers,
+        };
+        let ids = vm_ids(&size(2, 1, 1)).unwrap();
         let names: Vec<_> = ids.iter().map(|v| v.hostname()).collect();
-        assert_eq!(names, ["vm-001", "vm-002", "vm-201"]);
-        assert!(vm_ids(0, 0).is_err());
-        assert!(vm_ids(201, 0).is_err());
+        assert_eq!(names, ["vm-001", "vm-002", "vm-201", "vm-221"]);
+        assert!(vm_ids(&size(0, 0, 0)).is_err());
+        assert!(vm_ids(&size(201, 0, 0)).is_err());
     }
 
     #[test]

@@ -4,4 +4,5 @@
 pub mod accel;
 pub mod agent;
 pub mod cluster;
+pub mod network;
 pub mod qemu;
