@@ -279,6 +279,7 @@ fn stage_modules(dir: &Path, inp: &RootfsInputs) -> Result<(), RootfsError> {
         }
     }
     write(&dest, "modules.dep", &inp.modules.modules_dep(), 0o644)?;
+    write(&dest, "modules.alias", &inp.modules.modules_alias(), 0o644)?;
     let mut list = String::new();
     for m in inp.stage2_modules {
         list.push_str(&m.to_string_lossy());

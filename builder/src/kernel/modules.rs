@@ -51,6 +51,8 @@ pub struct ModInfo {
     pub name: Option<String>,
     /// `depends=`, split on commas, normalized, empties dropped.
     pub depends: Vec<String>,
+    /// Every `alias=` (device ids, `fs-overlay`, `nfnetlink-subsys-10`, ...), in order.
+    pub aliases: Vec<String>,
 }
 
 /// Parses `.modinfo` content: NUL-separated `key=value` strings. Never panics; strings
@@ -69,6 +71,7 @@ pub fn parse_modinfo(bytes: &[u8]) -> ModInfo {
             b"name" if info.name.is_none() && !value.is_empty() => {
                 info.name = Some(normalize(&value));
             }
+            b"alias" if !value.is_empty() => info.aliases.push(value.into_owned()),
             b"depends" if !seen_depends => {
                 seen_depends = true;
                 info.depends = value
@@ -98,6 +101,8 @@ pub struct Module {
     pub rel_path: PathBuf,
     /// Names of the modules it needs loaded first, sorted.
     pub depends: Vec<String>,
+    /// Its aliases (what the kernel asks modprobe for when it wants this module).
+    pub aliases: Vec<String>,
 }
 
 /// All modules of one kernel (`lib/modules/<version>`).
@@ -153,6 +158,19 @@ impl ModuleIndex {
             modules,
             builtin,
         })
+    }
+
+    /// The content of a `modules.alias` in depmod's format (`alias PATTERN NAME`), so
+    /// that the kernel's on-demand requests (`nfnetlink-subsys-10`, `fs-overlay`,
+    /// `net-pf-*`) resolve through busybox modprobe. Sorted by module, then alias.
+    pub fn modules_alias(&self) -> String {
+        let mut out = String::from("# Aliases extracted from modules themselves.\n");
+        for m in self.modules.values() {
+            for a in &m.aliases {
+                out.push_str(&format!("alias {a} {}\n", m.name));
+            }
+        }
+        out
     }
 
     /// The module file named `name` (`-` and `_` alike).
@@ -341,6 +359,7 @@ fn read_module(modules_dir: &Path, path: &Path) -> Result<Module, ModuleError> {
         name: info.name.unwrap_or(fallback),
         rel_path: path.strip_prefix(modules_dir).unwrap_or(path).to_path_buf(),
         depends,
+        aliases: info.aliases,
     })
 }
 
@@ -433,6 +452,29 @@ pub(crate) mod tests {
             format!("license=GPL\0depends={depends}\0retpoline=Y\0name={name}\0vermagic=6.1\0")
                 .as_bytes(),
         )
+    }
+
+    #[test]
+    fn aliases_are_collected_and_written_in_depmod_format() {
+        let info = parse_modinfo(
+            b"alias=nfnetlink-subsys-10\0name=nf_tables\0alias=nft-expr-x\0depends=nfnetlink\0",
+        );
+        assert_eq!(info.aliases, ["nfnetlink-subsys-10", "nft-expr-x"]);
+        let m = Module {
+            name: "nf_tables".into(),
+            rel_path: "kernel/net/netfilter/nf_tables.ko".into(),
+            depends: info.depends,
+            aliases: info.aliases,
+        };
+        let index = ModuleIndex {
+            dir: PathBuf::new(),
+            modules: [(m.name.clone(), m)].into(),
+            builtin: BTreeSet::new(),
+        };
+        assert_eq!(
+            index.modules_alias(),
+            "# Aliases extracted from modules themselves.\nalias nfnetlink-subsys-10 nf_tables\nalias nft-expr-x nf_tables\n"
+        );
     }
 
     #[test]
