@@ -29,6 +29,9 @@ pub const STAGE1_MODULES: &[&str] = &[
 pub const STAGE2_MODULES: &[&str] = &["virtio_net", "virtio_rng"];
 /// Marker file that tells kimg-init it runs from the initramfs.
 const INITRAMFS_MARKER: &str = "etc/kimg/initramfs";
+/// systemd-boot (Debian's systemd-boot-efi), copied to the ESP so the image boots
+/// on its own under UEFI with the loader entry below.
+pub const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 /// Default virtual disk size.
 pub const DEFAULT_SIZE: u64 = 2 << 30;
 
@@ -137,6 +140,11 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
             &opts.busybox,
             "apt-get install busybox-static or pass --busybox",
         ),
+        (
+            "systemd-boot",
+            &PathBuf::from(SYSTEMD_BOOT),
+            "apt-get install systemd-boot-efi (the image's UEFI boot loader)",
+        ),
     ] {
         if !path.is_file() {
             return Err(BuildError::Missing {
@@ -243,6 +251,10 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
         (cmdline::ESP_INITRD.to_string(), initrd_path.clone()),
         ("loader/entries/kimg.conf".to_string(), entry),
         ("loader/loader.conf".to_string(), loader),
+        (
+            cmdline::ESP_BOOTLOADER.to_string(),
+            PathBuf::from(SYSTEMD_BOOT),
+        ),
     ];
 
     let mut head = vec![
@@ -259,6 +271,12 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
             None,
         )?,
     ];
+    head.push(component(
+        "systemd-boot",
+        Path::new(SYSTEMD_BOOT),
+        &format!("esp:/{}", cmdline::ESP_BOOTLOADER),
+        None,
+    )?);
     head.append(&mut components);
     let components = head;
     // Every id on the disk derives from the inputs: same inputs, same bytes.
@@ -298,6 +316,7 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
         disk_size: opts.size,
         partitions,
         components,
+        build_time: mtime,
     };
     let json_tmp = tmp.path().join("manifest.json");
     let json = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";

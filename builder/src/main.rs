@@ -29,6 +29,9 @@ enum Command {
     Exec(cli::exec::Args),
     Stop(cli::stop::Args),
     Bench(cli::bench::Args),
+    Publish(cli::publish::Args),
+    Fetch(cli::fetch::Args),
+    Images(cli::images::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,9 @@ fn main() -> ExitCode {
         Command::Exec(a) => cli::exec::run(a),
         Command::Stop(a) => cli::stop::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Publish(a) => cli::publish::run(a),
+        Command::Fetch(a) => cli::fetch::run(a),
+        Command::Images(a) => cli::images::run(a),
     };
     match result {
         Ok(code) => code,

@@ -19,6 +19,7 @@ mod mounts;
 mod reaper;
 mod rootdev;
 mod shutdown;
+mod smbios;
 mod switchroot;
 
 use error::{Context, Result};
@@ -208,10 +209,12 @@ fn load_modules(problems: &mut Problems) {
     }
 }
 
-/// The VM's hostname: `kimg.hostname=` from the command line, else [`DEFAULT_HOSTNAME`].
+/// The VM's hostname: `kimg.hostname=` from the command line, else from an SMBIOS OEM
+/// string (UEFI boots have no launcher command line), else [`DEFAULT_HOSTNAME`].
 fn hostname(args: &KimgArgs) -> String {
     args.hostname
         .clone()
+        .or_else(smbios::hostname)
         .unwrap_or_else(|| DEFAULT_HOSTNAME.to_string())
 }
 

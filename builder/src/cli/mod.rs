@@ -3,6 +3,9 @@
 pub mod bench;
 pub mod build;
 pub mod exec;
+pub mod fetch;
+pub mod images;
+pub mod publish;
 pub mod run;
 pub mod status;
 pub mod stop;

@@ -183,6 +183,8 @@ pub struct RunOptions {
     pub accel: AccelChoice,
     /// Wait for every VM to report ready, at most this long.
     pub wait: Option<Duration>,
+    /// Boot through UEFI (OVMF) from the image's ESP instead of direct kernel boot.
+    pub uefi: bool,
 }
 
 /// Progress events of `run`, for the CLI to print.
@@ -329,6 +331,7 @@ fn start(
                     kernel: files[0].clone(),
                     initrd: files[1].clone(),
                     cmdline: with_hostname(&manifest.kernel.cmdline, &rec.vm.hostname()),
+                    uefi: opts.uefi,
                 };
                 s.spawn(move || {
                     start_vm(dir, image, &spec).map(|()| on_event(RunEvent::Started(spec.vm)))
@@ -355,6 +358,17 @@ fn start_vm(dir: &Path, image: &Path, spec: &VmSpec) -> Result<(), ClusterError>
             .arg(image)
             .arg(paths.disk()),
     )?;
+    if spec.uefi {
+        // UEFI writes its variables: every VM gets its own store.
+        let vars = paths.efi_vars();
+        fs::copy(qemu::OVMF_VARS, &vars).map_err(|source| ClusterError::Io {
+            path: PathBuf::from(qemu::OVMF_VARS),
+            source: io::Error::new(
+                source.kind(),
+                format!("{source} (--uefi needs OVMF: apt-get install ovmf)"),
+            ),
+        })?;
+    }
     cmd::run(&mut qemu::command(spec, &paths))?;
     // QEMU's -daemonize sets umask 027 before creating the sockets: tighten them.
     for sock in [paths.agent(), paths.console()] {
