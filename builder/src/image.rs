@@ -275,7 +275,7 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
         "systemd-boot",
         Path::new(SYSTEMD_BOOT),
         &format!("esp:/{}", cmdline::ESP_BOOTLOADER),
-        None,
+        deb_version("systemd-boot-efi"),
     )?);
     head.append(&mut components);
     let components = head;
@@ -353,6 +353,18 @@ fn check_config(kernel: &Kernel) -> Result<String, BuildError> {
         });
     }
     Ok(file_sha256(path).map_err(io_err(path))?.0)
+}
+
+/// The installed version of a Debian package, if dpkg knows it (for the manifest).
+fn deb_version(package: &str) -> Option<String> {
+    crate::cmd::run_stdout(
+        std::process::Command::new("dpkg-query")
+            .args(["-W", "-f=${Version}"])
+            .arg(package),
+    )
+    .ok()
+    .map(|v| v.trim().to_string())
+    .filter(|v| !v.is_empty())
 }
 
 /// `a/b.ko.xz` -> `a/b.ko`: stage 1 loads plain modules with finit_module.

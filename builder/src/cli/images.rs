@@ -23,8 +23,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<16} {:>10}  {:<16} {:<24} {}",
-        "NAME", "SIZE", "SHA256", "KERNEL", "FETCHED (UTC)"
+        "{:<16} {:>10}  {:<16} {:<24} FETCHED (UTC)",
+        "NAME", "SIZE", "SHA256", "KERNEL"
     );
     for i in images {
         println!(
