@@ -33,7 +33,11 @@ pub fn hostname_in(dir: &Path) -> Option<String> {
 /// The strings of one raw SMBIOS structure: after the formatted area (its length is
 /// byte 1), NUL-terminated strings up to an empty one.
 pub fn oem_strings(raw: &[u8]) -> Vec<String> {
+    // Every structure has at least the 4-byte header (type, length, handle).
     let len = raw.get(1).map_or(0, |&l| usize::from(l));
+    if len < 4 {
+        return Vec::new();
+    }
     raw.get(len..)
         .unwrap_or_default()
         .split(|&b| b == 0)
@@ -94,6 +98,7 @@ mod tests {
         .unwrap();
         assert_eq!(hostname_in(dir.path()), None);
         assert!(oem_strings(&[11]).is_empty());
+        assert!(oem_strings(&[11, 2, 0, b'x', 0, 0]).is_empty());
         assert!(oem_strings(&[11, 200, 0]).is_empty());
     }
 }
