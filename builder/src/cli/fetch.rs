@@ -9,10 +9,8 @@ use std::process::ExitCode;
 /// SRC is a path or an http(s) URL of NAME.img.xz or NAME.img.zst (from `kimg
 /// publish`); NAME.json must be beside it. The sha256 comes from --sha256 or from
 /// SRC.sha256; a mismatch is an error and caches nothing. An interrupted download
-/// resumes where it stopped when run again (if the server supports ranges). Then:
-///
-///   kimg images                  # what is cached
-///   kimg run --image NAME        # boot it
+/// resumes where it stopped when run again (if the server supports ranges). Then
+/// `kimg images` lists what is cached and `kimg run --image NAME` boots it.
 #[derive(clap::Args)]
 pub struct Args {
     /// Path or http(s) URL of NAME.img.xz / NAME.img.zst.
