@@ -44,6 +44,9 @@ pub const K8S_MODULES: &[&str] = &[
 ];
 /// Marker file that tells kimg-init it runs from the initramfs.
 const INITRAMFS_MARKER: &str = "etc/kimg/initramfs";
+/// systemd-boot (Debian's systemd-boot-efi), copied to the ESP so the image boots
+/// on its own under UEFI with the loader entry below.
+pub const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 /// Default virtual disk size.
 pub const DEFAULT_SIZE: u64 = 2 << 30;
 
@@ -166,6 +169,11 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
             "busybox",
             &opts.busybox,
             "apt-get install busybox-static or pass --busybox",
+        ),
+        (
+            "systemd-boot",
+            &PathBuf::from(SYSTEMD_BOOT),
+            "apt-get install systemd-boot-efi (the image's UEFI boot loader)",
         ),
     ] {
         if !path.is_file() {
@@ -294,6 +302,10 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
         (cmdline::ESP_INITRD.to_string(), initrd_path.clone()),
         ("loader/entries/kimg.conf".to_string(), entry),
         ("loader/loader.conf".to_string(), loader),
+        (
+            cmdline::ESP_BOOTLOADER.to_string(),
+            PathBuf::from(SYSTEMD_BOOT),
+        ),
     ];
 
     let mut head = vec![
@@ -310,6 +322,12 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
             None,
         )?,
     ];
+    head.push(component(
+        "systemd-boot",
+        Path::new(SYSTEMD_BOOT),
+        &format!("esp:/{}", cmdline::ESP_BOOTLOADER),
+        deb_version("systemd-boot-efi"),
+    )?);
     head.append(&mut components);
     let components = head;
     // Every id on the disk derives from the inputs: same inputs, same bytes.
@@ -349,6 +367,7 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
         disk_size: opts.size,
         partitions,
         components,
+        build_time: mtime,
     };
     let json_tmp = tmp.path().join("manifest.json");
     let json = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
@@ -385,6 +404,18 @@ fn check_config(kernel: &Kernel) -> Result<String, BuildError> {
         });
     }
     Ok(file_sha256(path).map_err(io_err(path))?.0)
+}
+
+/// The installed version of a Debian package, if dpkg knows it (for the manifest).
+fn deb_version(package: &str) -> Option<String> {
+    crate::cmd::run_stdout(
+        std::process::Command::new("dpkg-query")
+            .args(["-W", "-f=${Version}"])
+            .arg(package),
+    )
+    .ok()
+    .map(|v| v.trim().to_string())
+    .filter(|v| !v.is_empty())
 }
 
 /// `a/b.ko.xz` -> `a/b.ko`: stage 1 loads plain modules with finit_module.

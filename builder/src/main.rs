@@ -33,6 +33,9 @@ enum Command {
     Logs(cli::logs::Args),
     Scaleout(cli::scale::OutArgs),
     Scalein(cli::scale::InArgs),
+    Publish(cli::publish::Args),
+    Fetch(cli::fetch::Args),
+    Images(cli::images::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,9 @@ fn main() -> ExitCode {
         Command::Logs(a) => cli::logs::run(a),
         Command::Scaleout(a) => cli::scale::run_out(a),
         Command::Scalein(a) => cli::scale::run_in(a),
+        Command::Publish(a) => cli::publish::run(a),
+        Command::Fetch(a) => cli::fetch::run(a),
+        Command::Images(a) => cli::images::run(a),
     };
     match result {
         Ok(code) => code,

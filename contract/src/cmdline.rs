@@ -11,6 +11,9 @@ pub const ESP_PARTLABEL: &str = "kimg-esp";
 pub const ESP_KERNEL: &str = "kimg/vmlinuz";
 /// Path of the initramfs on the ESP.
 pub const ESP_INITRD: &str = "kimg/initrd.img";
+/// Path of the boot loader on the ESP: the removable-media default that UEFI firmware
+/// starts when it has no boot entries (systemd-boot, which reads `loader/`).
+pub const ESP_BOOTLOADER: &str = "EFI/BOOT/BOOTX64.EFI";
 /// Kernel command line key carrying the VM's hostname.
 pub const KEY_HOSTNAME: &str = "kimg.hostname";
 /// Kernel command line key naming the root partition: `PARTLABEL=..` or `PARTUUID=..`.

@@ -25,6 +25,10 @@ pub struct Manifest {
     pub partitions: Vec<Partition>,
     /// Every input that went into the image, with its digest.
     pub components: Vec<Component>,
+    /// Build time, seconds since the epoch: SOURCE_DATE_EPOCH (so the same inputs
+    /// give the same manifest). 0 in manifests written before this field existed.
+    #[serde(default)]
+    pub build_time: u64,
 }
 
 /// The kernel inside the image.
@@ -122,6 +126,7 @@ mod tests {
                 size: 10,
                 sha256: "ab".repeat(32),
             }],
+            build_time: 1_700_000_000,
         }
     }
 
@@ -134,6 +139,14 @@ mod tests {
         assert_eq!(back.component("busybox").unwrap().path, "/usr/bin/busybox");
         assert!(back.partition("kimg-root").is_some());
         assert!(back.partition("nope").is_none());
+    }
+
+    #[test]
+    fn build_time_defaults_to_zero_in_older_manifests() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v.as_object_mut().unwrap().remove("build_time");
+        let m: Manifest = serde_json::from_value(v).unwrap();
+        assert_eq!(m.build_time, 0);
     }
 
     #[test]

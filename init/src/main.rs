@@ -22,6 +22,7 @@ mod reaper;
 mod rootdev;
 mod services;
 mod shutdown;
+mod smbios;
 mod switchroot;
 mod sysctl;
 
@@ -219,8 +220,9 @@ fn load_modules(problems: &mut Problems) {
     }
 }
 
-/// The VM's hostname: `kimg.hostname=` from the command line, else the VM a kimg
-/// MAC names (see kimg_contract::net), else [`DEFAULT_HOSTNAME`].
+/// The VM's hostname: `kimg.hostname=` from the command line, else from an SMBIOS OEM
+/// string (UEFI boots have no launcher command line), else the VM a kimg MAC names
+/// (see kimg_contract::net), else [`DEFAULT_HOSTNAME`].
 fn hostname(args: &KimgArgs) -> String {
     hostname_or(args, net::vm_from_nics)
 }
@@ -229,6 +231,7 @@ fn hostname(args: &KimgArgs) -> String {
 fn hostname_or(args: &KimgArgs, from_mac: impl FnOnce() -> Option<VmId>) -> String {
     args.hostname
         .clone()
+        .or_else(smbios::hostname)
         .or_else(|| from_mac().map(|vm| vm.hostname()))
         .unwrap_or_else(|| DEFAULT_HOSTNAME.to_string())
 }

@@ -113,6 +113,7 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
                 AccelChoice::Tcg
             },
             wait: Some(Duration::from_secs(120)),
+            uefi: false,
         };
         let t = Instant::now();
         cluster::run(&ro, &|_| {})?;

@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod cluster;
+pub mod publish;
 
 /// The median of some samples (0 when empty).
 pub fn median(xs: &[f64]) -> f64 {

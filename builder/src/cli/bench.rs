@@ -20,6 +20,20 @@ pub struct Args {
 enum Suite {
     Boot(BootArgs),
     Cluster(ClusterArgs),
+    Publish(PublishArgs),
+}
+
+/// `kimg publish` next to `xz -T0 -6` on the same image (size ratio goal <= 1.0, time
+/// ratio goal < 1.0), then `kimg fetch` of the published local .xz (MB/s, sha256
+/// verification included).
+#[derive(clap::Args)]
+struct PublishArgs {
+    /// The image (built by `kimg build`, NAME.json beside it).
+    #[arg(default_value = "out/hd.img")]
+    image: PathBuf,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Cluster start: wall time of `kimg run --nodes 4 --wait` (6 VMs) next to the floor
@@ -74,6 +88,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     match a.suite {
         Suite::Boot(b) => boot(b),
         Suite::Cluster(c) => cluster(c),
+        Suite::Publish(p) => publish(p),
     }
 }
 
@@ -186,5 +201,56 @@ fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
             r.ratio
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
+    if !a.image.is_file() {
+        anyhow::bail!(
+            "{}: no image; run `kimg build` first or pass the image",
+            a.image.display()
+        );
+    }
+    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let quiet = a.json;
+    let r = bench::publish::run(
+        &bench::publish::PublishBenchOptions {
+            image: a.image,
+            scratch: scratch.path().to_path_buf(),
+        },
+        &|l| {
+            if !quiet {
+                eprintln!("kimg bench: {l}");
+            }
+        },
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mb = |b: u64| b as f64 / 1e6;
+    println!("image (qcow2)                 {:8.1} MB", mb(r.image_bytes));
+    println!(
+        "xz -T0 -6                     {:8.1} MB  {:6.2} s",
+        mb(r.xz_bytes),
+        r.xz_secs
+    );
+    println!(
+        "kimg publish (level 6)        {:8.1} MB  {:6.2} s",
+        mb(r.kimg_bytes),
+        r.kimg_secs
+    );
+    println!(
+        "size ratio kimg/xz            {:8.3}      (goal <= 1.0)",
+        r.size_ratio
+    );
+    println!(
+        "time ratio kimg/xz            {:8.3}      (goal < 1.0)",
+        r.time_ratio
+    );
+    println!(
+        "kimg fetch, local .xz         {:8.1} MB/s archive, {:.1} MB/s image, {:.2} s (sha256 verified)",
+        r.fetch_archive_mb_s, r.fetch_image_mb_s, r.fetch_secs
+    );
     Ok(ExitCode::SUCCESS)
 }

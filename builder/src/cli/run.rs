@@ -26,7 +26,8 @@ pub struct Args {
     /// Cluster name.
     #[arg(long, default_value = super::DEFAULT_CLUSTER)]
     name: String,
-    /// Image built by `kimg build` (its .json manifest must be beside it).
+    /// Image built by `kimg build` (its .json manifest must be beside it), or the name
+    /// of an image in the cache (`kimg images`).
     #[arg(long, default_value = "out/hd.img")]
     image: PathBuf,
     /// Number of nodes (vm-001..).
@@ -55,6 +56,11 @@ pub struct Args {
     /// Wait until every VM reports ready (at most SECS seconds, default 120).
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "120", require_equals = true)]
     wait: Option<u64>,
+    /// Boot through UEFI (OVMF) from the image's own ESP (systemd-boot, its loader
+    /// entry's command line) instead of giving QEMU the kernel: proves the image boots
+    /// on its own. The hostname then reaches the VM as an SMBIOS OEM string.
+    #[arg(long)]
+    uefi: bool,
     /// Print nothing but errors.
     #[arg(long, short)]
     quiet: bool,
@@ -117,7 +123,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let (cpus, cpus_overrides) = split(&a.cpus, 1);
     let opts = RunOptions {
         name: a.name.clone(),
-        image: a.image,
+        image: kimg::fetch::resolve_image(&a.image),
         nodes: a.nodes,
         routers: a.routers,
         testers: a.testers,
@@ -128,6 +134,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         cpus_overrides,
         accel: a.accel,
         wait: a.wait.map(Duration::from_secs),
+        uefi: a.uefi,
     };
     let quiet = a.quiet || a.json;
     let state = cluster::run(&opts, &|ev| {

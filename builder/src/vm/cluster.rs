@@ -160,6 +160,9 @@ pub struct ClusterState {
     /// How the VMs are connected.
     #[serde(default)]
     pub net: NetBackend,
+    /// VMs boot through OVMF and the image's ESP instead of direct kernel boot.
+    #[serde(default)]
+    pub uefi: bool,
 }
 
 /// One VM of a cluster.
@@ -202,6 +205,8 @@ pub struct RunOptions {
     pub accel: AccelChoice,
     /// Wait for every VM to report ready, at most this long.
     pub wait: Option<Duration>,
+    /// Boot through UEFI (OVMF) from the image's ESP instead of direct kernel boot.
+    pub uefi: bool,
 }
 
 /// Progress events of `run`, for the CLI to print.
@@ -317,6 +322,7 @@ fn start(
         name: opts.name.clone(),
         image: image.to_path_buf(),
         accel,
+        uefi: opts.uefi,
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -392,6 +398,7 @@ fn start_vms(
                         &with_hostname(base_cmdline, &rec.vm.hostname()),
                         &state.size,
                     ) + " no_timer_check",
+                    uefi: state.uefi,
                 };
                 s.spawn(move || {
                     start_vm(dir, image, &spec, state)
@@ -424,6 +431,17 @@ fn start_vm(
             .arg(image)
             .arg(paths.disk()),
     )?;
+    if spec.uefi {
+        // UEFI writes its variables: every VM gets its own store.
+        let vars = paths.efi_vars();
+        fs::copy(qemu::OVMF_VARS, &vars).map_err(|source| ClusterError::Io {
+            path: PathBuf::from(qemu::OVMF_VARS),
+            source: io::Error::new(
+                source.kind(),
+                format!("{source} (--uefi needs OVMF: apt-get install ovmf)"),
+            ),
+        })?;
+    }
     let mut qemu = qemu::command(spec, &paths);
     qemu.args(network::attach(state.net, &state.name, dir, spec.vm)?);
     cmd::run(&mut network::wrap(state.net, &state.name, qemu))?;

@@ -12,6 +12,10 @@ use std::process::Command;
 
 /// The QEMU binary kimg runs.
 pub const QEMU: &str = "qemu-system-x86_64";
+/// OVMF firmware code (Debian's ovmf package), read-only and shared by every VM.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
+/// OVMF's variable store template; each VM boots from its own copy.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
 
 /// Files of one VM inside the cluster directory.
 #[derive(Debug, Clone)]
@@ -47,6 +51,10 @@ impl VmPaths {
     pub fn pidfile(&self) -> PathBuf {
         self.dir.join("qemu.pid")
     }
+    /// The VM's copy of the UEFI variable store (`--uefi`).
+    pub fn efi_vars(&self) -> PathBuf {
+        self.dir.join("OVMF_VARS.fd")
+    }
 }
 
 /// What one VM is started with.
@@ -66,6 +74,9 @@ pub struct VmSpec {
     pub initrd: PathBuf,
     /// Full kernel command line (hostname included).
     pub cmdline: String,
+    /// Boot through OVMF and the image's ESP (systemd-boot) instead of direct kernel
+    /// boot; the kernel, initrd and command line above are then not used.
+    pub uefi: bool,
 }
 
 /// The command that starts `spec` daemonized, with its files under `paths`.
@@ -74,12 +85,32 @@ pub fn command(spec: &VmSpec, paths: &VmPaths) -> Command {
     c.args(["-name", &spec.vm.hostname()])
         .arg("-daemonize")
         .arg("-pidfile")
-        .arg(paths.pidfile())
-        .arg("-kernel")
-        .arg(&spec.kernel)
-        .arg("-initrd")
-        .arg(&spec.initrd)
-        .args(["-append", &spec.cmdline])
+        .arg(paths.pidfile());
+    if spec.uefi {
+        c.arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                escape(Path::new(OVMF_CODE))
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                escape(&paths.efi_vars())
+            ));
+    } else {
+        c.arg("-kernel")
+            .arg(&spec.kernel)
+            .arg("-initrd")
+            .arg(&spec.initrd)
+            .args(["-append", &spec.cmdline]);
+    }
+    // The hostname also reaches kimg-init without a command line: SMBIOS OEM string.
+    c.arg("-smbios")
+        .arg(format!(
+            "type=11,value={}={}",
+            kimg_contract::cmdline::KEY_HOSTNAME,
+            spec.vm.hostname()
+        ))
         .arg("-drive")
         .arg(format!(
             "file={},format=qcow2,if=virtio,discard=unmap",
@@ -149,6 +180,7 @@ mod tests {
             kernel: "/b/vmlinuz".into(),
             initrd: "/b/initrd.img".into(),
             cmdline: "console=ttyS0 kimg.hostname=vm-002".into(),
+            uefi: false,
         };
         let line = crate::cmd::display(&command(&spec, &paths));
         assert!(line.contains("name=kimg.agent"), "{line}");
@@ -156,5 +188,42 @@ mod tests {
         assert!(line.contains("-accel tcg"), "{line}");
         assert!(line.contains("-m 384"), "{line}");
         assert!(line.contains("kimg.hostname=vm-002"), "{line}");
+        assert!(
+            line.contains("-smbios type=11,value=kimg.hostname=vm-002"),
+            "{line}"
+        );
+        assert!(!line.contains("pflash"), "{line}");
+    }
+
+    #[test]
+    fn uefi_boots_from_pflash_without_kernel_arguments() {
+        let vm: VmId = "vm-001".parse().unwrap();
+        let paths = VmPaths::new(Path::new("/run/k"), vm);
+        let spec = VmSpec {
+            vm,
+            mem_mb: 384,
+            cpus: 1,
+            accel: Accel::Tcg,
+            kernel: "/b/vmlinuz".into(),
+            initrd: "/b/initrd.img".into(),
+            cmdline: "console=ttyS0".into(),
+            uefi: true,
+        };
+        let line = crate::cmd::display(&command(&spec, &paths));
+        assert!(
+            line.contains(
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains("unit=1,file=/run/k/vm-001/OVMF_VARS.fd"),
+            "{line}"
+        );
+        assert!(
+            !line.contains("-kernel") && !line.contains("-append"),
+            "{line}"
+        );
+        assert!(line.contains("value=kimg.hostname=vm-001"), "{line}");
     }
 }

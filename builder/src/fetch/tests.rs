@@ -1,0 +1,206 @@
+//! fetch from a local file and from an HTTP server on 127.0.0.1 (with Range support)
+//! started by the test.
+
+use super::*;
+use crate::publish::{publish, Codec, PublishOptions};
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+
+/// A published fake image: returns (dir with hd.img.xz/.sha256/hd.json, raw bytes).
+fn published(dir: &Path, codec: Codec) -> (PathBuf, Vec<u8>) {
+    let img = dir.join("hd.img");
+    let mut data = Vec::new();
+    for i in 0u32..300_000 {
+        data.extend_from_slice(&(i.wrapping_mul(2_654_435_761) >> 7).to_le_bytes());
+    }
+    data.resize(data.len() + (2 << 20), 0);
+    fs::write(&img, &data).unwrap();
+    let m = r#"{"format":1,"kimg_version":"0","flavour":"base","kernel":{"version":"6.1.0-test","cmdline":"c","esp_kernel":"a","esp_initrd":"b","config_sha256":""},"disk_size":1,"partitions":[],"components":[]}"#;
+    fs::write(dir.join("hd.json"), m).unwrap();
+    let out = dir.join("pub");
+    publish(
+        &PublishOptions {
+            image: img,
+            out_dir: out.clone(),
+            level: 1,
+            threads: 2,
+            codec,
+        },
+        &|_, _| {},
+    )
+    .unwrap();
+    (out, data)
+}
+
+fn opts(src: String, cache: &Path) -> FetchOptions {
+    FetchOptions {
+        src,
+        sha256: None,
+        name: None,
+        cache: cache.to_path_buf(),
+    }
+}
+
+#[test]
+fn local_xz_and_zstd_are_verified_decompressed_and_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    for (codec, name) in [(Codec::Xz, "hd"), (Codec::Zstd, "z")] {
+        let sub = dir.path().join(name);
+        fs::create_dir(&sub).unwrap();
+        let (out, data) = published(&sub, codec);
+        let mut o = opts(
+            out.join(format!("hd{}", codec.suffix()))
+                .display()
+                .to_string(),
+            &cache,
+        );
+        o.name = Some(name.into());
+        let got = fetch(&o, &|_, _, _| {}).unwrap();
+        assert_eq!(fs::read(&got.path).unwrap(), data);
+        assert_eq!(got.kernel, "6.1.0-test");
+    }
+    let names: Vec<String> = list(&cache).unwrap().into_iter().map(|c| c.name).collect();
+    assert_eq!(names, ["hd", "z"]);
+    // Nothing hidden left behind.
+    for e in fs::read_dir(images_dir(&cache)).unwrap() {
+        let n = e.unwrap().file_name();
+        assert!(!n.to_string_lossy().starts_with('.'), "{n:?}");
+    }
+}
+
+#[test]
+fn mismatch_is_an_error_and_caches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let (out, _) = published(dir.path(), Codec::Xz);
+    let mut o = opts(out.join("hd.img.xz").display().to_string(), &cache);
+    o.sha256 = Some("00".repeat(32));
+    let e = fetch(&o, &|_, _, _| {}).unwrap_err();
+    assert!(matches!(e, FetchError::Mismatch { .. }), "{e}");
+    assert!(list(&cache).unwrap().is_empty());
+    assert_eq!(fs::read_dir(images_dir(&cache)).unwrap().count(), 0);
+    // A missing .sha256 is an error that says what to pass.
+    fs::remove_file(out.join("hd.img.xz.sha256")).unwrap();
+    o.sha256 = None;
+    let e = fetch(&o, &|_, _, _| {}).unwrap_err().to_string();
+    assert!(e.contains("--sha256"), "{e}");
+}
+
+/// What the test server saw: one `Range` header value (or "") per request of the archive.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// Serves `dir` on 127.0.0.1 with `Range: bytes=N-` support. The first request of
+/// `*.xz` sends half of its body and hangs up, like a dropped connection.
+fn serve(dir: PathBuf) -> (String, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let seen: Seen = Arc::default();
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let _ = handle(stream, &dir, &seen2);
+        }
+    });
+    (base, seen)
+}
+
+fn handle(mut stream: TcpStream, dir: &Path, seen: &Seen) -> io::Result<()> {
+    let mut r = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut range = None;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        if h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("range:") {
+            range = Some(v.trim().to_string());
+        }
+    }
+    let Ok(body) = fs::read(dir.join(path.trim_start_matches('/'))) else {
+        return stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+    };
+    let start = range
+        .as_deref()
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.strip_suffix('-'))
+        .and_then(|v| v.parse::<usize>().ok());
+    let first_archive_request = if path.ends_with(".xz") {
+        let mut s = seen.lock().unwrap();
+        s.push(range.clone().unwrap_or_default());
+        s.len() == 1
+    } else {
+        false
+    };
+    let (head, part) = match start {
+        Some(s) if s < body.len() => (
+            format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {s}-{}/{}\r\n",
+                body.len() - s,
+                body.len() - 1,
+                body.len()
+            ),
+            &body[s..],
+        ),
+        _ => (
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n", body.len()),
+            &body[..],
+        ),
+    };
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(b"Connection: close\r\n\r\n")?;
+    if first_archive_request {
+        stream.write_all(&part[..part.len() / 2])?;
+        return stream.shutdown(std::net::Shutdown::Both);
+    }
+    stream.write_all(part)
+}
+
+#[test]
+fn http_download_resumes_with_range_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let (out, data) = published(dir.path(), Codec::Xz);
+    let (base, seen) = serve(out);
+    let o = opts(format!("{base}/hd.img.xz"), &cache);
+    // The connection drops halfway: an error that says how to resume, no image cached.
+    let e = fetch(&o, &|_, _, _| {}).unwrap_err().to_string();
+    assert!(e.contains("resume"), "{e}");
+    assert!(list(&cache).unwrap().is_empty());
+    // The second run asks only for the rest.
+    let got = fetch(&o, &|_, _, _| {}).unwrap();
+    assert_eq!(fs::read(&got.path).unwrap(), data);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0], "");
+    assert!(
+        seen[1].starts_with("bytes=") && seen[1] != "bytes=0-",
+        "{seen:?}"
+    );
+    // The partial download is gone once the image is cached.
+    assert_eq!(fs::read_dir(cache.join("downloads")).unwrap().count(), 0);
+}
+
+#[test]
+fn names_sources_and_dates() {
+    assert_eq!(
+        split_src("http://h/x/hd.img.xz?a=1").unwrap(),
+        ("hd".into(), "http://h/x/hd.json".into())
+    );
+    assert_eq!(
+        split_src("/a/k8s.img.zst").unwrap(),
+        ("k8s".into(), "/a/k8s.json".into())
+    );
+    assert!(split_src("/a/hd.img").is_err());
+    assert!(valid_name("hd-k8s_1.2").is_ok());
+    assert!(valid_name("../x").is_err());
+    assert!(valid_name(".x").is_err());
+    assert_eq!(utc_date(0), "1970-01-01 00:00");
+    assert_eq!(utc_date(1_700_000_000), "2023-11-14 22:13");
+}
