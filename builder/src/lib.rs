@@ -11,6 +11,8 @@ pub mod elf;
 pub mod hash;
 pub mod image;
 pub mod initramfs;
+pub mod iso;
 pub mod kernel;
+pub mod overlay;
 pub mod rootfs;
 pub mod vm;

@@ -96,6 +96,9 @@ pub struct Status {
     /// Failed steps, one line each.
     #[serde(default)]
     pub problems: Vec<String>,
+    /// Overlays from the cdrom, in the order they were unpacked.
+    #[serde(default)]
+    pub overlays: Vec<crate::cdrom::OverlayReport>,
 }
 
 /// Outcome of an [`Op::Exec`].
@@ -154,6 +157,7 @@ mod tests {
             kernel: "6.1".into(),
             init_version: "0.1.0".into(),
             problems: vec![],
+            overlays: vec![],
         };
         for reply in [
             Reply::Status(status),

@@ -17,6 +17,8 @@ pub const KEY_HOSTNAME: &str = "kimg.hostname";
 pub const KEY_ROOT: &str = "kimg.root";
 /// Kernel command line flag: stop in an emergency shell before switching root.
 pub const KEY_SHELL: &str = "kimg.shell";
+/// Kernel command line flag: an overlay cdrom is attached; wait for it and unpack it.
+pub const KEY_CDROM: &str = "kimg.cdrom";
 /// The serial console every kimg VM logs to.
 pub const CONSOLE: &str = "ttyS0";
 
@@ -54,6 +56,8 @@ pub struct KimgArgs {
     pub root: RootSpec,
     /// `kimg.shell`: drop to a shell in stage 1 instead of booting.
     pub shell: bool,
+    /// `kimg.cdrom`: an overlay cdrom is attached.
+    pub cdrom: bool,
 }
 
 impl KimgArgs {
@@ -75,6 +79,7 @@ impl KimgArgs {
                     }
                 }
                 KEY_SHELL => args.shell = true,
+                KEY_CDROM => args.cdrom = true,
                 _ => {}
             }
         }

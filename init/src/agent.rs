@@ -38,6 +38,8 @@ pub struct State {
     pub ready_secs: Option<f64>,
     /// Failed boot steps.
     pub problems: Vec<String>,
+    /// What the overlay cdrom's overlays did.
+    pub overlays: Vec<kimg_contract::cdrom::OverlayReport>,
 }
 
 /// Seconds since the kernel started (first field of /proc/uptime).
@@ -64,6 +66,7 @@ pub fn status(state: &State) -> Status {
         kernel: state.kernel.clone(),
         init_version: env!("CARGO_PKG_VERSION").to_string(),
         problems: state.problems.clone(),
+        overlays: state.overlays.clone(),
     }
 }
 
@@ -298,6 +301,7 @@ mod tests {
             kernel: "6.1.0-test".into(),
             ready_secs: Some(2.5),
             problems: problems.iter().map(|s| s.to_string()).collect(),
+            overlays: vec![],
         }
     }
 

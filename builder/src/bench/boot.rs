@@ -109,6 +109,9 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
                 AccelChoice::Tcg
             },
             wait: Some(Duration::from_secs(120)),
+            cdrom: None,
+            overlays: vec![],
+            ovlpath: vec![],
         };
         let t = Instant::now();
         cluster::run(&ro, &|_| {})?;

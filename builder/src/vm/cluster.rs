@@ -53,6 +53,9 @@ pub enum ClusterError {
         /// VM asked for.
         vm: VmId,
     },
+    /// The overlay cdrom could not be made or found.
+    #[error("overlay cdrom: {0}")]
+    Cdrom(String),
     /// A VM's QEMU is not running.
     #[error("{0} is not running (its QEMU is gone); see its console log")]
     Dead(VmId),
@@ -183,6 +186,12 @@ pub struct RunOptions {
     pub accel: AccelChoice,
     /// Wait for every VM to report ready, at most this long.
     pub wait: Option<Duration>,
+    /// A ready overlay cdrom for every VM.
+    pub cdrom: Option<PathBuf>,
+    /// Overlays to put on a cdrom made for this cluster (`kimg mkcdrom`).
+    pub overlays: Vec<String>,
+    /// Extra overlay search directories.
+    pub ovlpath: Vec<PathBuf>,
 }
 
 /// Progress events of `run`, for the CLI to print.
@@ -293,6 +302,7 @@ fn start(
         &[&manifest.kernel.esp_kernel, &manifest.kernel.esp_initrd],
         &boot,
     )?;
+    let cdrom = cluster_cdrom(opts, dir)?;
     let accel = accel::choose(opts.accel, qemu::QEMU, dir).map_err(ClusterError::Accel)?;
     on_event(RunEvent::Accel(accel));
     let state = ClusterState {
@@ -328,7 +338,11 @@ fn start(
                     accel,
                     kernel: files[0].clone(),
                     initrd: files[1].clone(),
-                    cmdline: with_hostname(&manifest.kernel.cmdline, &rec.vm.hostname()),
+                    cmdline: with_cdrom(
+                        with_hostname(&manifest.kernel.cmdline, &rec.vm.hostname()),
+                        cdrom.is_some(),
+                    ),
+                    cdrom: cdrom.clone(),
                 };
                 s.spawn(move || {
                     start_vm(dir, image, &spec).map(|()| on_event(RunEvent::Started(spec.vm)))
@@ -344,6 +358,33 @@ fn start(
             .collect::<Result<Vec<()>, _>>()
     })?;
     Ok(state)
+}
+
+/// The cdrom every VM gets: the given one, or one made from the overlays.
+fn cluster_cdrom(opts: &RunOptions, dir: &Path) -> Result<Option<PathBuf>, ClusterError> {
+    if let Some(c) = &opts.cdrom {
+        return fs::canonicalize(c)
+            .map(Some)
+            .map_err(|e| ClusterError::Cdrom(format!("--cdrom {}: {e}", c.display())));
+    }
+    if opts.overlays.is_empty() {
+        return Ok(None);
+    }
+    let path = crate::overlay::search_path(&opts.ovlpath);
+    let out = dir.join("cdrom.iso");
+    crate::overlay::resolve(&opts.overlays, &path)
+        .and_then(|ovs| crate::overlay::mkcdrom(&out, &ovs))
+        .map_err(|e| ClusterError::Cdrom(e.to_string()))?;
+    Ok(Some(out))
+}
+
+/// The kernel command line with the cdrom flag when one is attached.
+fn with_cdrom(cmdline: String, cdrom: bool) -> String {
+    if cdrom {
+        format!("{cmdline} {}", kimg_contract::cmdline::KEY_CDROM)
+    } else {
+        cmdline
+    }
 }
 
 fn start_vm(dir: &Path, image: &Path, spec: &VmSpec) -> Result<(), ClusterError> {

@@ -66,6 +66,8 @@ pub struct VmSpec {
     pub initrd: PathBuf,
     /// Full kernel command line (hostname included).
     pub cmdline: String,
+    /// Overlay cdrom, attached read-only as a virtio-scsi cd.
+    pub cdrom: Option<PathBuf>,
 }
 
 /// The command that starts `spec` daemonized, with its files under `paths`.
@@ -105,6 +107,15 @@ pub fn command(spec: &VmSpec, paths: &VmPaths) -> Command {
         // The apiserver (and anything else) never waits for entropy.
         .args(["-object", "rng-random,filename=/dev/urandom,id=rng0"])
         .args(["-device", "virtio-rng-pci,rng=rng0"]);
+    if let Some(iso) = &spec.cdrom {
+        c.args(["-device", "virtio-scsi-pci,id=scsi0"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,media=cdrom,id=cd0,readonly=on",
+                escape(iso)
+            ))
+            .args(["-device", "scsi-cd,bus=scsi0.0,drive=cd0"]);
+    }
     c
 }
 
@@ -149,6 +160,7 @@ mod tests {
             kernel: "/b/vmlinuz".into(),
             initrd: "/b/initrd.img".into(),
             cmdline: "console=ttyS0 kimg.hostname=vm-002".into(),
+            cdrom: Some("/c,d.iso".into()),
         };
         let line = crate::cmd::display(&command(&spec, &paths));
         assert!(line.contains("name=kimg.agent"), "{line}");
@@ -156,5 +168,9 @@ mod tests {
         assert!(line.contains("-accel tcg"), "{line}");
         assert!(line.contains("-m 384"), "{line}");
         assert!(line.contains("kimg.hostname=vm-002"), "{line}");
+        assert!(
+            line.contains("file=/c,,d.iso,format=raw,if=none,media=cdrom"),
+            "{line}"
+        );
     }
 }
