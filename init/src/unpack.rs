@@ -402,7 +402,7 @@ fn write_entry<R: Read>(
 /// Copies `size` bytes, seeking over all-zero 4 KiB blocks so they become holes.
 fn copy_sparse(r: &mut dyn Read, f: &mut File, size: u64) -> io::Result<()> {
     const BLOCK: usize = 4096;
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; 1 << 20];
     let mut left = size;
     let mut holes = false;
     while left > 0 {
@@ -415,7 +415,7 @@ fn copy_sparse(r: &mut dyn Read, f: &mut File, size: u64) -> io::Result<()> {
             ));
         }
         for block in buf[..n].chunks(BLOCK) {
-            if block.len() == BLOCK && block.iter().all(|&b| b == 0) {
+            if block.len() == BLOCK && block[0] == 0 && block.iter().all(|&b| b == 0) {
                 f.seek(SeekFrom::Current(BLOCK as i64))?;
                 holes = true;
             } else {

@@ -18,6 +18,29 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 enum Suite {
     Boot(BootArgs),
+    Cdrom(CdromArgs),
+}
+
+/// `kimg mkcdrom` vs `xorriso -as mkisofs -R` on the same ~200 MB of overlays (goal:
+/// kimg faster), and in one VM booted with that cdrom, kimg-init's unpacking at boot
+/// vs busybox tar extracting the same archives (goal: kimg-init faster).
+#[derive(clap::Args)]
+struct CdromArgs {
+    /// Image to boot (from `kimg build`).
+    #[arg(long, default_value = "out/hd.img")]
+    image: PathBuf,
+    /// Size of the overlay set in MB.
+    #[arg(long, default_value_t = 200)]
+    mb: u64,
+    /// Runs of each ISO writer; medians are compared.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Accelerator for the VM.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `kimg build` with a warm kernel cache (goal <= 10 s), and one VM's boot to ready
@@ -46,7 +69,60 @@ struct BootArgs {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     match a.suite {
         Suite::Boot(b) => boot(b),
+        Suite::Cdrom(c) => cdrom(c),
     }
+}
+
+fn cdrom(a: CdromArgs) -> anyhow::Result<ExitCode> {
+    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let opts = bench::cdrom::CdromBenchOptions {
+        image: a.image,
+        mb: a.mb,
+        runs: a.runs.max(1),
+        accel: a.accel,
+        scratch: scratch.path().to_path_buf(),
+    };
+    let quiet = a.json;
+    let r = bench::cdrom::run(&opts, &|l| {
+        if !quiet {
+            eprintln!("kimg bench: {l}");
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "overlay archives                    {:6.1} MB",
+            r.overlay_bytes as f64 / 1e6
+        );
+        println!(
+            "kimg mkcdrom                        {:6.3} s   (median of {})",
+            bench::median(&r.kimg_mkcdrom_secs),
+            r.kimg_mkcdrom_secs.len()
+        );
+        println!(
+            "xorriso -as mkisofs -R              {:6.3} s   (median of {})",
+            bench::median(&r.xorriso_secs),
+            r.xorriso_secs.len()
+        );
+        println!(
+            "ratio xorriso / kimg                {:6.2}     (goal > 1: kimg faster)",
+            r.mkcdrom_speedup
+        );
+        println!(
+            "unpack in VM: kimg-init             {:6.2} s",
+            r.kimg_init_unpack_secs
+        );
+        println!(
+            "unpack in VM: busybox tar           {:6.2} s",
+            r.busybox_tar_secs
+        );
+        println!(
+            "ratio busybox / kimg-init           {:6.2}     (goal > 1: kimg-init faster)",
+            r.unpack_speedup
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
