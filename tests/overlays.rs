@@ -88,16 +88,27 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
              echo v2 > srv/ovl/shared && chmod 600 srv/ovl/shared && rm srv/ovl/sym && ln -s shared srv/ovl/sym && \
              tar --format=pax --owner=0 --group=0 -cJf ../two.tar.xz srv/ovl/shared srv/ovl/sym && \
              echo v3 > srv/ovl/shared && chmod 640 srv/ovl/shared && echo three > srv/ovl/three && \
-             tar --owner=7 --group=8 --zstd -cf ../three.tar.zst srv/ovl/shared srv/ovl/three"
+             tar --owner=7 --group=8 --zstd -cf ../three.tar.zst srv/ovl/shared srv/ovl/three && \
+             mkdir -p ../b/srv/broken && head -c 300000 /dev/urandom > ../b/srv/broken/f && \
+             tar -C ../b --zstd -cf ../broken-full.tar.zst srv"
         ),
         &src,
     );
     let hostile = t.path().join("hostile.tar");
     hostile_tar(&hostile);
+    // A truncated archive: that overlay fails, the boot goes on, the VM is degraded.
+    let full = fs::read(t.path().join("broken-full.tar.zst")).unwrap();
+    fs::write(t.path().join("broken.tar.zst"), &full[..full.len() / 2]).unwrap();
 
     // The cdrom: command-line order, read back by xorriso.
     let iso = t.path().join("cdrom.iso");
-    let archives = ["one.tar", "hostile.tar", "two.tar.xz", "three.tar.zst"];
+    let archives = [
+        "one.tar",
+        "hostile.tar",
+        "two.tar.xz",
+        "three.tar.zst",
+        "broken.tar.zst",
+    ];
     let mut args = vec!["mkcdrom", "--out", iso.to_str().unwrap(), "test"];
     let paths: Vec<String> = archives
         .iter()
@@ -123,6 +134,7 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
         "03-hostile.tar",
         "04-two.tar.xz",
         "05-three.tar.zst",
+        "06-broken.tar.zst",
     ];
     assert_eq!(names, want, "{ls}");
 
@@ -195,7 +207,12 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
     assert!(st.status.success(), "{}", text(&st));
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     let vm = &st["vms"][0];
-    assert_eq!(vm["state"], "ready", "{vm}");
+    assert_eq!(vm["state"], "degraded", "{vm}");
+    let problems = vm["agent"]["problems"].to_string();
+    assert!(
+        problems.contains("overlay 06-broken.tar.zst: failed"),
+        "{problems}"
+    );
     let ovs = vm["agent"]["overlays"].as_array().unwrap();
     let names: Vec<&str> = ovs.iter().map(|o| o["name"].as_str().unwrap()).collect();
     assert_eq!(names, want);
@@ -207,7 +224,8 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
     }
     let results: Vec<&str> = ovs.iter().map(|o| o["result"].as_str().unwrap()).collect();
     let refused = format!("ok, {HOSTILE_REFUSED} entries refused");
-    assert_eq!(results, ["ok", "ok", refused.as_str(), "ok", "ok"]);
+    assert_eq!(results[..5], ["ok", "ok", refused.as_str(), "ok", "ok"]);
+    assert!(results[5].starts_with("failed: "), "{results:?}");
     let console = c.exec_ok("vm-001", &["dmesg"]);
     assert!(
         console.contains("overlay 03-hostile.tar: refused dev/vda"),

@@ -42,6 +42,9 @@ impl fmt::Display for Refusal {
 /// A path as components relative to the root of the tree.
 pub type Components = Vec<Vec<u8>>;
 
+/// Answers "is this prefix a symlink, and to what?" for [`resolve`].
+pub type Lookup<'a> = dyn FnMut(&[Vec<u8>]) -> Option<Vec<u8>> + 'a;
+
 /// Splits an entry path into components: a leading `/` and `.` components go (as GNU
 /// tar strips them), `..` is refused, an empty result is refused.
 pub fn entry_components(path: &[u8]) -> Result<Components, Refusal> {
@@ -74,7 +77,7 @@ fn forbidden(top: &[u8]) -> Option<String> {
 pub fn resolve(
     comps: &[Vec<u8>],
     follow_last: bool,
-    lookup: &mut dyn FnMut(&[Vec<u8>]) -> Option<Vec<u8>>,
+    lookup: &mut Lookup<'_>,
 ) -> Result<Components, Refusal> {
     let mut done: Components = Vec::new();
     let mut todo: VecDeque<Vec<u8>> = comps.iter().cloned().collect();
