@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 
 /// ISO9660 logical sector size.
 pub const SECTOR: u64 = 2048;
+/// Longest Rock Ridge name: one directory record (at most 255 bytes) carries the
+/// ISO name, PX, TF and NM.
+pub const MAX_NAME: usize = 120;
 /// Largest file an ISO9660 extent can hold.
 pub const MAX_FILE: u64 = u32::MAX as u64;
 const PVD_LBA: u32 = 16;
@@ -44,7 +47,7 @@ pub enum IsoError {
         why: String,
     },
     /// A name that Rock Ridge cannot carry in one NM entry, or twice the same name.
-    #[error("bad cdrom file name {0:?}: use 1 to 200 bytes without '/', each name once")]
+    #[error("bad cdrom file name {0:?}: use 1 to {MAX_NAME} bytes without '/', each name once")]
     Name(String),
     /// A file larger than one ISO9660 extent.
     #[error("{name} is {size} bytes; an ISO9660 file holds at most {MAX_FILE}")]
@@ -104,7 +107,7 @@ pub fn write(out: &Path, files: Vec<IsoSource<'_>>, epoch: i64) -> Result<IsoIma
     files.sort_by(|a, b| a.name.cmp(&b.name));
     for (i, f) in files.iter().enumerate() {
         let bad = f.name.is_empty()
-            || f.name.len() > 200
+            || f.name.len() > MAX_NAME
             || f.name.contains('/')
             || f.name.contains('\0')
             || f.name == "."
@@ -604,6 +607,27 @@ mod tests {
             kimg_contract::cdrom::parse_app_use(&pvd[PVD_APP_USE..PVD_APP_USE + 512]),
             Some(img.sha256)
         );
+    }
+
+    #[test]
+    fn names_that_do_not_fit_a_record_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("c.iso");
+        let long = format!("01-{}.tar", "x".repeat(MAX_NAME));
+        let e = write(&out, vec![source(&long, vec![])], 0).unwrap_err();
+        assert!(matches!(e, IsoError::Name(_)), "{e}");
+        let twice = vec![source("a.tar", vec![]), source("a.tar", vec![])];
+        assert!(matches!(write(&out, twice, 0), Err(IsoError::Name(_))));
+        let fits = format!("{}.tar", "y".repeat(MAX_NAME - 4));
+        write(&out, vec![source(&fits, vec![1])], 0).unwrap();
+        let o = crate::cmd::run_stdout(
+            std::process::Command::new("xorriso")
+                .args(["-abort_on", "WARNING", "-indev"])
+                .arg(&out)
+                .args(["-find", "/", "-type", "f"]),
+        )
+        .unwrap();
+        assert!(o.contains(&fits), "{o}");
     }
 
     #[test]
