@@ -446,31 +446,20 @@ fn set_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>, path: &Path) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
 
-    fn sh(script: &str, dir: &Path) {
-        let o = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+    /// Runs a shell script in `dir` through the [`crate::reaper::REAPER`] (this test
+    /// binary reaps every child in the background), returning its stdout.
+    fn sh(script: &str, dir: &Path) -> String {
+        crate::reaper::tests::start_test_reaper();
+        let full = format!("cd '{}' && {script}", dir.display());
+        let r = crate::exec::run(&["sh".to_string(), "-c".to_string(), full], None);
+        assert_eq!(r.exit_code, 0, "{script}: {}", r.stderr);
+        r.stdout
     }
 
     /// `find` listing of a tree: type, mode, size, link target, sha256 of files.
     fn listing(root: &Path) -> String {
-        let o = Command::new("sh")
-            .arg("-c")
-            .arg("find . -mindepth 1 -printf '%y %m %s %l %T@ %p\\n' | grep -v '^d' | sort; find . -type f -exec sha256sum {} + | sort -k2")
-            .current_dir(root)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        sh("find . -mindepth 1 -printf '%y %m %s %l %T@ %p\\n' | grep -v '^d' | sort; find . -type f -exec sha256sum {} + | sort -k2", root)
     }
 
     #[test]
