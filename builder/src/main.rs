@@ -36,6 +36,7 @@ enum Command {
     Publish(cli::publish::Args),
     Fetch(cli::fetch::Args),
     Images(cli::images::Args),
+    Mkcdrom(cli::mkcdrom::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
         Command::Publish(a) => cli::publish::run(a),
         Command::Fetch(a) => cli::fetch::run(a),
         Command::Images(a) => cli::images::run(a),
+        Command::Mkcdrom(a) => cli::mkcdrom::run(a),
     };
     match result {
         Ok(code) => code,

@@ -102,6 +102,9 @@ pub struct Status {
     /// Addresses configured at boot, `ADDR/PREFIX` (IPv4 first), per the net plan.
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// Overlays from the cdrom, in the order they were unpacked.
+    #[serde(default)]
+    pub overlays: Vec<crate::cdrom::OverlayReport>,
 }
 
 /// Outcome of an [`Op::Exec`].
@@ -162,6 +165,7 @@ mod tests {
             problems: vec![],
             services: vec![],
             addresses: vec!["192.168.1.1/24".into()],
+            overlays: vec![],
         };
         for reply in [
             Reply::Status(status),

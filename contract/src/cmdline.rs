@@ -26,6 +26,8 @@ pub const KEY_NODES: &str = "kimg.nodes";
 pub const KEY_ROUTERS: &str = "kimg.routers";
 /// Kernel command line key: number of testers in the cluster.
 pub const KEY_TESTERS: &str = "kimg.testers";
+/// Kernel command line flag: an overlay cdrom is attached; wait for it and unpack it.
+pub const KEY_CDROM: &str = "kimg.cdrom";
 /// The serial console every kimg VM logs to.
 pub const CONSOLE: &str = "ttyS0";
 
@@ -66,6 +68,8 @@ pub struct KimgArgs {
     /// `kimg.nodes=`, `kimg.routers=`, `kimg.testers=`: the cluster's size, when the
     /// launcher gave all three.
     pub size: Option<crate::net::ClusterSize>,
+    /// `kimg.cdrom`: an overlay cdrom is attached.
+    pub cdrom: bool,
 }
 
 impl KimgArgs {
@@ -91,6 +95,7 @@ impl KimgArgs {
                 KEY_NODES => nodes = value.parse().ok(),
                 KEY_ROUTERS => routers = value.parse().ok(),
                 KEY_TESTERS => testers = value.parse().ok(),
+                KEY_CDROM => args.cdrom = true,
                 _ => {}
             }
         }

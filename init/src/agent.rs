@@ -40,6 +40,8 @@ pub struct State {
     pub problems: Vec<String>,
     /// Addresses the network step configured.
     pub addresses: Vec<String>,
+    /// What the overlay cdrom's overlays did.
+    pub overlays: Vec<kimg_contract::cdrom::OverlayReport>,
 }
 
 /// Seconds since the kernel started (first field of /proc/uptime).
@@ -68,6 +70,7 @@ pub fn status(state: &State) -> Status {
         problems: state.problems.clone(),
         services: crate::services::snapshot(),
         addresses: state.addresses.clone(),
+        overlays: state.overlays.clone(),
     }
 }
 
@@ -303,6 +306,7 @@ mod tests {
             ready_secs: Some(2.5),
             problems: problems.iter().map(|s| s.to_string()).collect(),
             addresses: Vec::new(),
+            overlays: vec![],
         }
     }
 

@@ -14,10 +14,13 @@ mod agent;
 mod emergency;
 mod error;
 mod exec;
+mod hooks;
 mod modules;
 mod mounts;
 mod net;
 mod netlink;
+mod overlays;
+mod pathsafe;
 mod reaper;
 mod rootdev;
 mod services;
@@ -25,6 +28,8 @@ mod shutdown;
 mod smbios;
 mod switchroot;
 mod sysctl;
+mod unpack;
+mod xattr;
 
 use error::{Context, Result};
 use kimg_contract::cmdline::KimgArgs;
@@ -135,6 +140,7 @@ fn stage2() -> ! {
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
         problems.add("ctrl-alt-del", format!("reboot(RB_DISABLE_CAD): {e}"));
     }
+    let overlays = overlays_and_hooks(&args, &hostname, &mut problems);
     for p in sysctl::apply_dir(std::path::Path::new(sysctl::SYSCTL_DIR)) {
         problems.add("sysctl", p);
     }
@@ -151,11 +157,32 @@ fn stage2() -> ! {
         ready_secs,
         problems: problems.0,
         addresses,
+        overlays,
     });
     if let Err(e) = agent::start(state, request_poweroff) {
         error!("agent: cannot start its thread: {e}");
     }
     supervise(signals)
+}
+
+/// Unpacks the overlay cdrom when the launcher attached one, then runs the start hooks.
+fn overlays_and_hooks(
+    args: &KimgArgs,
+    hostname: &str,
+    problems: &mut Problems,
+) -> Vec<kimg_contract::cdrom::OverlayReport> {
+    let mut reports = Vec::new();
+    if args.cdrom {
+        let (r, failed) = overlays::apply();
+        for f in failed {
+            problems.add("overlays", f);
+        }
+        reports = r;
+    }
+    for f in hooks::run_all(hostname) {
+        problems.add("start.d", f);
+    }
+    reports
 }
 
 /// Stage 1's problems, handed to stage 2 on /run (a tmpfs that moves into the root).

@@ -114,6 +114,9 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
             },
             wait: Some(Duration::from_secs(120)),
             uefi: false,
+            cdrom: None,
+            overlays: vec![],
+            ovlpath: vec![],
         };
         let t = Instant::now();
         cluster::run(&ro, &|_| {})?;

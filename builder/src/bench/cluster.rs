@@ -86,7 +86,7 @@ fn options(o: &ClusterBenchOptions, nodes: u16, routers: u16) -> RunOptions {
         cpus: 1,
         accel: o.accel,
         wait: Some(WAIT),
-        uefi: false,
+        ..RunOptions::default()
     }
 }
 

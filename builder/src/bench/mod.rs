@@ -2,6 +2,7 @@
 //! with what it is compared to, in one run. One module per suite.
 
 pub mod boot;
+pub mod cdrom;
 pub mod cluster;
 pub mod publish;
 

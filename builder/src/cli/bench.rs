@@ -21,6 +21,7 @@ enum Suite {
     Boot(BootArgs),
     Cluster(ClusterArgs),
     Publish(PublishArgs),
+    Cdrom(CdromArgs),
 }
 
 /// `kimg publish` next to `xz -T0 -6` on the same image (size ratio goal <= 1.0, time
@@ -31,6 +32,28 @@ struct PublishArgs {
     /// The image (built by `kimg build`, NAME.json beside it).
     #[arg(default_value = "out/hd.img")]
     image: PathBuf,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `kimg mkcdrom` vs `xorriso -as mkisofs -R` on the same ~200 MB of overlays (goal:
+/// kimg faster), and in one VM booted with that cdrom, kimg-init's unpacking at boot
+/// vs busybox tar extracting the same archives (goal: kimg-init faster).
+#[derive(clap::Args)]
+struct CdromArgs {
+    /// Image to boot (from `kimg build`).
+    #[arg(long, default_value = "out/hd.img")]
+    image: PathBuf,
+    /// Size of the overlay set in MB.
+    #[arg(long, default_value_t = 200)]
+    mb: u64,
+    /// Runs of each ISO writer; medians are compared.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Accelerator for the VM.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
@@ -89,6 +112,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Suite::Boot(b) => boot(b),
         Suite::Cluster(c) => cluster(c),
         Suite::Publish(p) => publish(p),
+        Suite::Cdrom(c) => cdrom(c),
     }
 }
 
@@ -252,5 +276,57 @@ fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
         "kimg fetch, local .xz         {:8.1} MB/s archive, {:.1} MB/s image, {:.2} s (sha256 verified)",
         r.fetch_archive_mb_s, r.fetch_image_mb_s, r.fetch_secs
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cdrom(a: CdromArgs) -> anyhow::Result<ExitCode> {
+    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let opts = bench::cdrom::CdromBenchOptions {
+        image: a.image,
+        mb: a.mb,
+        runs: a.runs.max(1),
+        accel: a.accel,
+        scratch: scratch.path().to_path_buf(),
+    };
+    let quiet = a.json;
+    let r = bench::cdrom::run(&opts, &|l| {
+        if !quiet {
+            eprintln!("kimg bench: {l}");
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "overlay archives                    {:6.1} MB",
+            r.overlay_bytes as f64 / 1e6
+        );
+        println!(
+            "kimg mkcdrom                        {:6.3} s   (median of {})",
+            bench::median(&r.kimg_mkcdrom_secs),
+            r.kimg_mkcdrom_secs.len()
+        );
+        println!(
+            "xorriso -as mkisofs -R              {:6.3} s   (median of {})",
+            bench::median(&r.xorriso_secs),
+            r.xorriso_secs.len()
+        );
+        println!(
+            "ratio xorriso / kimg                {:6.2}     (goal > 1: kimg faster)",
+            r.mkcdrom_speedup
+        );
+        println!(
+            "unpack in VM: kimg-init             {:6.2} s",
+            r.kimg_init_unpack_secs
+        );
+        println!(
+            "unpack in VM: busybox tar           {:6.2} s",
+            r.busybox_tar_secs
+        );
+        println!(
+            "ratio busybox / kimg-init           {:6.2}     (goal > 1: kimg-init faster)",
+            r.unpack_speedup
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

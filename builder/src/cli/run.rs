@@ -67,6 +67,15 @@ pub struct Args {
     /// Print the cluster's state as JSON when started.
     #[arg(long)]
     json: bool,
+    /// Attach this ready overlay cdrom (from `kimg mkcdrom`) to every VM.
+    #[arg(long, conflicts_with = "overlays")]
+    cdrom: Option<PathBuf>,
+    /// Overlay directories searched before $KIMG_OVLPATH and the built-in ones.
+    #[arg(long = "ovlpath", value_name = "DIR")]
+    ovlpath: Vec<PathBuf>,
+    /// Overlays (names or archive paths, as for `kimg mkcdrom`) put on a cdrom that
+    /// every VM unpacks at its first boot.
+    overlays: Vec<String>,
 }
 
 /// One `--mem` or `--cpus` value.
@@ -135,6 +144,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         accel: a.accel,
         wait: a.wait.map(Duration::from_secs),
         uefi: a.uefi,
+        cdrom: a.cdrom,
+        overlays: a.overlays,
+        ovlpath: a.ovlpath,
     };
     let quiet = a.quiet || a.json;
     let state = cluster::run(&opts, &|ev| {

@@ -55,6 +55,9 @@ pub enum ClusterError {
         /// VM asked for.
         vm: VmId,
     },
+    /// The overlay cdrom could not be made or found.
+    #[error("overlay cdrom: {0}")]
+    Cdrom(String),
     /// A VM's QEMU is not running.
     #[error("{0} is not running (its QEMU is gone); see its console log")]
     Dead(VmId),
@@ -163,6 +166,9 @@ pub struct ClusterState {
     /// VMs boot through OVMF and the image's ESP instead of direct kernel boot.
     #[serde(default)]
     pub uefi: bool,
+    /// The overlay cdrom every VM gets (`--cdrom`, or made from the overlays).
+    #[serde(default)]
+    pub cdrom: Option<PathBuf>,
 }
 
 /// One VM of a cluster.
@@ -178,8 +184,9 @@ pub struct VmRecord {
 
 const STATE_FILE: &str = "cluster.json";
 
-/// Options of `kimg run`.
-#[derive(Debug, Clone)]
+/// Options of `kimg run` (`Default` is an empty cluster with no name: set what
+/// matters and take the rest).
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Cluster name.
     pub name: String,
@@ -207,6 +214,12 @@ pub struct RunOptions {
     pub wait: Option<Duration>,
     /// Boot through UEFI (OVMF) from the image's ESP instead of direct kernel boot.
     pub uefi: bool,
+    /// A ready overlay cdrom for every VM.
+    pub cdrom: Option<PathBuf>,
+    /// Overlays to put on a cdrom made for this cluster (`kimg mkcdrom`).
+    pub overlays: Vec<String>,
+    /// Extra overlay search directories.
+    pub ovlpath: Vec<PathBuf>,
 }
 
 /// Progress events of `run`, for the CLI to print.
@@ -316,6 +329,7 @@ fn start(
         &[&manifest.kernel.esp_kernel, &manifest.kernel.esp_initrd],
         &boot,
     )?;
+    let cdrom = cluster_cdrom(opts, dir)?;
     let accel = accel::choose(opts.accel, qemu::QEMU, dir).map_err(ClusterError::Accel)?;
     on_event(RunEvent::Accel(accel));
     let state = ClusterState {
@@ -323,6 +337,7 @@ fn start(
         image: image.to_path_buf(),
         accel,
         uefi: opts.uefi,
+        cdrom,
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -394,10 +409,14 @@ fn start_vms(
                     // no_timer_check: under TCG on a busy host the kernel's IO-APIC
                     // timer check can miss ticks and panic ("IO-APIC + timer doesn't
                     // work!"), seen when many VMs boot at once on 2 cores.
-                    cmdline: with_size(
-                        &with_hostname(base_cmdline, &rec.vm.hostname()),
-                        &state.size,
-                    ) + " no_timer_check",
+                    cmdline: with_cdrom(
+                        with_size(
+                            &with_hostname(base_cmdline, &rec.vm.hostname()),
+                            &state.size,
+                        ) + " no_timer_check",
+                        state.cdrom.is_some(),
+                    ),
+                    cdrom: state.cdrom.clone(),
                     uefi: state.uefi,
                 };
                 s.spawn(move || {
@@ -415,6 +434,33 @@ fn start_vms(
             .collect::<Result<Vec<()>, _>>()
     })?;
     Ok(())
+}
+
+/// The cdrom every VM gets: the given one, or one made from the overlays.
+fn cluster_cdrom(opts: &RunOptions, dir: &Path) -> Result<Option<PathBuf>, ClusterError> {
+    if let Some(c) = &opts.cdrom {
+        return fs::canonicalize(c)
+            .map(Some)
+            .map_err(|e| ClusterError::Cdrom(format!("--cdrom {}: {e}", c.display())));
+    }
+    if opts.overlays.is_empty() {
+        return Ok(None);
+    }
+    let path = crate::overlay::search_path(&opts.ovlpath);
+    let out = dir.join("cdrom.iso");
+    crate::overlay::resolve(&opts.overlays, &path)
+        .and_then(|ovs| crate::overlay::mkcdrom(&out, &ovs))
+        .map_err(|e| ClusterError::Cdrom(e.to_string()))?;
+    Ok(Some(out))
+}
+
+/// The kernel command line with the cdrom flag when one is attached.
+fn with_cdrom(cmdline: String, cdrom: bool) -> String {
+    if cdrom {
+        format!("{cmdline} {}", kimg_contract::cmdline::KEY_CDROM)
+    } else {
+        cmdline
+    }
 }
 
 fn start_vm(

@@ -77,6 +77,8 @@ pub struct VmSpec {
     /// Boot through OVMF and the image's ESP (systemd-boot) instead of direct kernel
     /// boot; the kernel, initrd and command line above are then not used.
     pub uefi: bool,
+    /// Overlay cdrom, attached read-only as a virtio-scsi cd.
+    pub cdrom: Option<PathBuf>,
 }
 
 /// The command that starts `spec` daemonized, with its files under `paths`.
@@ -136,6 +138,15 @@ pub fn command(spec: &VmSpec, paths: &VmPaths) -> Command {
         // The apiserver (and anything else) never waits for entropy.
         .args(["-object", "rng-random,filename=/dev/urandom,id=rng0"])
         .args(["-device", "virtio-rng-pci,rng=rng0"]);
+    if let Some(iso) = &spec.cdrom {
+        c.args(["-device", "virtio-scsi-pci,id=scsi0"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,media=cdrom,id=cd0,readonly=on",
+                escape(iso)
+            ))
+            .args(["-device", "scsi-cd,bus=scsi0.0,drive=cd0"]);
+    }
     c
 }
 
@@ -181,6 +192,7 @@ mod tests {
             initrd: "/b/initrd.img".into(),
             cmdline: "console=ttyS0 kimg.hostname=vm-002".into(),
             uefi: false,
+            cdrom: Some("/c,d.iso".into()),
         };
         let line = crate::cmd::display(&command(&spec, &paths));
         assert!(line.contains("name=kimg.agent"), "{line}");
@@ -193,6 +205,10 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains("pflash"), "{line}");
+        assert!(
+            line.contains("file=/c,,d.iso,format=raw,if=none,media=cdrom"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -208,6 +224,7 @@ mod tests {
             initrd: "/b/initrd.img".into(),
             cmdline: "console=ttyS0".into(),
             uefi: true,
+            cdrom: None,
         };
         let line = crate::cmd::display(&command(&spec, &paths));
         assert!(

@@ -1,0 +1,219 @@
+//! The overlay cdrom at boot: find it by its label, mount it read-only, unpack each
+//! overlay in name order onto /, once per VM disk, and report how each went.
+
+use crate::unpack;
+use kimg_contract::cdrom::{
+    parse_app_use, Applied, OverlayReport, APPLIED_FILE, MOUNT_POINT, PVD_APP_USE, PVD_OFFSET,
+    VOLUME_LABEL,
+};
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long to wait for the cdrom's device to appear (SCSI scanning is asynchronous).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A kimg cdrom: its device and content hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cdrom {
+    /// `/dev/srN`.
+    pub dev: PathBuf,
+    /// Content hash from the volume descriptor.
+    pub sha256: String,
+}
+
+/// Reads the primary volume descriptor of `dev`: `Some(hash)` when it is a kimg cdrom.
+pub fn probe(dev: &Path) -> Option<String> {
+    let mut f = fs::File::open(dev).ok()?;
+    f.seek(SeekFrom::Start(PVD_OFFSET)).ok()?;
+    let mut pvd = vec![0u8; 2048];
+    f.read_exact(&mut pvd).ok()?;
+    parse_pvd(&pvd)
+}
+
+/// The content hash out of a primary volume descriptor labelled [`VOLUME_LABEL`].
+pub fn parse_pvd(pvd: &[u8]) -> Option<String> {
+    if pvd.len() < 2048 || pvd[0] != 1 || &pvd[1..6] != b"CD001" {
+        return None;
+    }
+    let label = std::str::from_utf8(&pvd[40..72]).ok()?.trim_end();
+    if label != VOLUME_LABEL {
+        return None;
+    }
+    parse_app_use(&pvd[PVD_APP_USE..PVD_APP_USE + 512])
+}
+
+/// Waits up to `wait` for a /dev/sr* carrying a kimg cdrom.
+pub fn find(wait: Duration) -> Option<Cdrom> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let mut devs: Vec<PathBuf> = fs::read_dir("/dev")
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("sr"))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        devs.sort();
+        for dev in devs {
+            if let Some(sha256) = probe(&dev) {
+                return Some(Cdrom { dev, sha256 });
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Finds, mounts and applies the cdrom onto `/`. Returns the reports and problems.
+pub fn apply() -> (Vec<OverlayReport>, Vec<String>) {
+    let Some(cd) = find(WAIT) else {
+        return (
+            vec![],
+            vec![format!(
+                "overlays: no /dev/sr* with volume label {VOLUME_LABEL:?} within {}s",
+                WAIT.as_secs()
+            )],
+        );
+    };
+    if let Ok(text) = fs::read_to_string(APPLIED_FILE) {
+        if let Ok(done) = serde_json::from_str::<Applied>(&text) {
+            if done.cdrom_sha256 == cd.sha256 {
+                info!(
+                    "overlays: cdrom {} already applied to this disk",
+                    &cd.sha256[..12]
+                );
+                let problems = failures(&done.overlays);
+                let reports = done
+                    .overlays
+                    .into_iter()
+                    .map(|r| OverlayReport {
+                        this_boot: false,
+                        ..r
+                    })
+                    .collect();
+                return (reports, problems);
+            }
+        }
+    }
+    if let Err(e) = mount(&cd.dev) {
+        return (vec![], vec![format!("overlays: {e}")]);
+    }
+    let reports = unpack_all(Path::new(MOUNT_POINT), Path::new("/"));
+    let problems = failures(&reports);
+    let applied = Applied {
+        cdrom_sha256: cd.sha256,
+        overlays: reports.clone(),
+    };
+    let mut problems = problems;
+    if let Err(e) = save(&applied) {
+        problems.push(format!("overlays: save {APPLIED_FILE}: {e}"));
+    }
+    (reports, problems)
+}
+
+fn failures(reports: &[OverlayReport]) -> Vec<String> {
+    reports
+        .iter()
+        .filter(|r| r.failed())
+        .map(|r| format!("overlay {}: {}", r.name, r.result))
+        .collect()
+}
+
+fn mount(dev: &Path) -> std::io::Result<()> {
+    use nix::mount::MsFlags;
+    fs::create_dir_all(MOUNT_POINT)?;
+    nix::mount::mount(
+        Some(dev),
+        MOUNT_POINT,
+        Some("iso9660"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        std::io::Error::other(format!(
+            "mount {} on {MOUNT_POINT} (iso9660): {e}",
+            dev.display()
+        ))
+    })
+}
+
+/// Unpacks every file of `dir` in name order onto `root`.
+pub fn unpack_all(dir: &Path, root: &Path) -> Vec<OverlayReport> {
+    let mut names: Vec<String> = match fs::read_dir(dir) {
+        Ok(d) => d
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) => {
+            error!("overlays: read {}: {e}", dir.display());
+            return vec![];
+        }
+    };
+    names.sort();
+    let mut reports = Vec::new();
+    for name in names {
+        let t = Instant::now();
+        let mut log = |line: &str| warn!("overlay {name}: {line}");
+        let o = unpack::unpack_file(&dir.join(&name), root, &mut log);
+        let secs = t.elapsed().as_secs_f64();
+        let result = match (&o.failed, o.refused.len()) {
+            (Some(why), _) => format!("failed: {why}"),
+            (None, 0) => "ok".to_string(),
+            (None, n) => format!("ok, {n} entries refused"),
+        };
+        if o.failed.is_some() {
+            error!("overlay {name}: {result}");
+        } else {
+            info!(
+                "overlay {name}: {result} ({} entries, {secs:.2}s)",
+                o.written
+            );
+        }
+        reports.push(OverlayReport {
+            name,
+            sha256: o.sha256,
+            size: o.size,
+            secs,
+            result,
+            this_boot: true,
+        });
+    }
+    reports
+}
+
+fn save(applied: &Applied) -> std::io::Result<()> {
+    let path = Path::new(APPLIED_FILE);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_string_pretty(applied).map_err(std::io::Error::other)?;
+    fs::write(&tmp, text)?;
+    fs::File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pvd_needs_the_label_and_the_hash() {
+        let mut pvd = vec![0u8; 2048];
+        pvd[0] = 1;
+        pvd[1..6].copy_from_slice(b"CD001");
+        pvd[40..72].copy_from_slice(format!("{:32}", "kimg").as_bytes());
+        assert_eq!(parse_pvd(&pvd), None);
+        let h = "0f".repeat(32);
+        let au = kimg_contract::cdrom::app_use(&h);
+        pvd[PVD_APP_USE..PVD_APP_USE + au.len()].copy_from_slice(au.as_bytes());
+        assert_eq!(parse_pvd(&pvd), Some(h));
+        pvd[40..72].copy_from_slice(format!("{:32}", "other").as_bytes());
+        assert_eq!(parse_pvd(&pvd), None);
+    }
+}

@@ -1,0 +1,581 @@
+//! Unpacks one overlay archive (tar, optionally gzip/xz/zstd) onto a root, safely.
+//!
+//! Every entry's place is decided by [`crate::pathsafe`] (no `..`, no /proc, /sys,
+//! /dev, /run, not through symlinks leading there). An existing file is unlinked,
+//! never opened for writing; new files are created with `O_EXCL|O_NOFOLLOW`. Modes
+//! (setuid, sticky), numeric owners, mtimes, symlinks, hard links, long names (GNU,
+//! PAX), `SCHILY.xattr.*` and holes (zero blocks are skipped, so sparse members stay
+//! sparse) come out as GNU tar extracts them. Device nodes are refused: an overlay
+//! has no business creating another way to reach a disk.
+
+use crate::pathsafe::{self, Components, Refusal};
+use sha2::{Digest, Sha256};
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Outcome of one archive.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Outcome {
+    /// Entries written.
+    pub written: u64,
+    /// Entries refused or failed (each logged with its path and why).
+    pub refused: Vec<String>,
+    /// sha256 of the archive file's bytes.
+    pub sha256: String,
+    /// Its size.
+    pub size: u64,
+    /// Why the archive as a whole failed (corrupt, truncated), if it did.
+    pub failed: Option<String>,
+}
+
+/// Reads through, hashing every byte.
+struct HashReader<R> {
+    inner: R,
+    hash: Sha256,
+    size: u64,
+}
+
+impl<R: Read> Read for HashReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+}
+
+/// Compression of an archive, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Plain tar.
+    None,
+    /// gzip.
+    Gzip,
+    /// xz.
+    Xz,
+    /// zstd.
+    Zstd,
+}
+
+/// Tells the compression from the magic bytes.
+pub fn sniff(head: &[u8]) -> Compression {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Compression::Xz
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
+    } else {
+        Compression::None
+    }
+}
+
+/// Unpacks `archive` onto `root`; `log` gets one line per refused entry.
+pub fn unpack_file(archive: &Path, root: &Path, log: &mut dyn FnMut(&str)) -> Outcome {
+    let mut out = Outcome::default();
+    let file = match File::open(archive) {
+        Ok(f) => f,
+        Err(e) => {
+            out.failed = Some(format!("open {}: {e}", archive.display()));
+            return out;
+        }
+    };
+    let mut hr = HashReader {
+        inner: file,
+        hash: Sha256::new(),
+        size: 0,
+    };
+    let result = unpack_stream(&mut hr, root, log, &mut out);
+    // Hash the whole file even when the tar ended early (trailing zeros, padding).
+    let drained = io::copy(&mut hr, &mut io::sink());
+    out.sha256 = hex(&hr.hash.finalize());
+    out.size = hr.size;
+    if let Err(e) = result.and(drained.map(|_| ())) {
+        out.failed = Some(e.to_string());
+    }
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unpack_stream(
+    raw: &mut (dyn Read + Send),
+    root: &Path,
+    log: &mut dyn FnMut(&str),
+    out: &mut Outcome,
+) -> io::Result<()> {
+    let mut buf = BufReader::with_capacity(1 << 20, raw);
+    let kind = sniff(buf.fill_buf()?);
+    match kind {
+        Compression::None => unpack_tar(&mut buf, root, log, out),
+        Compression::Gzip => unpack_tar(flate2::read::MultiGzDecoder::new(buf), root, log, out),
+        Compression::Zstd => {
+            let z = ruzstd::decoding::StreamingDecoder::new(buf)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("zstd: {e}")))?;
+            unpack_tar(BufReader::with_capacity(1 << 20, z), root, log, out)
+        }
+        Compression::Xz => {
+            // lzma-rs decodes from a reader into a writer: a thread feeds a pipe.
+            let (rd, mut wr) = io::pipe()?;
+            std::thread::scope(|s| {
+                let t = s.spawn(move || {
+                    lzma_rs::xz_decompress(&mut buf, &mut wr)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("xz: {e}")))
+                });
+                let r = unpack_tar(BufReader::with_capacity(1 << 20, rd), root, log, out);
+                let x = t
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("xz thread panicked")));
+                // The decoder's error explains a tar error caused by a broken stream.
+                x.and(r)
+            })
+        }
+    }
+}
+
+/// A directory whose mtime and mode are set once the archive is done (writing
+/// entries into it changes its mtime).
+struct DirFix {
+    path: PathBuf,
+    mode: u32,
+    mtime: (i64, i64),
+}
+
+fn unpack_tar<R: Read>(
+    r: R,
+    root: &Path,
+    log: &mut dyn FnMut(&str),
+    out: &mut Outcome,
+) -> io::Result<()> {
+    let mut ar = tar::Archive::new(r);
+    let mut dirs = Vec::new();
+    let is_root = nix::unistd::geteuid().is_root();
+    for entry in ar.entries()? {
+        let mut entry = entry?;
+        let raw_path = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw_path).into_owned();
+        match write_entry(&mut entry, root, is_root, &mut dirs) {
+            Ok(()) => out.written += 1,
+            Err(EntryError::Refused(why)) => {
+                log(&format!("refused {shown}: {why}"));
+                out.refused.push(format!("{shown}: {why}"));
+            }
+            Err(EntryError::Io(e)) if is_stream_error(&e) => return Err(e),
+            Err(EntryError::Io(e)) => {
+                log(&format!("cannot write {shown}: {e}"));
+                out.refused.push(format!("{shown}: {e}"));
+            }
+        }
+    }
+    for d in dirs.iter().rev() {
+        let _ = fs::set_permissions(&d.path, fs::Permissions::from_mode(d.mode));
+        let _ = set_mtime(&d.path, d.mtime);
+    }
+    Ok(())
+}
+
+/// Errors reading the archive (as opposed to writing one entry) end the archive.
+fn is_stream_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput
+    ) || e.to_string().contains("xz")
+        || e.to_string().contains("zstd")
+}
+
+enum EntryError {
+    Refused(String),
+    Io(io::Error),
+}
+
+impl From<io::Error> for EntryError {
+    fn from(e: io::Error) -> Self {
+        EntryError::Io(e)
+    }
+}
+
+impl From<Refusal> for EntryError {
+    fn from(r: Refusal) -> Self {
+        EntryError::Refused(r.to_string())
+    }
+}
+
+/// Lookup for [`pathsafe::resolve`] on the real tree under `root`.
+fn lookup(root: &Path) -> impl FnMut(&[Vec<u8>]) -> Option<Vec<u8>> + '_ {
+    move |pre| {
+        let p = join(root, pre);
+        let md = fs::symlink_metadata(&p).ok()?;
+        if !md.file_type().is_symlink() {
+            return None;
+        }
+        fs::read_link(&p)
+            .ok()
+            .map(|t| t.into_os_string().into_vec())
+    }
+}
+
+use std::os::unix::ffi::OsStringExt;
+
+fn join(root: &Path, comps: &[Vec<u8>]) -> PathBuf {
+    let mut p = root.to_path_buf();
+    for c in comps {
+        p.push(OsStr::from_bytes(c));
+    }
+    p
+}
+
+/// Makes the parent directories of `comps` (already resolved: no symlinks in them).
+fn make_parents(root: &Path, comps: &Components) -> Result<(), EntryError> {
+    let mut p = root.to_path_buf();
+    for c in &comps[..comps.len() - 1] {
+        p.push(OsStr::from_bytes(c));
+        match fs::symlink_metadata(&p) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                return Err(EntryError::Refused(format!(
+                    "{} is not a directory",
+                    p.display()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir(&p)?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o755))?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Removes what is at `p` (not following a symlink); an empty directory too.
+fn remove_existing(p: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(md) if md.is_dir() => fs::remove_dir(p),
+        Ok(_) => fs::remove_file(p),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Seconds and nanoseconds of a PAX `mtime` record (`1795311305.840077858`).
+fn pax_mtime<R: Read>(entry: &mut tar::Entry<'_, R>) -> Option<(i64, i64)> {
+    let exts = entry.pax_extensions().ok()??;
+    for ext in exts.flatten() {
+        if ext.key_bytes() == b"mtime" {
+            let v = std::str::from_utf8(ext.value_bytes()).ok()?;
+            let (s, frac) = v.split_once('.').unwrap_or((v, ""));
+            let secs: i64 = s.parse().ok()?;
+            let digits: String = frac.chars().take(9).collect();
+            let nanos: i64 = format!("{digits:0<9}").parse().ok()?;
+            return Some(if secs < 0 && nanos > 0 {
+                (secs - 1, 1_000_000_000 - nanos)
+            } else {
+                (secs, nanos)
+            });
+        }
+    }
+    None
+}
+
+fn set_mtime(p: &Path, (secs, nanos): (i64, i64)) -> io::Result<()> {
+    let t = nix::sys::time::TimeSpec::new(secs, nanos);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        p,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(io::Error::from)
+}
+
+fn write_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    root: &Path,
+    is_root: bool,
+    dirs: &mut Vec<DirFix>,
+) -> Result<(), EntryError> {
+    let h = entry.header();
+    let kind = h.entry_type();
+    let comps = match pathsafe::entry_components(&entry.path_bytes()) {
+        // `./` of `tar -C dir .`: the root keeps its own mode and owner.
+        Err(Refusal::Empty) if kind.is_dir() => return Ok(()),
+        other => other?,
+    };
+    let mode = h.mode()? & 0o7777;
+    let header_mtime = h.mtime().unwrap_or(0) as i64;
+    let uid = h.uid().unwrap_or(0) as u32;
+    let gid = h.gid().unwrap_or(0) as u32;
+    let mtime = pax_mtime(entry).unwrap_or((header_mtime, 0));
+    // Directories may be symlinks to directories already (/bin -> usr/bin): follow.
+    let follow_last = kind.is_dir();
+    let resolved = pathsafe::resolve(&comps, follow_last, &mut lookup(root))?;
+    make_parents(root, &resolved)?;
+    let path = join(root, &resolved);
+    let owner = |p: &Path| -> io::Result<()> {
+        if is_root {
+            std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
+        }
+        Ok(())
+    };
+    match kind {
+        tar::EntryType::Directory => {
+            match fs::symlink_metadata(&path) {
+                Ok(md) if md.is_dir() => {}
+                Ok(_) => {
+                    fs::remove_file(&path)?;
+                    fs::create_dir(&path)?;
+                }
+                Err(_) => fs::create_dir(&path)?,
+            }
+            owner(&path)?;
+            // Writable until the archive is done, then its own mode.
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode | 0o700))?;
+            dirs.push(DirFix { path, mode, mtime });
+        }
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+            remove_existing(&path)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+                .open(&path)?;
+            let size = entry.size();
+            copy_sparse(entry, &mut f, size)?;
+            owner(&path)?;
+            f.set_permissions(fs::Permissions::from_mode(mode))?;
+            set_xattrs(entry, &path)?;
+            drop(f);
+            set_mtime(&path, mtime)?;
+        }
+        tar::EntryType::Symlink => {
+            let target = entry
+                .link_name_bytes()
+                .ok_or_else(|| EntryError::Refused("symlink without a target".into()))?
+                .into_owned();
+            remove_existing(&path)?;
+            std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path)?;
+            owner(&path)?;
+            set_mtime(&path, mtime)?;
+        }
+        tar::EntryType::Link => {
+            let target = entry
+                .link_name_bytes()
+                .ok_or_else(|| EntryError::Refused("hard link without a target".into()))?
+                .into_owned();
+            let tcomps = pathsafe::entry_components(&target)?;
+            let tres = pathsafe::resolve(&tcomps, false, &mut lookup(root))?;
+            let tpath = join(root, &tres);
+            if tpath == path {
+                return Ok(());
+            }
+            remove_existing(&path)?;
+            fs::hard_link(&tpath, &path)?;
+        }
+        tar::EntryType::Fifo => {
+            remove_existing(&path)?;
+            nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                .map_err(io::Error::from)?;
+            owner(&path)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
+            set_mtime(&path, mtime)?;
+        }
+        tar::EntryType::Char | tar::EntryType::Block => {
+            return Err(EntryError::Refused("device nodes are not unpacked".into()))
+        }
+        other => {
+            return Err(EntryError::Refused(format!(
+                "entry type {other:?} is not unpacked"
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// Copies `size` bytes, seeking over all-zero 4 KiB blocks so they become holes.
+fn copy_sparse(r: &mut dyn Read, f: &mut File, size: u64) -> io::Result<()> {
+    const BLOCK: usize = 4096;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    let mut holes = false;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = r.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "archive ends inside a file",
+            ));
+        }
+        for block in buf[..n].chunks(BLOCK) {
+            if block.len() == BLOCK && block[0] == 0 && block.iter().all(|&b| b == 0) {
+                f.seek(SeekFrom::Current(BLOCK as i64))?;
+                holes = true;
+            } else {
+                f.write_all(block)?;
+            }
+        }
+        left -= n as u64;
+    }
+    if holes {
+        f.set_len(size)?;
+    }
+    Ok(())
+}
+
+/// Applies PAX `SCHILY.xattr.NAME` records.
+fn set_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>, path: &Path) -> io::Result<()> {
+    let Ok(Some(exts)) = entry.pax_extensions() else {
+        return Ok(());
+    };
+    for ext in exts.flatten() {
+        if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+            crate::xattr::lset(path, name, ext.value_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a shell script in `dir` through the [`crate::reaper::REAPER`] (this test
+    /// binary reaps every child in the background), returning its stdout.
+    fn sh(script: &str, dir: &Path) -> String {
+        crate::reaper::tests::start_test_reaper();
+        let full = format!("cd '{}' && {script}", dir.display());
+        let r = crate::exec::run(&["sh".to_string(), "-c".to_string(), full], None);
+        assert_eq!(r.exit_code, 0, "{script}: {}", r.stderr);
+        r.stdout
+    }
+
+    /// `find` listing of a tree: type, mode, size, link target, sha256 of files.
+    fn listing(root: &Path) -> String {
+        sh("find . -mindepth 1 -printf '%y %m %s %l %T@ %p\\n' | grep -v '^d' | sort; find . -type f -exec sha256sum {} + | sort -k2", root)
+    }
+
+    #[test]
+    fn matches_gnu_tar_for_a_mixed_archive_and_later_overrides() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let long = "l".repeat(130);
+        sh(
+            &format!(
+                "mkdir -p a/b {long} && echo one > a/f && chmod 4755 a/f && ln a/f a/hard && \
+                 ln -s f a/sym && mkdir -p t && chmod 1777 t && echo x > {long}/{long} && \
+                 truncate -s 10M sparse && echo tail >> sparse && touch -d @1000000 a/f && \
+                 tar --sort=name --sparse -cf ../one.tar . && \
+                 echo two > a/f && rm a/hard && ln -s /etc a/hard && tar --format=pax -cJf ../two.tar.xz a && \
+                 tar --zstd -cf ../three.tar.zst a/f && gzip -c ../one.tar > ../one.tar.gz"
+            ),
+            &src,
+        );
+        let gnu = t.path().join("gnu");
+        let ours = t.path().join("ours");
+        fs::create_dir(&gnu).unwrap();
+        fs::create_dir(&ours).unwrap();
+        for a in ["one.tar.gz", "two.tar.xz", "three.tar.zst"] {
+            sh(
+                &format!("tar --numeric-owner -xpf {}", t.path().join(a).display()),
+                &gnu,
+            );
+            let mut lines = Vec::new();
+            let o = unpack_file(&t.path().join(a), &ours, &mut |l| lines.push(l.to_string()));
+            assert_eq!(o.failed, None, "{a}: {lines:?}");
+            assert!(o.refused.is_empty(), "{a}: {:?}", o.refused);
+            assert_eq!(o.size, fs::metadata(t.path().join(a)).unwrap().len());
+        }
+        assert_eq!(listing(&ours), listing(&gnu));
+        let md = fs::metadata(ours.join("sparse")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(md.blocks() * 512 < 1 << 20, "sparse file is not sparse");
+    }
+
+    #[test]
+    fn hostile_entries_change_nothing_outside() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        let outside = t.path().join("outside");
+        fs::create_dir_all(root.join("dev")).unwrap();
+        fs::create_dir_all(root.join("proc")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(root.join("dev/vda"), "disk").unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            // Raw names: tar::Builder would refuse `..` itself.
+            let bytes = path.as_bytes();
+            h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+            if let Some(l) = link {
+                h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+            }
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        };
+        let out = outside.to_str().unwrap().to_string();
+        add("dev/vda", tar::EntryType::Regular, None, b"pwned");
+        add("proc/sysrq-trigger", tar::EntryType::Regular, None, b"b");
+        add("p", tar::EntryType::Symlink, Some("/proc"), b"");
+        add("p/sysrq-trigger", tar::EntryType::Regular, None, b"b");
+        add("d", tar::EntryType::Symlink, Some("/dev/vda"), b"");
+        add(
+            "d",
+            tar::EntryType::Regular,
+            None,
+            b"replaces the link only",
+        );
+        add("e", tar::EntryType::Symlink, Some("../../dev"), b"");
+        add("e/vda", tar::EntryType::Regular, None, b"pwned");
+        add("../escape", tar::EntryType::Regular, None, b"pwned");
+        add("o", tar::EntryType::Symlink, Some(&out), b"");
+        add("o/x", tar::EntryType::Regular, None, b"stays inside");
+        add("/abs", tar::EntryType::Regular, None, b"inside");
+        add("h", tar::EntryType::Link, Some("dev/vda"), b"");
+        add("n", tar::EntryType::Block, None, b"");
+        let data = b.into_inner().unwrap();
+        let ar = t.path().join("hostile.tar");
+        fs::write(&ar, &data).unwrap();
+        let o = unpack_file(&ar, &root, &mut |_| {});
+        assert_eq!(o.failed, None);
+        assert_eq!(fs::read(root.join("dev/vda")).unwrap(), b"disk");
+        assert!(!root.join("proc/sysrq-trigger").exists());
+        assert!(!t.path().join("escape").exists());
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        // Absolute link targets resolve inside the root (chroot semantics).
+        assert_eq!(
+            fs::read(root.join(&out[1..]).join("x")).unwrap(),
+            b"stays inside"
+        );
+        assert_eq!(fs::read(root.join("abs")).unwrap(), b"inside");
+        assert_eq!(fs::read(root.join("d")).unwrap(), b"replaces the link only");
+        assert!(!root.join("h").exists() && !root.join("n").exists());
+        assert_eq!(o.refused.len(), 7, "{:?}", o.refused);
+    }
+
+    #[test]
+    fn corrupt_and_truncated_archives_fail_with_a_reason() {
+        let t = tempfile::tempdir().unwrap();
+        sh("mkdir s && head -c 300000 /dev/urandom > s/f && tar --zstd -cf a.tar.zst s && tar -cJf a.tar.xz s && tar -cf a.tar s", t.path());
+        for a in ["a.tar.zst", "a.tar.xz", "a.tar"] {
+            let bytes = fs::read(t.path().join(a)).unwrap();
+            let cut = t.path().join(format!("cut-{a}"));
+            fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+            let root = t.path().join(format!("r-{a}"));
+            fs::create_dir(&root).unwrap();
+            let o = unpack_file(&cut, &root, &mut |_| {});
+            assert!(o.failed.is_some(), "{a}: {o:?}");
+        }
+    }
+}
