@@ -29,6 +29,7 @@ enum Command {
     Exec(cli::exec::Args),
     Stop(cli::stop::Args),
     Bench(cli::bench::Args),
+    Kernel(cli::kernel::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
         Command::Exec(a) => cli::exec::run(a),
         Command::Stop(a) => cli::stop::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Kernel(a) => cli::kernel::run(a),
     };
     match result {
         Ok(code) => code,

@@ -2,6 +2,7 @@
 //! with what it is compared to, in one run. One module per suite.
 
 pub mod boot;
+pub mod kernel;
 
 /// The median of some samples (0 when empty).
 pub fn median(xs: &[f64]) -> f64 {

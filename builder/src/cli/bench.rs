@@ -18,6 +18,35 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 enum Suite {
     Boot(BootArgs),
+    Kernel(KernelArgs),
+}
+
+/// A kernel built from source (defconfig + base.config + k8s.config) next to Debian's
+/// modular cloud kernel: the build's wall time here, and each kernel's image booting
+/// to ready, medians and ratio, in the same run. A fresh build takes tens of minutes.
+#[derive(clap::Args)]
+struct KernelArgs {
+    /// The kernel source tree [default: `kimg kernel source`'s, fetched if needed].
+    #[arg(long, value_name = "DIR")]
+    source: Option<PathBuf>,
+    /// Parallel compile jobs [default: number of CPUs].
+    #[arg(short = 'j', long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Use a build from kimg's cache if there is one (the build time is then not measured).
+    #[arg(long)]
+    cached_ok: bool,
+    /// Boots of each kernel; medians are compared.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Accelerator for the boots.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// The static kimg-init binary.
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `kimg build` with a warm kernel cache (goal <= 10 s), and one VM's boot to ready
@@ -46,7 +75,57 @@ struct BootArgs {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     match a.suite {
         Suite::Boot(b) => boot(b),
+        Suite::Kernel(k) => kernel(k),
     }
+}
+
+fn kernel(a: KernelArgs) -> anyhow::Result<ExitCode> {
+    let quiet = a.json;
+    let log = |l: &str| {
+        if !quiet {
+            eprintln!("kimg bench: {l}");
+        }
+    };
+    let tree = match a.source {
+        Some(t) => t,
+        None => kimg::kernel::source::fetch(&kimg::cache::cache_dir(), &log)?,
+    };
+    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let jobs = a.jobs.unwrap_or_else(kimg::kernel::source::default_jobs);
+    let opts = bench::kernel::KernelBenchOptions {
+        tree,
+        jobs,
+        cached_ok: a.cached_ok,
+        runs: a.runs.max(1),
+        accel: a.accel,
+        init: a.init.unwrap_or_else(image::default_init),
+        scratch: scratch.path().to_path_buf(),
+    };
+    let r = bench::kernel::run(&opts, &log)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("accelerator                          {}", r.accel.as_str());
+        match r.build_secs {
+            Some(s) => println!(
+                "kernel build {} (-j{}, {} files)  {:7.0} s",
+                r.release, r.jobs, r.compiled, s
+            ),
+            None => println!("kernel build {}: cached, not measured", r.release),
+        }
+        println!(
+            "boot to ready, built kernel          {:7.2} s   (median of {})",
+            bench::median(&r.built_boot_secs),
+            r.built_boot_secs.len()
+        );
+        println!(
+            "boot to ready, Debian cloud kernel   {:7.2} s   (median of {})",
+            bench::median(&r.debian_boot_secs),
+            r.debian_boot_secs.len()
+        );
+        println!("ratio built / Debian                 {:7.2}", r.ratio);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {

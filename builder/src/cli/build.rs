@@ -26,6 +26,13 @@ pub struct Args {
     /// The kernel's modules directory (.../lib/modules/VERSION).
     #[arg(long, value_name = "DIR", requires = "kernel")]
     modules: Option<PathBuf>,
+    /// Build the kernel from this source tree (defconfig + kernel-configs/base.config,
+    /// everything the boot needs built in; cached) - see `kimg kernel build`.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel_deb", "kernel", "modules"])]
+    kernel_source: Option<PathBuf>,
+    /// With --kernel-source: add kernel-configs/k8s.config.
+    #[arg(long, requires = "kernel_source")]
+    k8s: bool,
     /// Virtual disk size (K, M, G suffixes).
     #[arg(long, default_value = "2G", value_parser = super::parse_size)]
     size: u64,
@@ -42,25 +49,53 @@ pub struct Args {
 
 /// Runs `kimg build`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    if let Some(tree) = &a.kernel_source {
+        use kimg::kernel::source::{self, Base, Fragment};
+        let built = source::assemble_and_build(
+            tree,
+            &Base::Defconfig,
+            &Fragment::embedded(a.k8s)?,
+            source::default_jobs(),
+            &kimg::cache::cache_dir(),
+            &|l| eprintln!("kimg build: kernel: {l}"),
+        )
+        .context("building the kernel from source failed")?;
+        let kernel = KernelSource::Files {
+            kernel: built.vmlinuz,
+            modules: built.modules_dir,
+        };
+        return build_with(a.out, kernel, a.size, a.init, a.busybox, a.json);
+    }
     let kernel = match (a.kernel_deb, a.kernel, a.modules) {
         (Some(deb), _, _) => KernelSource::Deb(deb),
         (None, Some(kernel), Some(modules)) => KernelSource::Files { kernel, modules },
         _ => KernelSource::DebianDefault,
     };
+    build_with(a.out, kernel, a.size, a.init, a.busybox, a.json)
+}
+
+fn build_with(
+    out_dir: PathBuf,
+    kernel: KernelSource,
+    size: u64,
+    init: Option<PathBuf>,
+    busybox: PathBuf,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let opts = BuildOptions {
-        out_dir: a.out,
+        out_dir,
         name: "hd".into(),
         kernel,
-        size: a.size,
-        init: a.init.unwrap_or_else(image::default_init),
-        busybox: a.busybox,
+        size,
+        init: init.unwrap_or_else(image::default_init),
+        busybox,
         mtime: image::source_date_epoch(),
         zstd_level: 9,
     };
     let start = std::time::Instant::now();
     let out = image::build(&opts, &|line| eprintln!("kimg build: {line}"))
         .context("kimg build failed")?;
-    if a.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&out.manifest)?);
     } else {
         let size = std::fs::metadata(&out.image).map(|m| m.len()).unwrap_or(0);

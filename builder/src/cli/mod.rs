@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod build;
 pub mod exec;
+pub mod kernel;
 pub mod run;
 pub mod status;
 pub mod stop;
