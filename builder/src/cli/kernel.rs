@@ -18,6 +18,7 @@ use std::process::ExitCode;
 ///   kimg kernel build --source DIR --k8s     # bzImage + modules, cached by config
 ///   kimg build --kernel-source DIR --k8s     # an image with that kernel
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {
     #[command(subcommand)]
     command: Sub,
@@ -31,8 +32,9 @@ enum Sub {
     Source(SourceArgs),
 }
 
-/// Check a kernel config (/boot/config-*, /proc/config.gz, a .config) against kimg's
-/// fragments. Lists every symbol that is missing or has the wrong value and exits 1 if
+/// Check a kernel config against kimg's fragments.
+///
+/// Reads /boot/config-*, /proc/config.gz or a .config. Lists every symbol that is missing or has the wrong value and exits 1 if
 /// there is any. `=y` in a fragment accepts y or m, unless its line ends in
 /// `# kimg: builtin` (then only y).
 #[derive(clap::Args)]
@@ -51,7 +53,9 @@ struct CheckArgs {
     json: bool,
 }
 
-/// Assemble a kernel config with the kernel's own Kconfig: the base config, then
+/// Assemble a kernel config with the kernel's own Kconfig, and verify it.
+///
+/// The base config, then
 /// base.config (and k8s.config), then each --fragment in order (a later one wins),
 /// then `make olddefconfig` in a scratch build directory (the source tree is not
 /// written to). Then every fragment symbol is checked: one that Kconfig dropped is
@@ -103,7 +107,9 @@ impl AssembleArgs {
     }
 }
 
-/// Build a kernel from source: assemble the config as `kimg kernel config` does (any
+/// Build a kernel from source (bzImage + modules, cached).
+///
+/// Assembles the config as `kimg kernel config` does (any
 /// dropped symbol stops here), then `make bzImage modules` out of tree and
 /// `modules_install`. The result is cached in kimg's cache by (kernel version, config
 /// hash): a second run with the same inputs returns at once. Prints where the kernel is.
@@ -119,8 +125,10 @@ struct BuildArgs {
     json: bool,
 }
 
-/// Fetch Debian's kernel source (apt-get download linux-source-6.1, ~140 MB) into
-/// kimg's cache and unpack it once (~1.5 GB); prints the tree's path.
+/// Fetch Debian's kernel source tree into kimg's cache.
+///
+/// apt-get download linux-source-6.1 (~140 MB), unpacked once (~1.5 GB, ~20 s);
+/// prints the tree's path.
 #[derive(clap::Args)]
 struct SourceArgs {}
 

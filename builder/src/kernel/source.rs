@@ -392,7 +392,10 @@ pub fn build(
     let build_dir = builds.join(format!(".build-{}", &key[..16]));
     std::fs::create_dir_all(&build_dir).map_err(io_err(&build_dir))?;
     let dot_config = build_dir.join(".config");
-    std::fs::write(&dot_config, &assembled.text).map_err(io_err(&dot_config))?;
+    // An unchanged .config keeps its mtime, so an interrupted build resumes where it was.
+    if std::fs::read_to_string(&dot_config).ok().as_deref() != Some(assembled.text.as_str()) {
+        std::fs::write(&dot_config, &assembled.text).map_err(io_err(&dot_config))?;
+    }
     cmd::run(make(tree, &build_dir).arg("olddefconfig"))?;
     let modules = assembled.config.get("CONFIG_MODULES") == Some(&ConfigValue::Yes);
     let mut targets = vec!["bzImage"];
