@@ -52,6 +52,9 @@ pub fn package_hint(program: &str) -> &'static str {
         "sgdisk" => "apt-get install gdisk",
         "fsck.vfat" => "apt-get install dosfstools",
         "xorriso" => "apt-get install xorriso",
+        "make" | "gcc" | "flex" | "bison" | "bc" => {
+            "apt-get install gcc make flex bison bc libelf-dev libssl-dev"
+        }
         _ => "see README.md",
     }
 }
@@ -88,6 +91,41 @@ pub fn run(cmd: &mut Command) -> Result<Output, CmdError> {
 /// Like [`run`], returning stdout as (lossy) UTF-8.
 pub fn run_stdout(cmd: &mut Command) -> Result<String, CmdError> {
     Ok(String::from_utf8_lossy(&run(cmd)?.stdout).into_owned())
+}
+
+/// Like [`run`], but calls `on_line` with each line of stdout as it comes (for progress
+/// on long steps such as a kernel build); stderr is kept for the error message.
+pub fn run_lines(cmd: &mut Command, on_line: &mut dyn FnMut(&str)) -> Result<(), CmdError> {
+    use std::io::{BufRead, Read};
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| spawn_error(cmd, e))?;
+    let mut stderr = child.stderr.take();
+    // Drain stderr on a thread so neither pipe fills up and blocks the child.
+    let err_thread = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut buf);
+        }
+        buf
+    });
+    if let Some(out) = child.stdout.take() {
+        for line in io::BufReader::new(out).split(b'\n').map_while(Result::ok) {
+            on_line(&String::from_utf8_lossy(&line));
+        }
+    }
+    let status = child.wait().map_err(|e| spawn_error(cmd, e))?;
+    let err = err_thread.join().unwrap_or_default();
+    if status.success() {
+        Ok(())
+    } else {
+        Err(CmdError::Failed {
+            command: display(cmd),
+            status: status.to_string(),
+            stderr: tail(&err),
+        })
+    }
 }
 
 /// Maps a spawn failure to [`CmdError`], with an install hint for a missing program.

@@ -203,7 +203,7 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
     };
 
     let kernel = kernel::prepare(&opts.kernel, &crate::cache::cache_dir())?;
-    let config_sha256 = check_config(&kernel)?;
+    let config_sha256 = check_config(&kernel, release.is_some())?;
     step("kernel", log);
 
     let index = ModuleIndex::scan(&kernel.modules_dir)?;
@@ -384,18 +384,27 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
     })
 }
 
-/// Checks the kernel's config against the base fragment; returns the config's sha256
-/// ("" when the kernel came without a config, which is then not checked).
-fn check_config(kernel: &Kernel) -> Result<String, BuildError> {
+/// Checks the kernel's config against the base fragment (and the k8s one); returns
+/// the config's sha256 ("" when the kernel came without a config, which is then not
+/// checked).
+fn check_config(kernel: &Kernel, k8s: bool) -> Result<String, BuildError> {
     let Some(path) = &kernel.config else {
         return Ok(String::new());
     };
     let config = KernelConfig::from_file(path)?;
-    let fragment = KernelConfig::parse(kernel::config::base_fragment())?;
-    let misses: Vec<String> = kernel::config::check(&config, &fragment)
-        .iter()
-        .map(|m| m.to_string())
-        .collect();
+    let mut fragments = vec![kernel::config::base_fragment()];
+    if k8s {
+        fragments.push(kernel::config::k8s_fragment());
+    }
+    let mut misses = Vec::new();
+    for text in fragments {
+        let fragment = KernelConfig::parse(text)?;
+        misses.extend(
+            kernel::config::check(&config, &fragment)
+                .iter()
+                .map(|m| m.to_string()),
+        );
+    }
     if !misses.is_empty() {
         return Err(BuildError::Config {
             version: kernel.version.clone(),

@@ -37,6 +37,7 @@ enum Command {
     Fetch(cli::fetch::Args),
     Images(cli::images::Args),
     Mkcdrom(cli::mkcdrom::Args),
+    Kernel(cli::kernel::Args),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +57,7 @@ fn main() -> ExitCode {
         Command::Fetch(a) => cli::fetch::run(a),
         Command::Images(a) => cli::images::run(a),
         Command::Mkcdrom(a) => cli::mkcdrom::run(a),
+        Command::Kernel(a) => cli::kernel::run(a),
     };
     match result {
         Ok(code) => code,

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod cdrom;
 pub mod cluster;
+pub mod kernel;
 pub mod publish;
 
 /// The median of some samples (0 when empty).

@@ -22,6 +22,7 @@ enum Suite {
     Cluster(ClusterArgs),
     Publish(PublishArgs),
     Cdrom(CdromArgs),
+    Kernel(KernelArgs),
 }
 
 /// `kimg publish` next to `xz -T0 -6` on the same image (size ratio goal <= 1.0, time
@@ -54,6 +55,34 @@ struct CdromArgs {
     /// Accelerator for the VM.
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     accel: AccelChoice,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A kernel built from source (defconfig + base.config + k8s.config) next to Debian's
+/// modular cloud kernel: the build's wall time here, and each kernel's image booting
+/// to ready, medians and ratio, in the same run. A fresh build takes tens of minutes.
+#[derive(clap::Args)]
+struct KernelArgs {
+    /// The kernel source tree [default: `kimg kernel source`'s, fetched if needed].
+    #[arg(long, value_name = "DIR")]
+    source: Option<PathBuf>,
+    /// Parallel compile jobs [default: number of CPUs].
+    #[arg(short = 'j', long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Use a build from kimg's cache if there is one (the build time is then not measured).
+    #[arg(long)]
+    cached_ok: bool,
+    /// Boots of each kernel; medians are compared.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Accelerator for the boots.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// The static kimg-init binary.
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
@@ -113,6 +142,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Suite::Cluster(c) => cluster(c),
         Suite::Publish(p) => publish(p),
         Suite::Cdrom(c) => cdrom(c),
+        Suite::Kernel(k) => kernel(k),
     }
 }
 
@@ -327,6 +357,55 @@ fn cdrom(a: CdromArgs) -> anyhow::Result<ExitCode> {
             "ratio busybox / kimg-init           {:6.2}     (goal > 1: kimg-init faster)",
             r.unpack_speedup
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kernel(a: KernelArgs) -> anyhow::Result<ExitCode> {
+    let quiet = a.json;
+    let log = |l: &str| {
+        if !quiet {
+            eprintln!("kimg bench: {l}");
+        }
+    };
+    let tree = match a.source {
+        Some(t) => t,
+        None => kimg::kernel::source::fetch(&kimg::cache::cache_dir(), &log)?,
+    };
+    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let jobs = a.jobs.unwrap_or_else(kimg::kernel::source::default_jobs);
+    let opts = bench::kernel::KernelBenchOptions {
+        tree,
+        jobs,
+        cached_ok: a.cached_ok,
+        runs: a.runs.max(1),
+        accel: a.accel,
+        init: a.init.unwrap_or_else(image::default_init),
+        scratch: scratch.path().to_path_buf(),
+    };
+    let r = bench::kernel::run(&opts, &log)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("accelerator                          {}", r.accel.as_str());
+        match r.build_secs {
+            Some(s) => println!(
+                "kernel build {} (-j{}, {} files)  {:7.0} s",
+                r.release, r.jobs, r.compiled, s
+            ),
+            None => println!("kernel build {}: cached, not measured", r.release),
+        }
+        println!(
+            "boot to ready, built kernel          {:7.2} s   (median of {})",
+            bench::median(&r.built_boot_secs),
+            r.built_boot_secs.len()
+        );
+        println!(
+            "boot to ready, Debian cloud kernel   {:7.2} s   (median of {})",
+            bench::median(&r.debian_boot_secs),
+            r.debian_boot_secs.len()
+        );
+        println!("ratio built / Debian                 {:7.2}", r.ratio);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -26,6 +26,10 @@ pub struct Args {
     /// The kernel's modules directory (.../lib/modules/VERSION).
     #[arg(long, value_name = "DIR", requires = "kernel")]
     modules: Option<PathBuf>,
+    /// Build the kernel from this source tree (defconfig + kernel-configs/base.config,
+    /// everything the boot needs built in; cached) - see `kimg kernel build`.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel_deb", "kernel", "modules"])]
+    kernel_source: Option<PathBuf>,
     /// Virtual disk size (K, M, G suffixes).
     #[arg(long, default_value = "2G", value_parser = super::parse_size)]
     size: u64,
@@ -37,7 +41,8 @@ pub struct Args {
     busybox: PathBuf,
     /// Build the Kubernetes flavour (hd-k8s.img): containerd, runc, CNI plugins, etcd,
     /// iptables, conntrack, ipset from this host's Debian packages, and the
-    /// Kubernetes binaries from --k8s-release.
+    /// Kubernetes binaries from --k8s-release; the kernel is checked against
+    /// kernel-configs/k8s.config too (with --kernel-source, it is built with it).
     #[arg(long)]
     k8s: bool,
     /// A Kubernetes release: kubernetes-server-linux-amd64.tar.gz or its folder.
@@ -50,25 +55,55 @@ pub struct Args {
 
 /// Runs `kimg build`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let k8s = a.k8s.then(|| a.k8s_release.clone().unwrap_or_default());
+    if let Some(tree) = &a.kernel_source {
+        use kimg::kernel::source::{self, Base, Fragment};
+        let built = source::assemble_and_build(
+            tree,
+            &Base::Defconfig,
+            &Fragment::embedded(a.k8s)?,
+            source::default_jobs(),
+            &kimg::cache::cache_dir(),
+            &|l| eprintln!("kimg build: kernel: {l}"),
+        )
+        .context("building the kernel from source failed")?;
+        let kernel = KernelSource::Files {
+            kernel: built.vmlinuz,
+            modules: built.modules_dir,
+        };
+        return build_with(a.out, kernel, a.size, a.init, a.busybox, k8s, a.json);
+    }
     let kernel = match (a.kernel_deb, a.kernel, a.modules) {
         (Some(deb), _, _) => KernelSource::Deb(deb),
         (None, Some(kernel), Some(modules)) => KernelSource::Files { kernel, modules },
         _ => KernelSource::DebianDefault,
     };
+    build_with(a.out, kernel, a.size, a.init, a.busybox, k8s, a.json)
+}
+
+fn build_with(
+    out_dir: PathBuf,
+    kernel: KernelSource,
+    size: u64,
+    init: Option<PathBuf>,
+    busybox: PathBuf,
+    k8s: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let opts = BuildOptions {
-        out_dir: a.out,
+        out_dir,
         kernel,
-        size: a.size,
-        init: a.init.unwrap_or_else(image::default_init),
-        busybox: a.busybox,
+        size,
+        init: init.unwrap_or_else(image::default_init),
+        busybox,
         mtime: image::source_date_epoch(),
         zstd_level: 9,
-        k8s: a.k8s.then(|| a.k8s_release.unwrap_or_default()),
+        k8s,
     };
     let start = std::time::Instant::now();
     let out = image::build(&opts, &|line| eprintln!("kimg build: {line}"))
         .context("kimg build failed")?;
-    if a.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&out.manifest)?);
     } else {
         let size = std::fs::metadata(&out.image).map(|m| m.len()).unwrap_or(0);

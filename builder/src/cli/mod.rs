@@ -6,6 +6,7 @@ pub mod console;
 pub mod exec;
 pub mod fetch;
 pub mod images;
+pub mod kernel;
 pub mod logs;
 pub mod mkcdrom;
 pub mod publish;

@@ -50,14 +50,46 @@ pub fn download_default(cache: &Path) -> Result<Download, KernelError> {
                 .ok_or_else(|| resolve_err(&package, "no candidate version"))?
         }
     };
+    download_exact(cache, &package, &version)
+}
+
+/// Downloads the candidate version of `package` (any Debian package, e.g.
+/// `linux-source-6.1`) into `<cache>/debs`, reusing a verified earlier download.
+pub fn download_package(cache: &Path, package: &str) -> Result<Download, KernelError> {
+    for program in ["apt-cache", "apt-get"] {
+        if !cmd::exists(program) {
+            return Err(KernelError::NoApt { program });
+        }
+    }
+    let policy = cmd::run_stdout(Command::new("apt-cache").args(["policy", package]))?;
+    let version = candidate_version(&policy).ok_or_else(|| KernelError::Resolve {
+        package: package.to_string(),
+        reason: "no candidate version (run apt-get update?)".into(),
+    })?;
+    download_exact(cache, package, &version)
+}
+
+/// Downloads `package` at `version`, checked against the archive's SHA256.
+fn download_exact(cache: &Path, package: &str, version: &str) -> Result<Download, KernelError> {
+    let resolve_err = |package: &str, reason: &str| KernelError::Resolve {
+        package: package.to_string(),
+        reason: reason.to_string(),
+    };
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| KernelError::Io { path, source }
     };
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs).map_err(io_err(&debs))?;
+    let spec = format!("{package}={version}");
+    let record =
+        cmd::run_stdout(Command::new("apt-cache").args(["show", "--no-all-versions", &spec]))?;
+    // Architecture-independent packages (linux-source) are _all.deb.
+    let arch = field(&record, "Architecture")
+        .filter(|a| a.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .unwrap_or_else(|| "amd64".into());
     // apt-get names downloads package_version_arch.deb, with an epoch's ':' as %3a.
-    let file_name = format!("{package}_{}_amd64.deb", version.replace(':', "%3a"));
+    let file_name = format!("{package}_{}_{arch}.deb", version.replace(':', "%3a"));
     let deb = debs.join(&file_name);
     let marker = debs.join(format!("{file_name}.sha256"));
     let package_version = format!("{package} {version}");
@@ -70,9 +102,6 @@ pub fn download_default(cache: &Path) -> Result<Download, KernelError> {
             });
         }
     }
-    let spec = format!("{package}={version}");
-    let record =
-        cmd::run_stdout(Command::new("apt-cache").args(["show", "--no-all-versions", &spec]))?;
     let expected = field(&record, "SHA256")
         .ok_or_else(|| resolve_err(&spec, "apt-cache show gives no SHA256"))?;
     // A file without a marker is a leftover of an interrupted download.

@@ -2,8 +2,10 @@
 //!
 //! Full configs and fragments (`kernel-configs/*.config`) share the syntax:
 //! `CONFIG_X=y|m|n|"string"|123|0x1f`, `# CONFIG_X is not set`, comments, blank lines.
+//! One kimg extension, invisible to Kconfig and merge_config.sh: a `=y` line ending in
+//! the comment [`BUILTIN_MARKER`] asks for built in only (a module is not enough).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -94,17 +96,24 @@ impl fmt::Display for ConfigValue {
 pub struct KernelConfig {
     /// Every symbol mentioned, including `is not set` ones (as [`ConfigValue::No`]).
     pub symbols: BTreeMap<String, ConfigValue>,
+    /// Symbols whose `=y` line carries [`BUILTIN_MARKER`]: a module does not satisfy them.
+    pub builtin: BTreeSet<String>,
 }
+
+/// Trailing comment on a fragment's `CONFIG_X=y` line: "built in; a module is not
+/// enough" (e.g. what must work before any module can be loaded).
+pub const BUILTIN_MARKER: &str = "# kimg: builtin";
 
 impl KernelConfig {
     /// Parses config text. A symbol set twice is an error naming both lines: in a
     /// fragment that is always a mistake, and a real `.config` never has one.
     pub fn parse(text: &str) -> Result<KernelConfig, ConfigError> {
         let mut symbols = BTreeMap::new();
+        let mut builtin = BTreeSet::new();
         let mut lines_of: BTreeMap<String, usize> = BTreeMap::new();
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
-            let Some((symbol, value)) = parse_line(raw, line)? else {
+            let Some((symbol, value, marked)) = parse_line(raw, line)? else {
                 continue;
             };
             if let Some(&first) = lines_of.get(&symbol) {
@@ -115,9 +124,43 @@ impl KernelConfig {
                 });
             }
             lines_of.insert(symbol.clone(), line);
+            if marked {
+                builtin.insert(symbol.clone());
+            }
             symbols.insert(symbol, value);
         }
-        Ok(KernelConfig { symbols })
+        Ok(KernelConfig { symbols, builtin })
+    }
+
+    /// Merges configs in order: a symbol set in a later one wins (with its marker, or
+    /// none). Duplicates inside one config were already refused by [`KernelConfig::parse`].
+    pub fn merge<'a>(parts: impl IntoIterator<Item = &'a KernelConfig>) -> KernelConfig {
+        let mut out = KernelConfig::default();
+        for part in parts {
+            for (symbol, value) in &part.symbols {
+                out.builtin.remove(symbol);
+                out.symbols.insert(symbol.clone(), value.clone());
+            }
+            out.builtin.extend(part.builtin.iter().cloned());
+        }
+        out
+    }
+
+    /// Renders the config in `.config` syntax (`n` as `# CONFIG_X is not set`), without
+    /// kimg's markers: what Kconfig reads.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for (symbol, value) in &self.symbols {
+            match value {
+                ConfigValue::No => out.push_str(&format!("# {symbol} is not set\n")),
+                ConfigValue::Str(s) => {
+                    let escaped = s.replace('\\', "\\\\").replace('"', "\\\"");
+                    out.push_str(&format!("{symbol}=\"{escaped}\"\n"));
+                }
+                v => out.push_str(&format!("{symbol}={v}\n")),
+            }
+        }
+        out
     }
 
     /// Reads and parses a config file, plain or gzip-compressed (`/proc/config.gz`).
@@ -149,14 +192,25 @@ impl KernelConfig {
     }
 }
 
-/// Parses one line: `None` for blank lines and comments.
-fn parse_line(raw: &str, line: usize) -> Result<Option<(String, ConfigValue)>, ConfigError> {
+/// Parses one line: `None` for blank lines and comments; else the symbol, its value and
+/// whether the line carries [`BUILTIN_MARKER`].
+fn parse_line(raw: &str, line: usize) -> Result<Option<(String, ConfigValue, bool)>, ConfigError> {
     let err = |reason| ConfigError::Syntax {
         line,
         reason,
         text: raw.to_string(),
     };
-    let text = raw.trim();
+    let mut text = raw.trim();
+    let mut marked = false;
+    if let Some(head) = text.strip_suffix(BUILTIN_MARKER) {
+        if !head.starts_with('#') {
+            if head.trim_end().strip_suffix("=y").is_none() {
+                return Err(err("`# kimg: builtin` only goes after =y"));
+            }
+            text = head.trim_end();
+            marked = true;
+        }
+    }
     if let Some(comment) = text.strip_prefix('#') {
         // `# CONFIG_X is not set` is a value; any other comment is ignored.
         let comment = comment.trim();
@@ -167,7 +221,7 @@ fn parse_line(raw: &str, line: usize) -> Result<Option<(String, ConfigValue)>, C
             if !valid_symbol(symbol) {
                 return Err(err("bad symbol name"));
             }
-            return Ok(Some((symbol.to_string(), ConfigValue::No)));
+            return Ok(Some((symbol.to_string(), ConfigValue::No, false)));
         }
         return Ok(None);
     }
@@ -188,7 +242,7 @@ fn parse_line(raw: &str, line: usize) -> Result<Option<(String, ConfigValue)>, C
         v if is_number(v) => ConfigValue::Number(v.to_string()),
         _ => return Err(err("value must be y, m, n, a \"string\" or a number")),
     };
-    Ok(Some((symbol.to_string(), value)))
+    Ok(Some((symbol.to_string(), value, marked)))
 }
 
 fn valid_symbol(s: &str) -> bool {
@@ -225,9 +279,9 @@ fn unquote(v: &str) -> Option<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Want {
     /// Built in or module (fragment says `=y`).
-    // A later marker comment will ask for "built in, a module is not enough": add a
-    // `BuiltIn` variant here and map it in `want_of`.
     YesOrModule,
+    /// Built in; a module is not enough (`=y` with [`BUILTIN_MARKER`]).
+    BuiltIn,
     /// Module or built in (fragment says `=m`).
     ModuleOrYes,
     /// Absent or `n`.
@@ -240,6 +294,7 @@ impl fmt::Display for Want {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Want::YesOrModule => f.write_str("y or m"),
+            Want::BuiltIn => f.write_str("y (built in, not m)"),
             Want::ModuleOrYes => f.write_str("m or y"),
             Want::Off => f.write_str("not set"),
             Want::Exactly(v) => write!(f, "{v}"),
@@ -247,8 +302,9 @@ impl fmt::Display for Want {
     }
 }
 
-fn want_of(value: &ConfigValue) -> Want {
+fn want_of(value: &ConfigValue, builtin: bool) -> Want {
     match value {
+        ConfigValue::Yes if builtin => Want::BuiltIn,
         ConfigValue::Yes => Want::YesOrModule,
         ConfigValue::Module => Want::ModuleOrYes,
         ConfigValue::No => Want::Off,
@@ -259,6 +315,7 @@ fn want_of(value: &ConfigValue) -> Want {
 impl Want {
     fn satisfied_by(&self, found: Option<&ConfigValue>) -> bool {
         match (self, found) {
+            (Want::BuiltIn, Some(ConfigValue::Yes)) => true,
             (
                 Want::YesOrModule | Want::ModuleOrYes,
                 Some(ConfigValue::Yes | ConfigValue::Module),
@@ -299,7 +356,7 @@ pub fn check(config: &KernelConfig, fragment: &KernelConfig) -> Vec<ConfigMiss> 
         .symbols
         .iter()
         .filter_map(|(symbol, value)| {
-            let wanted = want_of(value);
+            let wanted = want_of(value, fragment.builtin.contains(symbol));
             let found = config.get(symbol);
             (!wanted.satisfied_by(found)).then(|| ConfigMiss {
                 symbol: symbol.clone(),
@@ -313,6 +370,21 @@ pub fn check(config: &KernelConfig, fragment: &KernelConfig) -> Vec<ConfigMiss> 
 /// kimg's base requirements (`kernel-configs/base.config`), embedded in the binary.
 pub fn base_fragment() -> &'static str {
     include_str!("../../../kernel-configs/base.config")
+}
+
+/// kimg's Kubernetes node requirements (`kernel-configs/k8s.config`), on top of
+/// [`base_fragment`]; embedded in the binary.
+pub fn k8s_fragment() -> &'static str {
+    include_str!("../../../kernel-configs/k8s.config")
+}
+
+/// The embedded fragments for a run: base, then k8s when asked, each with its name.
+pub fn builtin_fragments(k8s: bool) -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![("base.config", base_fragment())];
+    if k8s {
+        v.push(("k8s.config", k8s_fragment()));
+    }
+    v
 }
 
 #[cfg(test)]
@@ -445,8 +517,100 @@ mod tests {
             return;
         }
         let config = KernelConfig::from_file(path).unwrap();
-        let base = KernelConfig::parse(base_fragment()).unwrap();
-        let misses = check(&config, &base);
-        assert!(misses.is_empty(), "{misses:#?}");
+        for (name, text) in builtin_fragments(true) {
+            let misses = check(&config, &KernelConfig::parse(text).unwrap());
+            assert!(misses.is_empty(), "{name}: {misses:#?}");
+        }
+    }
+
+    #[test]
+    fn builtin_marker_asks_for_y_only() {
+        let f = KernelConfig::parse(
+            "CONFIG_A=y # kimg: builtin\nCONFIG_B=y\n# CONFIG_C is not set # kimg: builtin\n",
+        )
+        .unwrap();
+        assert_eq!(f.get("CONFIG_A"), Some(&ConfigValue::Yes));
+        assert!(f.builtin.contains("CONFIG_A") && !f.builtin.contains("CONFIG_B"));
+        // A comment line that happens to end with the marker stays a comment.
+        assert_eq!(f.get("CONFIG_C"), None);
+        let c = KernelConfig::parse("CONFIG_A=m\nCONFIG_B=m\n").unwrap();
+        let misses: Vec<String> = check(&c, &f).iter().map(ToString::to_string).collect();
+        assert_eq!(misses, ["CONFIG_A: want y (built in, not m), found m"]);
+        let c = KernelConfig::parse("CONFIG_A=y\nCONFIG_B=m\n").unwrap();
+        assert!(check(&c, &f).is_empty());
+        for bad in [
+            "CONFIG_A=m # kimg: builtin\n",
+            "CONFIG_A=\"x\" # kimg: builtin\n",
+        ] {
+            let err = KernelConfig::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("only goes after =y"), "{err}");
+        }
+    }
+
+    #[test]
+    fn merge_last_wins_across_fragments() {
+        let a = KernelConfig::parse(
+            "CONFIG_A=y # kimg: builtin\nCONFIG_B=m\nCONFIG_S=\"one\"\nCONFIG_K=y\n",
+        )
+        .unwrap();
+        let b =
+            KernelConfig::parse("# CONFIG_B is not set\nCONFIG_A=y\nCONFIG_S=\"two\"\n").unwrap();
+        let c = KernelConfig::parse("CONFIG_N=0x10\nCONFIG_B=y # kimg: builtin\n").unwrap();
+        let m = KernelConfig::merge([&a, &b, &c]);
+        assert_eq!(m.get("CONFIG_A"), Some(&ConfigValue::Yes));
+        // b re-set A without the marker: the later fragment decides.
+        assert!(!m.builtin.contains("CONFIG_A"));
+        assert!(m.builtin.contains("CONFIG_B"));
+        assert_eq!(m.get("CONFIG_B"), Some(&ConfigValue::Yes));
+        assert_eq!(m.get("CONFIG_S"), Some(&ConfigValue::Str("two".into())));
+        assert_eq!(m.get("CONFIG_K"), Some(&ConfigValue::Yes));
+        assert_eq!(m.get("CONFIG_N"), Some(&ConfigValue::Number("0x10".into())));
+        let m2 = KernelConfig::merge([&b, &a]);
+        assert_eq!(m2.get("CONFIG_B"), Some(&ConfigValue::Module));
+        assert_eq!(m2.get("CONFIG_S"), Some(&ConfigValue::Str("one".into())));
+    }
+
+    #[test]
+    fn to_text_round_trips() {
+        let c = KernelConfig::parse(
+            "CONFIG_A=y\nCONFIG_B=m\n# CONFIG_C is not set\nCONFIG_S=\"q\\\"b\\\\s # x\"\n\
+             CONFIG_N=-3\nCONFIG_H=0xff\nCONFIG_E=\"\"\n",
+        )
+        .unwrap();
+        let text = c.to_text();
+        assert!(text.contains("# CONFIG_C is not set\n"), "{text}");
+        let mut again = KernelConfig::parse(&text).unwrap();
+        again.builtin = c.builtin.clone();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn k8s_fragment_parses_and_only_asks_for_y_or_m() {
+        for (name, text) in builtin_fragments(true) {
+            let f = KernelConfig::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                f.symbols
+                    .values()
+                    .all(|v| matches!(v, ConfigValue::Yes | ConfigValue::Module)),
+                "{name}"
+            );
+        }
+        let k8s = KernelConfig::parse(k8s_fragment()).unwrap();
+        for sym in [
+            "CONFIG_NF_CT_NETLINK",
+            "CONFIG_IP_NF_IPTABLES",
+            "CONFIG_IP6_NF_IPTABLES",
+            "CONFIG_IP_SET",
+            "CONFIG_NETFILTER_XT_SET",
+            "CONFIG_IP_NF_MATCH_RPFILTER",
+            "CONFIG_IP_NF_TARGET_REJECT",
+            "CONFIG_NET_IPIP",
+            "CONFIG_BLK_DEV_RBD",
+            "CONFIG_OVERLAY_FS",
+            "CONFIG_BRIDGE_NETFILTER",
+            "CONFIG_IP_VS_RR",
+        ] {
+            assert!(k8s.get(sym).is_some(), "{sym}");
+        }
     }
 }

@@ -8,7 +8,9 @@
 pub mod apt;
 pub mod config;
 pub mod deb;
+pub mod kconfig;
 pub mod modules;
+pub mod source;
 
 use crate::cmd::CmdError;
 use std::path::{Path, PathBuf};
@@ -246,7 +248,7 @@ fn from_files(kernel: &Path, modules: &Path) -> Result<Kernel, KernelError> {
 
 #[cfg(test)]
 mod tests {
-    use super::config::{base_fragment, check, KernelConfig};
+    use super::config::{builtin_fragments, check, KernelConfig};
     use super::modules::ModuleIndex;
     use super::*;
     use std::time::Instant;
@@ -418,9 +420,10 @@ mod tests {
         eprintln!("{}", pci_line.unwrap_or("virtio_pci is built in"));
 
         let config = KernelConfig::from_file(kernel.config.as_ref().unwrap()).unwrap();
-        let base = KernelConfig::parse(base_fragment()).unwrap();
-        let misses = check(&config, &base);
-        assert!(misses.is_empty(), "{misses:#?}");
+        for (name, text) in builtin_fragments(true) {
+            let misses = check(&config, &KernelConfig::parse(text).unwrap());
+            assert!(misses.is_empty(), "{name}: {misses:#?}");
+        }
     }
 
     #[test]
