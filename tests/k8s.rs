@@ -43,6 +43,62 @@ fn double_release(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// A docker-archive image tarball (what `docker save` writes) with one layer, made
+/// here because no image can be pulled on the test machines.
+fn image_tarball(dir: &Path) -> PathBuf {
+    fn sha(b: &[u8]) -> String {
+        kimg::hash::sha256(b)
+    }
+    fn append(t: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1);
+        h.set_cksum();
+        t.append_data(&mut h, path, data).unwrap();
+    }
+    let mut layer = tar::Builder::new(Vec::new());
+    append(&mut layer, "hello.txt", b"hello from an offline image\n");
+    let layer = layer.into_inner().unwrap();
+    let layer_sha = sha(&layer);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_sha}"]}}}}"#
+    );
+    let config_sha = sha(config.as_bytes());
+    let manifest = format!(
+        r#"[{{"Config":"{config_sha}.json","RepoTags":["kimg.test/hello:1"],"Layers":["{layer_sha}/layer.tar"]}}]"#
+    );
+    let mut t = tar::Builder::new(Vec::new());
+    append(&mut t, &format!("{config_sha}.json"), config.as_bytes());
+    append(&mut t, &format!("{layer_sha}/layer.tar"), &layer);
+    append(&mut t, "manifest.json", manifest.as_bytes());
+    let path = dir.join("hello.tar");
+    std::fs::write(&path, t.into_inner().unwrap()).unwrap();
+    path
+}
+
+/// An overlay archive carrying the image tarball and a test service.
+fn k8s_test_overlay(dir: &Path) -> PathBuf {
+    let image = std::fs::read(image_tarball(dir)).unwrap();
+    let service = "command = [\"/bin/sh\", \"-c\", \"echo started; touch /run/probe.ready; exec sleep 100000\"]\n\
+                   roles = [\"node\"]\nready = { path = \"/run/probe.ready\" }\nrestart = \"always\"\n";
+    let mut t = tar::Builder::new(Vec::new());
+    for (path, data, mode) in [
+        ("var/lib/kimg/images/hello.tar", &image[..], 0o644),
+        ("etc/kimg/services/probe.toml", service.as_bytes(), 0o644),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_mtime(1);
+        h.set_cksum();
+        t.append_data(&mut h, path, data).unwrap();
+    }
+    let path = dir.join("k8s-test.tar");
+    std::fs::write(&path, t.into_inner().unwrap()).unwrap();
+    path
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -109,6 +165,7 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
     );
 
     let c = TestCluster::new("e2e-k8s");
+    let overlay = k8s_test_overlay(work.path());
     let run = c.kimg(
         "run",
         &[
@@ -121,6 +178,7 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
             "--mem",
             "512",
             "--wait=240",
+            overlay.to_str().unwrap(),
         ],
     );
     assert!(run.status.success(), "kimg run:\n{}", text(&run));
@@ -137,6 +195,38 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
         );
         assert!(v.contains("Server:") && v.contains("Version:"), "{vm}: {v}");
         c.wait_service(vm, "kimg-images", &["done"], Duration::from_secs(60));
+        // The image tarball from the overlay was imported before kubelet's turn.
+        let images = c.exec_ok(
+            vm,
+            &[
+                "ctr",
+                "--address",
+                "/run/containerd/containerd.sock",
+                "-n",
+                "k8s.io",
+                "images",
+                "ls",
+                "-q",
+            ],
+        );
+        let log = c.exec(
+            vm,
+            &[
+                "sh",
+                "-c",
+                "cat /var/log/kimg-images.log; ls -l /var/lib/kimg/images",
+            ],
+        );
+        assert!(
+            images.contains("kimg.test/hello:1"),
+            "{vm}: {images}\nimport log:\n{}\nstatus: {}",
+            text(&log),
+            c.status_json()
+        );
+        // A service from an overlay: started by role, ready by its path, logged.
+        let probe = c.wait_service(vm, "probe", &["ready"], Duration::from_secs(30));
+        assert!(probe["pid"].as_u64().is_some(), "{probe}");
+        assert_eq!(c.exec_ok(vm, &["cat", "/var/log/probe.log"]), "started\n");
     }
     // The router runs no Kubernetes component.
     let st = c.status_json();
