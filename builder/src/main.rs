@@ -9,13 +9,23 @@ mod cli;
 ///
 /// A typical session:
 ///
-///   kimg build                      # Debian's cloud kernel -> out/hd.img + out/hd.json
-///   kimg run --nodes 1 --routers 0 --wait
-///   kimg exec vm-001 -- uname -a
+///   kimg build                    # Debian's cloud kernel -> out/hd.img + out/hd.json
+///   kimg run --wait               # 4 nodes + 2 routers on closed networks
+///   kimg exec vm-001 -- ip -br addr
 ///   kimg status
 ///   kimg stop
+///
+/// Overlays (`kimg mkcdrom`, `kimg run ... OVERLAY`) drop your files onto every VM at
+/// boot; `kimg build --k8s --k8s-release DIR` makes the Kubernetes flavour.
 #[derive(Parser)]
-#[command(name = "kimg", version, about, long_about, max_term_width = 100)]
+#[command(
+    name = "kimg",
+    version,
+    about,
+    long_about,
+    verbatim_doc_comment,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,6 +51,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Build(a) => cli::build::run(a),
@@ -82,4 +93,13 @@ fn error_chain(e: &anyhow::Error) -> String {
         }
     }
     msg
+}
+
+/// Rust ignores SIGPIPE, so `kimg status | head` would panic on a closed pipe; a CLI
+/// should just end quietly like other Unix tools.
+fn restore_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL installs
+    // no Rust handler, so nothing can run in signal context.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
