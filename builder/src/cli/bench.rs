@@ -159,11 +159,7 @@ fn cluster(a: ClusterArgs) -> anyhow::Result<ExitCode> {
         runtime: runtime.path().to_path_buf(),
     };
     let quiet = a.json;
-    let r = bench::cluster::run(&opts, &|l| {
-        if !quiet {
-            eprintln!("kimg bench: {l}");
-        }
-    })?;
+    let r = bench::cluster::run(&opts, &progress(quiet))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(ExitCode::SUCCESS);
@@ -227,11 +223,7 @@ fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
         scratch: scratch.path().to_path_buf(),
     };
     let quiet = a.json;
-    let r = bench::boot::run(&opts, &|l| {
-        if !quiet {
-            eprintln!("kimg bench: {l}");
-        }
-    })?;
+    let r = bench::boot::run(&opts, &progress(quiet))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -272,11 +264,7 @@ fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
             image: a.image,
             scratch: scratch.path().to_path_buf(),
         },
-        &|l| {
-            if !quiet {
-                eprintln!("kimg bench: {l}");
-            }
-        },
+        &progress(quiet),
     )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -319,11 +307,7 @@ fn cdrom(a: CdromArgs) -> anyhow::Result<ExitCode> {
         scratch: scratch.path().to_path_buf(),
     };
     let quiet = a.json;
-    let r = bench::cdrom::run(&opts, &|l| {
-        if !quiet {
-            eprintln!("kimg bench: {l}");
-        }
-    })?;
+    let r = bench::cdrom::run(&opts, &progress(quiet))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -408,4 +392,13 @@ fn kernel(a: KernelArgs) -> anyhow::Result<ExitCode> {
         println!("ratio built / Debian                 {:7.2}", r.ratio);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Progress lines on stderr, unless the figures go out as JSON.
+fn progress(quiet: bool) -> impl Fn(&str) {
+    move |line| {
+        if !quiet {
+            eprintln!("kimg bench: {line}");
+        }
+    }
 }
