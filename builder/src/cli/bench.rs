@@ -346,12 +346,7 @@ fn cdrom(a: CdromArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn kernel(a: KernelArgs) -> anyhow::Result<ExitCode> {
-    let quiet = a.json;
-    let log = |l: &str| {
-        if !quiet {
-            eprintln!("kimg bench: {l}");
-        }
-    };
+    let log = progress(a.json);
     let tree = match a.source {
         Some(t) => t,
         None => kimg::kernel::source::fetch(&kimg::cache::cache_dir(), &log)?,
