@@ -282,4 +282,126 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
     assert!(c
         .exec_ok("vm-002", &["iptables", "-t", "nat", "-L", "-n"])
         .contains("Chain POSTROUTING"));
+    control_plane_and_pki(&c, work.path());
+}
+
+/// The Kubernetes components (doubles here) ran on the right VMs, in order, with the
+/// generated PKI; the admin kubeconfig's CA verifies the apiserver's certificate.
+fn control_plane_and_pki(c: &TestCluster, work: &Path) {
+    for s in [
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+    ] {
+        c.wait_service("vm-001", s, &["ready"], Duration::from_secs(120));
+    }
+    for vm in ["vm-001", "vm-002"] {
+        for s in ["kubelet", "kube-proxy"] {
+            c.wait_service(vm, s, &["ready"], Duration::from_secs(120));
+        }
+    }
+    // Start order on vm-001: the apiserver found etcd up; the controller-manager and
+    // the scheduler came after the apiserver listened.
+    let order = c.exec_ok("vm-001", &["cat", "/var/log/kimg-doubles/order"]);
+    let pos = |n: &str| {
+        order
+            .lines()
+            .position(|l| l.split(' ').next() == Some(n))
+            .unwrap_or_else(|| panic!("{n} never started on vm-001: {order}"))
+    };
+    assert!(order.contains("kube-apiserver etcd=up"), "{order}");
+    assert!(
+        pos("kube-apiserver") < pos("kube-controller-manager"),
+        "{order}"
+    );
+    assert!(pos("kube-apiserver") < pos("kube-scheduler"), "{order}");
+    // Only kubelet and kube-proxy on vm-002; nothing on the router.
+    let order2 = c.exec_ok("vm-002", &["cat", "/var/log/kimg-doubles/order"]);
+    let mut names: Vec<&str> = order2.lines().collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names, ["kube-proxy", "kubelet"], "{order2}");
+    let r = c.exec("vm-201", &["ls", "/var/log/kimg-doubles"]);
+    assert!(
+        !r.status.success(),
+        "a Kubernetes component ran on the router"
+    );
+    // Every path in the recorded arguments exists in the guest.
+    for (vm, comp) in [
+        ("vm-001", "kube-apiserver"),
+        ("vm-001", "kube-controller-manager"),
+        ("vm-001", "kube-scheduler"),
+        ("vm-001", "kubelet"),
+        ("vm-002", "kubelet"),
+        ("vm-002", "kube-proxy"),
+    ] {
+        let args = c.exec_ok(vm, &["cat", &format!("/var/log/kimg-doubles/{comp}.args")]);
+        let paths: Vec<&str> = args.lines().filter(|a| a.starts_with('/')).collect();
+        assert!(!paths.is_empty(), "{vm} {comp}: {args}");
+        for p in paths {
+            c.exec_ok(vm, &["test", "-s", p]);
+        }
+        if comp == "kubelet" {
+            assert!(
+                args.contains(&format!("/etc/kubernetes/kubelet-{vm}.kubeconfig")),
+                "{args}"
+            );
+        }
+    }
+    // vm-002's kubelet is system:node:vm-002 (O system:nodes), signed by the CA.
+    let kc = c.exec_ok(
+        "vm-002",
+        &["cat", "/etc/kubernetes/kubelet-vm-002.kubeconfig"],
+    );
+    let field = |kc: &str, key: &str| -> Vec<u8> {
+        use base64::Engine;
+        let v = kc
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} missing: {kc}"));
+        base64::engine::general_purpose::STANDARD
+            .decode(v.trim())
+            .unwrap()
+    };
+    let dir = work.join("pki-check");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("kubelet.crt"),
+        field(&kc, "client-certificate-data:"),
+    )
+    .unwrap();
+    let subject = Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-in"])
+        .arg(dir.join("kubelet.crt"))
+        .output()
+        .unwrap();
+    let subject = String::from_utf8_lossy(&subject.stdout);
+    assert!(
+        subject.contains("system:node:vm-002") && subject.contains("system:nodes"),
+        "{subject}"
+    );
+    // The admin kubeconfig in the cluster dir: its CA verifies the apiserver
+    // certificate in the guest (and the kubelet's).
+    let admin = std::fs::read_to_string(c.runtime.path().join(&c.name).join("admin.kubeconfig"))
+        .expect("admin.kubeconfig in the cluster dir");
+    assert!(admin.contains("server: https://"), "{admin}");
+    std::fs::write(
+        dir.join("ca.crt"),
+        field(&admin, "certificate-authority-data:"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("apiserver.crt"),
+        c.exec_ok("vm-001", &["cat", "/etc/kubernetes/pki/apiserver.crt"]),
+    )
+    .unwrap();
+    let v = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(dir.join("ca.crt"))
+        .arg(dir.join("apiserver.crt"))
+        .arg(dir.join("kubelet.crt"))
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", text(&v));
 }

@@ -1,0 +1,84 @@
+//! The Kubernetes flavour's shared facts, written once: where the generated PKI
+//! lives in the guest, the apiserver's port, and the pod and service ranges of both
+//! IP families.
+//!
+//! | what                  | IPv4            | IPv6                   |
+//! |-----------------------|-----------------|------------------------|
+//! | service range         | 10.96.0.0/16    | fd00:10:96::/112       |
+//! | pods of node N        | 10.244.N.0/24   | fd00:10:244:N::/64     |
+
+use crate::VmId;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// The manifest flavour of Kubernetes images.
+pub const FLAVOUR: &str = "k8s";
+/// Where the per-cluster certificates and keys are unpacked in the guest.
+pub const PKI_DIR: &str = "/etc/kubernetes/pki";
+/// Where the components' kubeconfigs are unpacked in the guest.
+pub const KUBECONFIG_DIR: &str = "/etc/kubernetes";
+/// The apiserver's secure port on vm-001.
+pub const APISERVER_PORT: u16 = 6443;
+
+/// IPv4 service range: network and prefix length.
+pub const SERVICE_RANGE4: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 16);
+/// IPv6 service range: network and prefix length.
+pub const SERVICE_RANGE6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0), 112);
+/// Prefix length of a node's IPv4 pod range.
+pub const POD_PREFIX4: u8 = 24;
+/// Prefix length of a node's IPv6 pod range.
+pub const POD_PREFIX6: u8 = 64;
+
+/// The first IPv4 service address: the `kubernetes` service's ClusterIP, which the
+/// apiserver certificate must name.
+pub fn first_service_ip4() -> Ipv4Addr {
+    let [a, b, c, d] = SERVICE_RANGE4.0.octets();
+    Ipv4Addr::new(a, b, c, d + 1)
+}
+
+/// The first IPv6 service address.
+pub fn first_service_ip6() -> Ipv6Addr {
+    let mut s = SERVICE_RANGE6.0.segments();
+    s[7] += 1;
+    Ipv6Addr::from(s)
+}
+
+/// A node's IPv4 pod range network (`10.244.N.0`; `None` above 255, which no node
+/// number reaches).
+pub fn pod_net4(vm: VmId) -> Option<Ipv4Addr> {
+    let n = u8::try_from(vm.number()).ok()?;
+    Some(Ipv4Addr::new(10, 244, n, 0))
+}
+
+/// A node's IPv6 pod range network (`fd00:10:244:N::`, N in decimal digits as in
+/// the cluster addresses).
+pub fn pod_net6(vm: VmId) -> Ipv6Addr {
+    let n = u16::from_str_radix(&vm.number().to_string(), 16).unwrap_or(0);
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, n, 0, 0, 0, 0)
+}
+
+/// The kubeconfig file of a component (`admin`, `kube-scheduler`, `kubelet-vm-002`...).
+pub fn kubeconfig_path(component: &str) -> String {
+    format!("{KUBECONFIG_DIR}/{component}.kubeconfig")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_match_the_table() {
+        let vm2 = VmId::new(2).unwrap();
+        assert_eq!(pod_net4(vm2).unwrap().to_string(), "10.244.2.0");
+        assert_eq!(
+            pod_net6(VmId::new(12).unwrap()).to_string(),
+            "fd00:10:244:12::"
+        );
+        assert_eq!(first_service_ip4().to_string(), "10.96.0.1");
+        assert_eq!(first_service_ip6().to_string(), "fd00:10:96::1");
+        assert_eq!(SERVICE_RANGE6.0.to_string(), "fd00:10:96::");
+        assert_eq!(
+            kubeconfig_path("kubelet-vm-002"),
+            "/etc/kubernetes/kubelet-vm-002.kubeconfig"
+        );
+    }
+}
