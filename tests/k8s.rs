@@ -283,6 +283,62 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
         .exec_ok("vm-002", &["iptables", "-t", "nat", "-L", "-n"])
         .contains("Chain POSTROUTING"));
     control_plane_and_pki(&c, work.path());
+    pod_network(&c);
+}
+
+/// Pod networking with the real CNI plugins, no Kubernetes: kimg-init's conflist
+/// run by hand (as containerd would) gives a network namespace on each node an
+/// address from its node's ranges, and the two reach each other over the pod routes.
+/// (/usr/sbin/ip is iproute2's; the busybox `ip` first in PATH has no netns.)
+fn pod_network(c: &TestCluster) {
+    for (vm, n) in [("vm-001", 1), ("vm-002", 2)] {
+        let text = c.exec_ok(vm, &["cat", "/etc/cni/net.d/10-kimg.conflist"]);
+        let list: serde_json::Value = serde_json::from_str(&text).unwrap();
+        // The bridge plugin alone takes a single-plugin config.
+        let mut conf = list["plugins"][0].clone();
+        conf["name"] = list["name"].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        let script = format!(
+            "/usr/sbin/ip netns add pod && printf '%s' '{conf}' | CNI_COMMAND=ADD CNI_CONTAINERID=pod \
+             CNI_NETNS=/run/netns/pod CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni /usr/lib/cni/bridge"
+        );
+        let r = c.exec_ok(vm, &["sh", "-c", &script]);
+        assert!(r.contains(&format!("10.244.{n}.2/24")), "{vm}: {r}");
+        let other = if n == 1 { 2 } else { 1 };
+        let routes = c.exec_ok(vm, &["/usr/sbin/ip", "route"]);
+        assert!(
+            routes.contains(&format!("10.244.{other}.0/24 via 192.168.1.{other}")),
+            "{vm}: {routes}"
+        );
+        let routes6 = c.exec_ok(vm, &["/usr/sbin/ip", "-6", "route"]);
+        assert!(
+            routes6.contains(&format!(
+                "fd00:10:244:{other}::/64 via fd00:6b69:0:1::{other}"
+            )),
+            "{vm}: {routes6}"
+        );
+    }
+    let router = c.exec_ok("vm-201", &["/usr/sbin/ip", "route"]);
+    for n in [1, 2] {
+        assert!(
+            router.contains(&format!("10.244.{n}.0/24 via 192.168.1.{n}")),
+            "{router}"
+        );
+    }
+    assert!(c
+        .exec("vm-201", &["test", "-e", "/etc/cni/net.d/10-kimg.conflist"])
+        .status
+        .code()
+        .is_some_and(|c| c != 0));
+    // vm-001's pod reaches vm-002's pod, both families (retrying while IPv6
+    // duplicate address detection finishes).
+    for target in ["10.244.2.2", "fd00:10:244:2::2"] {
+        let ping = format!(
+            "for i in 1 2 3 4 5 6 7 8 9 10; do /usr/sbin/ip netns exec pod ping -c1 -W1 {target} && exit 0; sleep 1; done; exit 1"
+        );
+        let r = c.exec("vm-001", &["sh", "-c", &ping]);
+        assert!(r.status.success(), "pod to pod {target}: {}", text(&r));
+    }
 }
 
 /// The Kubernetes components (doubles here) ran on the right VMs, in order, with the

@@ -7,7 +7,8 @@
 //! | service range         | 10.96.0.0/16    | fd00:10:96::/112       |
 //! | pods of node N        | 10.244.N.0/24   | fd00:10:244:N::/64     |
 
-use crate::VmId;
+use crate::net::{self, ClusterSize, Net};
+use crate::{Role, VmId};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// The manifest flavour of Kubernetes images.
@@ -61,9 +62,63 @@ pub fn kubeconfig_path(component: &str) -> String {
     format!("{KUBECONFIG_DIR}/{component}.kubeconfig")
 }
 
+/// A route to one node's pods, through that node's cluster addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodRoute {
+    /// The node whose pods these are.
+    pub node: VmId,
+    /// Its IPv4 pod network (prefix [`POD_PREFIX4`]).
+    pub net4: Ipv4Addr,
+    /// Its IPv6 pod network (prefix [`POD_PREFIX6`]).
+    pub net6: Ipv6Addr,
+    /// Its cluster IPv4 address.
+    pub via4: Ipv4Addr,
+    /// Its cluster IPv6 address.
+    pub via6: Ipv6Addr,
+}
+
+/// The pod routes `vm` needs in a cluster of `size`: a node to every other node's
+/// pods, a router to every node's pods, nothing for testers.
+pub fn pod_routes(vm: VmId, size: &ClusterSize) -> Vec<PodRoute> {
+    if !matches!(vm.role(), Role::Node | Role::Router) {
+        return Vec::new();
+    }
+    size.members()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.role() == Role::Node && *n != vm)
+        .filter_map(|node| {
+            Some(PodRoute {
+                node,
+                net4: pod_net4(node)?,
+                net6: pod_net6(node),
+                via4: net::ipv4(Net::Cluster, node)?,
+                via6: net::ipv6(Net::Cluster, node),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_route_to_the_others_routers_to_all() {
+        let size = ClusterSize {
+            nodes: 3,
+            routers: 1,
+            testers: 1,
+        };
+        let r = pod_routes(VmId::new(2).unwrap(), &size);
+        let nodes: Vec<u16> = r.iter().map(|p| p.node.number()).collect();
+        assert_eq!(nodes, [1, 3]);
+        assert_eq!(r[1].net4.to_string(), "10.244.3.0");
+        assert_eq!(r[1].via4.to_string(), "192.168.1.3");
+        assert_eq!(r[1].via6.to_string(), "fd00:6b69:0:1::3");
+        assert_eq!(pod_routes(VmId::new(201).unwrap(), &size).len(), 3);
+        assert!(pod_routes(VmId::new(221).unwrap(), &size).is_empty());
+    }
 
     #[test]
     fn ranges_match_the_table() {
