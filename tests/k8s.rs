@@ -440,7 +440,19 @@ fn control_plane_and_pki(c: &TestCluster, work: &Path) {
     // certificate in the guest (and the kubelet's).
     let admin = std::fs::read_to_string(c.runtime.path().join(&c.name).join("admin.kubeconfig"))
         .expect("admin.kubeconfig in the cluster dir");
-    assert!(admin.contains("server: https://"), "{admin}");
+    // Its server is the host's forward to vm-001's apiserver port: the double's
+    // banner comes back through it (a bare connect would prove nothing: QEMU accepts
+    // on the host side whatever the guest does).
+    let port = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no 127.0.0.1 server: {admin}"));
+    let mut banner = String::new();
+    let mut conn = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    std::io::Read::read_to_string(&mut conn, &mut banner).unwrap();
+    assert_eq!(banner, "kimg-double kube-apiserver\n");
     std::fs::write(
         dir.join("ca.crt"),
         field(&admin, "certificate-authority-data:"),

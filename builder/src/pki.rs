@@ -165,9 +165,37 @@ fn write(path: &Path, text: &str, mode: u32) -> Result<(), PkiError> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io)
 }
 
+/// A free TCP port on 127.0.0.1 for the apiserver forward (the kernel picks it).
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// QEMU arguments of vm-001's extra NIC: user-mode networking with no route out
+/// (`restrict=on`) whose only use is `127.0.0.1:port` on the host forwarded to the
+/// apiserver's port on the NIC's fixed guest address.
+pub fn api_forward_args(port: u16) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        format!(
+            "user,id=api,restrict=on,hostfwd=tcp:127.0.0.1:{port}-{}:{APISERVER_PORT}",
+            k8s::API_FORWARD_ADDR4
+        ),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=api,mac={}", k8s::API_FORWARD_MAC),
+    ]
+}
+
 /// Generates the cluster's PKI into `dir/kimg-pki` (an overlay folder, built whole
-/// under a temporary name first) and `dir/admin.kubeconfig`; returns the overlay.
-pub fn generate(dir: &Path, size: &ClusterSize) -> Result<Overlay, PkiError> {
+/// under a temporary name first) and `dir/admin.kubeconfig`, whose server is
+/// `https://127.0.0.1:api_port` when given (the host's forward to vm-001); returns
+/// the overlay.
+pub fn generate(
+    dir: &Path,
+    size: &ClusterSize,
+    api_port: Option<u16>,
+) -> Result<Overlay, PkiError> {
     if size.nodes == 0 {
         return Err(PkiError::NoControlPlane);
     }
@@ -259,7 +287,11 @@ pub fn generate(dir: &Path, size: &ClusterSize) -> Result<Overlay, PkiError> {
         let path = root.join(k8s::kubeconfig_path(name).trim_start_matches('/'));
         write(&path, &text, 0o600)?;
         if name == "admin" {
-            write(&dir.join(ADMIN_KUBECONFIG), &text, 0o600)?;
+            let host = match api_port {
+                Some(port) => kubeconfig(&format!("https://127.0.0.1:{port}"), cn, &ca_pem, &pem),
+                None => text.clone(),
+            };
+            write(&dir.join(ADMIN_KUBECONFIG), &host, 0o600)?;
         }
     }
     fs::rename(&tmp, &out).map_err(|source| PkiError::Io {
@@ -281,7 +313,7 @@ mod tests {
             routers: 1,
             testers: 0,
         };
-        let ov = generate(dir.path(), &size).unwrap();
+        let ov = generate(dir.path(), &size, Some(16443)).unwrap();
         assert_eq!(ov.name, OVERLAY_NAME);
         let pki = dir.path().join("kimg-pki/root/etc/kubernetes/pki");
         let o = std::process::Command::new("openssl")
@@ -312,7 +344,8 @@ mod tests {
         )
         .unwrap();
         assert!(kc.contains("server: https://192.168.1.1:6443"), "{kc}");
-        assert!(dir.path().join(ADMIN_KUBECONFIG).is_file());
+        let admin = fs::read_to_string(dir.path().join(ADMIN_KUBECONFIG)).unwrap();
+        assert!(admin.contains("server: https://127.0.0.1:16443"), "{admin}");
         assert!(!dir.path().join("kimg-pki.tmp").exists());
         let mode = fs::metadata(pki.join("ca.key"))
             .unwrap()
@@ -358,7 +391,7 @@ mod tests {
             testers: 0,
         };
         assert!(matches!(
-            generate(dir.path(), &size),
+            generate(dir.path(), &size, None),
             Err(PkiError::NoControlPlane)
         ));
     }

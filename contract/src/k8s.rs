@@ -7,7 +7,7 @@
 //! | service range         | 10.96.0.0/16    | fd00:10:96::/112       |
 //! | pods of node N        | 10.244.N.0/24   | fd00:10:244:N::/64     |
 
-use crate::net::{self, ClusterSize, Net};
+use crate::net::{self, ClusterSize, Mac, Net};
 use crate::{Role, VmId};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -19,6 +19,15 @@ pub const PKI_DIR: &str = "/etc/kubernetes/pki";
 pub const KUBECONFIG_DIR: &str = "/etc/kubernetes";
 /// The apiserver's secure port on vm-001.
 pub const APISERVER_PORT: u16 = 6443;
+
+/// MAC of vm-001's extra NIC that only carries the host's forward to the apiserver
+/// (QEMU user-mode, `restrict=on`). Its fourth byte, 0, is no kimg network, so it is
+/// never taken for a plan NIC.
+pub const API_FORWARD_MAC: Mac = Mac([0x02, 0x6b, 0x69, 0x00, 0x00, 0x01]);
+/// The guest address of that NIC (QEMU user-mode's usual guest address), no route.
+pub const API_FORWARD_ADDR4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// Prefix length of [`API_FORWARD_ADDR4`].
+pub const API_FORWARD_PREFIX4: u8 = 24;
 
 /// IPv4 service range: network and prefix length.
 pub const SERVICE_RANGE4: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 16);
@@ -117,6 +126,7 @@ mod tests {
         assert_eq!(r[1].via4.to_string(), "192.168.1.3");
         assert_eq!(r[1].via6.to_string(), "fd00:6b69:0:1::3");
         assert_eq!(pod_routes(VmId::new(201).unwrap(), &size).len(), 3);
+        assert_eq!(net::vm_from_mac(API_FORWARD_MAC), None);
         assert!(pod_routes(VmId::new(221).unwrap(), &size).is_empty());
     }
 

@@ -1,7 +1,8 @@
 //! Pod networking of the Kubernetes flavour, from kimg-contract's k8s ranges: a
 //! node's CNI config (bridge + host-local, both families, its own pod ranges) and
 //! routes to the other nodes' pods through their cluster addresses; a router gets
-//! routes to every node's pods. Images without the CNI plugins get nothing.
+//! routes to every node's pods. Images without the CNI plugins get nothing. Also
+//! vm-001's extra NIC for the host's forward to the apiserver: its address, no route.
 
 use crate::net::Link;
 use crate::netlink::Rtnl;
@@ -54,6 +55,9 @@ pub fn configure(vm: VmId, size: &ClusterSize, links: &[Link]) -> Vec<String> {
     if !Path::new(BRIDGE_PLUGIN).exists() {
         return problems;
     }
+    if let Some(link) = links.iter().find(|l| l.mac == Some(k8s::API_FORWARD_MAC)) {
+        problems.extend(api_forward(link).err());
+    }
     if vm.role() == Role::Node {
         if let Some(text) = conflist(vm) {
             if let Err(e) = write_whole(Path::new(CONFLIST), &text) {
@@ -88,6 +92,21 @@ pub fn configure(vm: VmId, size: &ClusterSize, links: &[Link]) -> Vec<String> {
         }
     }
     problems
+}
+
+/// Up and addressed, without a default route: the NIC only answers the host's
+/// forwarded connections (QEMU's `restrict=on` lets nothing out anyway).
+fn api_forward(link: &Link) -> Result<(), String> {
+    let mut rtnl = Rtnl::open().map_err(|e| e.to_string())?;
+    rtnl.link_up(link.index, &link.name)
+        .map_err(|e| e.to_string())?;
+    rtnl.add_address(
+        link.index,
+        &link.name,
+        IpAddr::V4(k8s::API_FORWARD_ADDR4),
+        k8s::API_FORWARD_PREFIX4,
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Writes `path` whole (temporary file, then rename), creating its directory.

@@ -5,7 +5,9 @@
  * /var/log/kimg-doubles/NAME.args (one per line, "--" after each run) and stays up
  * like a daemon until killed. kubectl exits at once.
  *
- * kube-apiserver also listens on 127.0.0.1:6443 (accepting and closing, no TLS):
+ * kube-apiserver also listens on port 6443 of every address, like the real one
+ * (no TLS: it writes "kimg-double kube-apiserver\n" to each connection and closes;
+ * the banner lets a test see that the host's forward reaches it):
  * its service file's readiness is a TCP connect there, as it must be for the real
  * apiserver, so the double lets kimg-init's ordering (controller-manager and
  * scheduler after a ready apiserver) be exercised honestly.
@@ -62,13 +64,16 @@ int main(int argc, char **argv) {
         struct sockaddr_in a = {0};
         a.sin_family = AF_INET;
         a.sin_port = htons(6443);
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        a.sin_addr.s_addr = htonl(INADDR_ANY);
         setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
         if (s >= 0 && bind(s, (struct sockaddr *)&a, sizeof a) == 0 && listen(s, 16) == 0)
             for (;;) {
                 int c = accept(s, NULL, NULL);
-                if (c >= 0)
+                if (c >= 0) {
+                    static const char banner[] = "kimg-double kube-apiserver\n";
+                    (void)!write(c, banner, sizeof banner - 1);
                     close(c);
+                }
             }
     }
     for (;;)

@@ -172,6 +172,9 @@ pub struct ClusterState {
     /// The overlay cdrom every VM gets (`--cdrom`, or made from the overlays).
     #[serde(default)]
     pub cdrom: Option<PathBuf>,
+    /// Host port on 127.0.0.1 forwarded to vm-001's apiserver (k8s images).
+    #[serde(default)]
+    pub api_port: Option<u16>,
 }
 
 /// One VM of a cluster.
@@ -332,7 +335,12 @@ fn start(
         &[&manifest.kernel.esp_kernel, &manifest.kernel.esp_initrd],
         &boot,
     )?;
-    let cdrom = cluster_cdrom(opts, dir, manifest, &size)?;
+    let api_port = if manifest.flavour == kimg_contract::k8s::FLAVOUR {
+        Some(crate::pki::free_port().map_err(io_err(dir))?)
+    } else {
+        None
+    };
+    let cdrom = cluster_cdrom(opts, dir, manifest, &size, api_port)?;
     let accel = accel::choose(opts.accel, qemu::QEMU, dir).map_err(ClusterError::Accel)?;
     on_event(RunEvent::Accel(accel));
     let state = ClusterState {
@@ -364,6 +372,7 @@ fn start(
             .collect(),
         size,
         net: opts.net,
+        api_port,
     };
     save(dir, &state)?;
     network::create(state.net, &state.name, dir)?;
@@ -445,6 +454,7 @@ fn cluster_cdrom(
     dir: &Path,
     manifest: &Manifest,
     size: &ClusterSize,
+    api_port: Option<u16>,
 ) -> Result<Option<PathBuf>, ClusterError> {
     let k8s = manifest.flavour == kimg_contract::k8s::FLAVOUR;
     if k8s && opts.cdrom.is_some() {
@@ -462,7 +472,7 @@ fn cluster_cdrom(
     }
     // The generated PKI goes first, so any later overlay may replace a file of it.
     let pki = if k8s {
-        Some(crate::pki::generate(dir, size)?)
+        Some(crate::pki::generate(dir, size, api_port)?)
     } else {
         None
     };
@@ -511,6 +521,9 @@ fn start_vm(
     }
     let mut qemu = qemu::command(spec, &paths);
     qemu.args(network::attach(state.net, &state.name, dir, spec.vm)?);
+    if let Some(port) = state.api_port.filter(|_| spec.vm.number() == 1) {
+        qemu.args(crate::pki::api_forward_args(port));
+    }
     cmd::run(&mut network::wrap(state.net, &state.name, qemu))?;
     // QEMU's -daemonize sets umask 027 before creating the sockets: tighten them.
     for sock in [paths.agent(), paths.console()] {
