@@ -473,3 +473,114 @@ fn control_plane_and_pki(c: &TestCluster, work: &Path) {
         .unwrap();
     assert!(v.status.success(), "{}", text(&v));
 }
+
+/// A real Kubernetes cluster, when `KIMG_K8S_RELEASE` names a release folder (with
+/// kubernetes/server/bin/) and `KIMG_K8S_IMAGES` a folder of image tarballs holding
+/// at least registry.k8s.io/pause:3.9 and the pod image `KIMG_K8S_POD_IMAGE` (default
+/// docker.io/library/busybox:latest): every node Ready through the host's forward,
+/// and a pod on vm-001 pings a pod on vm-002. Skipped otherwise (no release can be
+/// downloaded on the test machines).
+#[test]
+fn k8s_real_release_nodes_ready_and_pods_reach_each_other() {
+    let (Some(release), Some(images)) = (
+        std::env::var_os("KIMG_K8S_RELEASE"),
+        std::env::var_os("KIMG_K8S_IMAGES"),
+    ) else {
+        eprintln!(
+            "SKIPPED: set KIMG_K8S_RELEASE (a Kubernetes release folder) and KIMG_K8S_IMAGES \
+             (image tarballs incl. registry.k8s.io/pause:3.9) to run the real Kubernetes test"
+        );
+        return;
+    };
+    let pod_image = std::env::var("KIMG_K8S_POD_IMAGE")
+        .unwrap_or_else(|_| "docker.io/library/busybox:latest".into());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let o = Command::new(kimg_bin())
+        .args(["build", "--k8s", "--k8s-release"])
+        .arg(&release)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "kimg build --k8s:\n{}", text(&o));
+    // The image tarballs as an overlay (kimg-images imports them before kubelet).
+    let ovl = work.path().join("ovl");
+    let dir = ovl.join("k8s-images/root/var/lib/kimg/images");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(ovl.join("k8s-images/overlay.toml"), "").unwrap();
+    for e in std::fs::read_dir(&images).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let c = TestCluster::new("e2e-k8s-real");
+    let image = out.join("hd-k8s.img");
+    let run = c.kimg(
+        "run",
+        &[
+            "--image",
+            image.to_str().unwrap(),
+            "--nodes",
+            "2",
+            "--routers",
+            "1",
+            "--mem",
+            "2048",
+            "--wait=600",
+            "--ovlpath",
+            ovl.to_str().unwrap(),
+            "k8s-images",
+        ],
+    );
+    assert!(run.status.success(), "kimg run:\n{}", text(&run));
+    let kubeconfig = c.runtime.path().join(&c.name).join("admin.kubeconfig");
+    let kubectl = |args: &[&str]| {
+        Command::new(Path::new(&release).join("kubernetes/server/bin/kubectl"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let until = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        while !ok() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    };
+    until("both nodes Ready", &|| {
+        let o = kubectl(&["get", "nodes", "--no-headers"]);
+        let t = String::from_utf8_lossy(&o.stdout).to_string();
+        ["vm-001", "vm-002"]
+            .iter()
+            .all(|n| t.lines().any(|l| l.starts_with(n) && l.contains(" Ready ")))
+    });
+    for (pod, node) in [("p1", "vm-001"), ("p2", "vm-002")] {
+        let overrides = format!(r#"{{"spec":{{"nodeName":"{node}"}}}}"#);
+        let o = kubectl(&[
+            "run",
+            pod,
+            "--image",
+            &pod_image,
+            "--image-pull-policy=Never",
+            "--overrides",
+            &overrides,
+            "--",
+            "sleep",
+            "100000",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    for pod in ["p1", "p2"] {
+        until(&format!("{pod} Running"), &|| {
+            let o = kubectl(&["get", "pod", pod, "-o", "jsonpath={.status.phase}"]);
+            o.stdout == b"Running"
+        });
+    }
+    let ip = kubectl(&["get", "pod", "p2", "-o", "jsonpath={.status.podIP}"]);
+    let ip = String::from_utf8_lossy(&ip.stdout).to_string();
+    assert!(ip.starts_with("10.244.2."), "{ip}");
+    let ping = kubectl(&["exec", "p1", "--", "ping", "-c", "1", "-W", "5", &ip]);
+    assert!(ping.status.success(), "p1 -> p2 {ip}: {}", text(&ping));
+}
