@@ -16,6 +16,7 @@ pub mod iso;
 pub mod k8s;
 pub mod kernel;
 pub mod overlay;
+pub mod pki;
 pub mod publish;
 pub mod rootfs;
 pub mod vm;

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod cdrom;
 pub mod cmdline;
+pub mod k8s;
 pub mod manifest;
 pub mod net;
 pub mod role;

@@ -11,6 +11,7 @@
 #[macro_use]
 mod log;
 mod agent;
+mod cni;
 mod emergency;
 mod error;
 mod exec;
@@ -294,6 +295,9 @@ fn network(hostname: &str, args: &KimgArgs, problems: &mut Problems) -> Vec<Stri
     let (addresses, failed) = net::configure(vm, &size, &links);
     for f in failed {
         problems.add("network", f);
+    }
+    for f in cni::configure(vm, &size, &links) {
+        problems.add("pod network", f);
     }
     addresses
 }

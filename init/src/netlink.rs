@@ -25,6 +25,7 @@ const RT_SCOPE_UNIVERSE: u8 = 0;
 const RT_TABLE_MAIN: u8 = 254;
 const RTPROT_BOOT: u8 = 3;
 const RTN_UNICAST: u8 = 1;
+const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
 const AF_UNSPEC: u8 = 0;
@@ -220,6 +221,36 @@ impl Rtnl {
         .attr(RTA_GATEWAY, &octets(&gateway))
         .attr(RTA_OIF, &index.to_ne_bytes());
         self.call(format!("default route via {gateway} dev {name}"), &mut m)
+    }
+
+    /// Adds a route to `dst/prefix` via `gateway` out of interface `index`.
+    pub fn add_route(
+        &mut self,
+        index: u32,
+        name: &str,
+        dst: IpAddr,
+        prefix: u8,
+        gateway: IpAddr,
+    ) -> Result<(), NetlinkError> {
+        let mut m = Msg::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, 0);
+        m.bytes(&[
+            family(&gateway),
+            prefix,
+            0,
+            0,
+            RT_TABLE_MAIN,
+            RTPROT_BOOT,
+            RT_SCOPE_UNIVERSE,
+            RTN_UNICAST,
+        ])
+        .bytes(&0u32.to_ne_bytes())
+        .attr(RTA_DST, &octets(&dst))
+        .attr(RTA_GATEWAY, &octets(&gateway))
+        .attr(RTA_OIF, &index.to_ne_bytes());
+        self.call(
+            format!("route {dst}/{prefix} via {gateway} dev {name}"),
+            &mut m,
+        )
     }
 }
 

@@ -4,12 +4,37 @@
  * tests and installed under each binary's name; records its arguments in
  * /var/log/kimg-doubles/NAME.args (one per line, "--" after each run) and stays up
  * like a daemon until killed. kubectl exits at once.
+ *
+ * kube-apiserver also listens on port 6443 of every address, like the real one
+ * (no TLS: it writes "kimg-double kube-apiserver\n" to each connection and closes;
+ * the banner lets a test see that the host's forward reaches it):
+ * its service file's readiness is a TCP connect there, as it must be for the real
+ * apiserver, so the double lets kimg-init's ordering (controller-manager and
+ * scheduler after a ready apiserver) be exercised honestly.
+ *
+ * Every double also appends its name to /var/log/kimg-doubles/order as it starts
+ * (the start order); kube-apiserver adds "etcd=up" or "etcd=down": whether etcd
+ * accepted a connection on 127.0.0.1:2379 when it started, as the real one needs.
  */
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <libgen.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+static int tcp_up(int port) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int ok = s >= 0 && connect(s, (struct sockaddr *)&a, sizeof a) == 0;
+    if (s >= 0)
+        close(s);
+    return ok;
+}
 
 int main(int argc, char **argv) {
     const char *name = basename(argv[0]);
@@ -25,6 +50,32 @@ int main(int argc, char **argv) {
     }
     if (strcmp(name, "kubectl") == 0)
         return 0;
+    FILE *o = fopen("/var/log/kimg-doubles/order", "a");
+    if (o) {
+        if (strcmp(name, "kube-apiserver") == 0)
+            fprintf(o, "%s etcd=%s\n", name, tcp_up(2379) ? "up" : "down");
+        else
+            fprintf(o, "%s\n", name);
+        fclose(o);
+    }
+    if (strcmp(name, "kube-apiserver") == 0) {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        int one = 1;
+        struct sockaddr_in a = {0};
+        a.sin_family = AF_INET;
+        a.sin_port = htons(6443);
+        a.sin_addr.s_addr = htonl(INADDR_ANY);
+        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (s >= 0 && bind(s, (struct sockaddr *)&a, sizeof a) == 0 && listen(s, 16) == 0)
+            for (;;) {
+                int c = accept(s, NULL, NULL);
+                if (c >= 0) {
+                    static const char banner[] = "kimg-double kube-apiserver\n";
+                    (void)!write(c, banner, sizeof banner - 1);
+                    close(c);
+                }
+            }
+    }
     for (;;)
         pause();
 }

@@ -58,6 +58,9 @@ pub enum ClusterError {
     /// The overlay cdrom could not be made or found.
     #[error("overlay cdrom: {0}")]
     Cdrom(String),
+    /// The per-cluster Kubernetes PKI could not be generated.
+    #[error("Kubernetes PKI: {0}")]
+    Pki(#[from] crate::pki::PkiError),
     /// A VM's QEMU is not running.
     #[error("{0} is not running (its QEMU is gone); see its console log")]
     Dead(VmId),
@@ -169,6 +172,9 @@ pub struct ClusterState {
     /// The overlay cdrom every VM gets (`--cdrom`, or made from the overlays).
     #[serde(default)]
     pub cdrom: Option<PathBuf>,
+    /// Host port on 127.0.0.1 forwarded to vm-001's apiserver (k8s images).
+    #[serde(default)]
+    pub api_port: Option<u16>,
 }
 
 /// One VM of a cluster.
@@ -329,7 +335,12 @@ fn start(
         &[&manifest.kernel.esp_kernel, &manifest.kernel.esp_initrd],
         &boot,
     )?;
-    let cdrom = cluster_cdrom(opts, dir)?;
+    let api_port = if manifest.flavour == kimg_contract::k8s::FLAVOUR {
+        Some(crate::pki::free_port().map_err(io_err(dir))?)
+    } else {
+        None
+    };
+    let cdrom = cluster_cdrom(opts, dir, manifest, &size, api_port)?;
     let accel = accel::choose(opts.accel, qemu::QEMU, dir).map_err(ClusterError::Accel)?;
     on_event(RunEvent::Accel(accel));
     let state = ClusterState {
@@ -361,6 +372,7 @@ fn start(
             .collect(),
         size,
         net: opts.net,
+        api_port,
     };
     save(dir, &state)?;
     network::create(state.net, &state.name, dir)?;
@@ -437,18 +449,37 @@ fn start_vms(
 }
 
 /// The cdrom every VM gets: the given one, or one made from the overlays.
-fn cluster_cdrom(opts: &RunOptions, dir: &Path) -> Result<Option<PathBuf>, ClusterError> {
+fn cluster_cdrom(
+    opts: &RunOptions,
+    dir: &Path,
+    manifest: &Manifest,
+    size: &ClusterSize,
+    api_port: Option<u16>,
+) -> Result<Option<PathBuf>, ClusterError> {
+    let k8s = manifest.flavour == kimg_contract::k8s::FLAVOUR;
+    if k8s && opts.cdrom.is_some() {
+        return Err(ClusterError::Cdrom(
+            "a k8s image gets its per-cluster PKI on the cdrom kimg makes: name the overlays instead of --cdrom".into(),
+        ));
+    }
     if let Some(c) = &opts.cdrom {
         return fs::canonicalize(c)
             .map(Some)
             .map_err(|e| ClusterError::Cdrom(format!("--cdrom {}: {e}", c.display())));
     }
-    if opts.overlays.is_empty() {
+    if opts.overlays.is_empty() && !k8s {
         return Ok(None);
     }
+    // The generated PKI goes first, so any later overlay may replace a file of it.
+    let pki = if k8s {
+        Some(crate::pki::generate(dir, size, api_port)?)
+    } else {
+        None
+    };
     let path = crate::overlay::search_path(&opts.ovlpath);
     let out = dir.join("cdrom.iso");
     crate::overlay::resolve(&opts.overlays, &path)
+        .map(|ovs| pki.into_iter().chain(ovs).collect::<Vec<_>>())
         .and_then(|ovs| crate::overlay::mkcdrom(&out, &ovs))
         .map_err(|e| ClusterError::Cdrom(e.to_string()))?;
     Ok(Some(out))
@@ -490,6 +521,9 @@ fn start_vm(
     }
     let mut qemu = qemu::command(spec, &paths);
     qemu.args(network::attach(state.net, &state.name, dir, spec.vm)?);
+    if let Some(port) = state.api_port.filter(|_| spec.vm.number() == 1) {
+        qemu.args(crate::pki::api_forward_args(port));
+    }
     cmd::run(&mut network::wrap(state.net, &state.name, qemu))?;
     // QEMU's -daemonize sets umask 027 before creating the sockets: tighten them.
     for sock in [paths.agent(), paths.console()] {
