@@ -227,6 +227,9 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
         let probe = c.wait_service(vm, "probe", &["ready"], Duration::from_secs(30));
         assert!(probe["pid"].as_u64().is_some(), "{probe}");
         assert_eq!(c.exec_ok(vm, &["cat", "/var/log/probe.log"]), "started\n");
+        let logs = c.kimg("logs", &[vm, "probe"]);
+        assert!(logs.status.success(), "{}", text(&logs));
+        assert_eq!(String::from_utf8_lossy(&logs.stdout), "started\n");
     }
     // The router runs no Kubernetes component.
     let st = c.status_json();
@@ -242,6 +245,13 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
         router["agent"]["services"],
         serde_json::json!([]),
         "{router}"
+    );
+    let logs = c.kimg("logs", &["vm-201", "containerd"]);
+    assert!(!logs.status.success());
+    assert!(
+        String::from_utf8_lossy(&logs.stderr).contains("its services: none"),
+        "{}",
+        text(&logs)
     );
     let ps = c.exec_ok("vm-201", &["ps", "-o", "comm"]);
     assert!(!ps.contains("containerd") && !ps.contains("etcd"), "{ps}");
@@ -447,11 +457,20 @@ fn control_plane_and_pki(c: &TestCluster, work: &Path) {
         .lines()
         .find_map(|l| l.trim().strip_prefix("server: https://127.0.0.1:"))
         .unwrap_or_else(|| panic!("no 127.0.0.1 server: {admin}"));
-    let mut banner = String::new();
-    let mut conn = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    std::io::Read::read_to_string(&mut conn, &mut banner).unwrap();
+    // QEMU accepts at once and closes (or stalls) when the guest is not there yet:
+    // try again until the banner comes or a generous deadline passes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let banner = loop {
+        let mut banner = String::new();
+        let got = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).and_then(|mut conn| {
+            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            std::io::Read::read_to_string(&mut conn, &mut banner)
+        });
+        if (got.is_ok() && !banner.is_empty()) || std::time::Instant::now() > deadline {
+            break banner;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert_eq!(banner, "kimg-double kube-apiserver\n");
     std::fs::write(
         dir.join("ca.crt"),

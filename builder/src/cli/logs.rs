@@ -1,4 +1,4 @@
-//! `kimg logs`: a VM's console log.
+//! `kimg logs`: a VM's console log, or one of its services' logs.
 
 use kimg::vm::cluster;
 use kimg_contract::VmId;
@@ -6,8 +6,11 @@ use std::io::Write;
 use std::process::ExitCode;
 
 /// Print everything a VM's serial console printed since boot (kernel messages at
-/// warning level and up, kimg-init's lines, emergency shells). Works for dead VMs
-/// too, until `kimg stop` removes the cluster.
+/// warning level and up, kimg-init's lines, emergency shells), or with SERVICE that
+/// service's output (/var/log/SERVICE.log in the VM, read through the agent).
+/// The console log works for dead VMs too, until `kimg stop` removes the cluster.
+///
+/// Example: kimg logs vm-001 containerd -n 20
 #[derive(clap::Args)]
 pub struct Args {
     /// Cluster name.
@@ -18,7 +21,7 @@ pub struct Args {
     tail: Option<usize>,
     /// The VM: vm-001, or just 1.
     vm: VmId,
-    /// A service's log instead of the console (services are not supported yet).
+    /// A service's log instead of the console (see `kimg status` for the services).
     service: Option<String>,
 }
 
@@ -26,11 +29,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let paths = cluster::vm_paths(&a.name, a.vm)?;
     if let Some(service) = a.service {
-        anyhow::bail!(
-            "{}: no such service {service:?} (kimg-init runs no services yet; `kimg logs {}` shows the console)",
-            a.vm,
-            a.vm
-        );
+        return service_log(&a.name, a.vm, &service, a.tail);
     }
     let text = match a.tail {
         Some(n) => cluster::console_tail(&paths, n).join("\n") + "\n",
@@ -41,4 +40,36 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a service's log from the VM; names only the services the VM has when the
+/// one asked for is not among them.
+fn service_log(
+    name: &str,
+    vm: VmId,
+    service: &str,
+    tail: Option<usize>,
+) -> anyhow::Result<ExitCode> {
+    let (_, vms) = cluster::status(name)?;
+    let known: Vec<String> = vms
+        .iter()
+        .find(|v| v.vm == vm)
+        .and_then(|v| v.agent.as_ref())
+        .map(|a| a.services.iter().map(|s| s.name.clone()).collect())
+        .unwrap_or_default();
+    if !known.iter().any(|k| k == service) {
+        anyhow::bail!(
+            "{vm} has no service {service:?} (its services: {}); `kimg logs {vm}` shows the console",
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        );
+    }
+    let path = format!("{}/{service}.log", kimg_contract::service::LOG_DIR);
+    let argv = match tail {
+        Some(n) => vec!["tail".into(), "-n".into(), n.to_string(), path],
+        None => vec!["cat".into(), path],
+    };
+    let r = cluster::exec(name, vm, argv, Some(std::time::Duration::from_secs(30)))?;
+    std::io::stdout().write_all(r.stdout.as_bytes())?;
+    std::io::stderr().write_all(r.stderr.as_bytes())?;
+    Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(1)))
 }
