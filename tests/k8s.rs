@@ -11,14 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-const K8S_BINARIES: &[&str] = &[
-    "kubelet",
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kube-proxy",
-    "kubectl",
-];
+use kimg::k8s::K8S_BINARIES;
 
 /// A release folder of test doubles, laid out like kubernetes-server-linux-amd64.
 fn double_release(dir: &Path) -> PathBuf {
