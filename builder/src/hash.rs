@@ -22,6 +22,24 @@ pub fn file_sha256(path: &Path) -> io::Result<(String, u64)> {
     Ok((hex::encode(h.finalize()), size))
 }
 
+/// A manifest component for `file`: its size and sha256, as it sits at `path` in the
+/// image.
+pub fn component(
+    name: &str,
+    file: &Path,
+    path: String,
+    version: Option<String>,
+) -> io::Result<kimg_contract::manifest::Component> {
+    let (sha256, size) = file_sha256(file)?;
+    Ok(kimg_contract::manifest::Component {
+        name: name.into(),
+        path,
+        version,
+        size,
+        sha256,
+    })
+}
+
 /// sha256 of bytes.
 pub fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

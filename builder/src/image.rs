@@ -459,14 +459,7 @@ fn component(
     image_path: &str,
     version: Option<String>,
 ) -> Result<Component, BuildError> {
-    let (sha256, size) = file_sha256(path).map_err(io_err(path))?;
-    Ok(Component {
-        name: name.into(),
-        path: image_path.into(),
-        version,
-        size,
-        sha256,
-    })
+    crate::hash::component(name, path, image_path.into(), version).map_err(io_err(path))
 }
 
 /// Where kimg-init is looked for when `--init` is not given: `$KIMG_INIT`, beside

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod cache;
+pub mod civil;
 pub mod cmd;
 pub mod disk;
 pub mod elf;

@@ -6,7 +6,6 @@
 //! `modules.dep` for busybox modprobe.
 
 use crate::elf;
-use crate::hash::file_sha256;
 use crate::kernel::modules::ModuleIndex;
 use kimg_contract::manifest::Component;
 use serde::Deserialize;
@@ -410,15 +409,8 @@ fn component(
     image_path: &str,
     version: Option<String>,
 ) -> Result<Component, RootfsError> {
-    let (sha256, size) = file_sha256(host).map_err(io_err(host))?;
     let path = format!("/{}", image_path.trim_start_matches('/'));
-    Ok(Component {
-        name: name.into(),
-        path,
-        version,
-        size,
-        sha256,
-    })
+    crate::hash::component(name, host, path, version).map_err(io_err(host))
 }
 
 fn parse_mode(f: &FileSpec) -> Result<u32, RootfsError> {

@@ -150,18 +150,9 @@ fn fixed_time(mtime: u64) -> &'static FixedTime {
 
 /// Unix time to a FAT date and time (UTC), clamped to FAT's 1980..=2107 range.
 fn dos_date_time(unix: u64) -> fatfs::DateTime {
-    let days = i64::try_from(unix / 86_400).unwrap_or(i64::MAX / 2);
-    let secs = unix % 86_400;
-    // Days to civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day, h, m, sec) =
+        crate::civil::civil(i64::try_from(unix).unwrap_or(i64::MAX / 2));
+    let secs = u64::from(h) * 3600 + u64::from(m) * 60 + u64::from(sec);
     let (date, time) = if year < 1980 {
         ((1980, 1, 1), (0, 0, 0))
     } else if year > 2107 {
