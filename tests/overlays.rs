@@ -135,6 +135,7 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
         "04-two.tar.xz",
         "05-three.tar.zst",
         "06-broken.tar.zst",
+        kimg_contract::cdrom::INDEX_NAME,
     ];
     assert_eq!(names, want, "{ls}");
 
@@ -215,7 +216,9 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
     );
     let ovs = vm["agent"]["overlays"].as_array().unwrap();
     let names: Vec<&str> = ovs.iter().map(|o| o["name"].as_str().unwrap()).collect();
-    assert_eq!(names, want);
+    // The index is no overlay; its hashes are what status reports.
+    assert_eq!(names, want[..want.len() - 1]);
+    assert!(!problems.contains("kimg-index"), "{problems}");
     for (o, a) in ovs[1..].iter().zip(archives) {
         let (sha, size) = kimg::hash::file_sha256(&t.path().join(a)).unwrap();
         assert_eq!(o["sha256"], sha.as_str(), "{o}");
@@ -246,4 +249,55 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
     // The VM survived (no sysrq crash) and powers off cleanly.
     let stop = c.kimg("stop", &[]);
     assert!(stop.status.success(), "{}", text(&stop));
+}
+
+/// `--append kimg.cdrom=off`: the cdrom is attached but kimg-init leaves it alone
+/// (nothing unpacked, nothing recorded), and it can be mounted by hand.
+#[test]
+fn cdrom_off_attaches_without_unpacking() {
+    let img = image();
+    let c = TestCluster::new("e2e-cdrom-off");
+    let run = c.kimg(
+        "run",
+        &[
+            "--image",
+            img.image.to_str().unwrap(),
+            "--nodes",
+            "1",
+            "--routers",
+            "0",
+            "--wait=240",
+            "--append",
+            "kimg.cdrom=off",
+            "test",
+        ],
+    );
+    assert!(run.status.success(), "kimg run:\n{}", text(&run));
+    let st = c.kimg("status", &["--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let vm = &st["vms"][0];
+    assert_eq!(vm["state"], "ready", "{vm}");
+    assert_eq!(vm["agent"]["overlays"], serde_json::json!([]), "{vm}");
+    let cmdline = c.exec_ok("vm-001", &["cat", "/proc/cmdline"]);
+    assert!(
+        cmdline.trim_end().ends_with("kimg.cdrom kimg.cdrom=off"),
+        "{cmdline}"
+    );
+    let listed = c.exec_ok(
+        "vm-001",
+        &[
+            "sh",
+            "-c",
+            "test ! -e /var/lib/kimg/overlays.applied && mkdir -p /mnt/cd && \
+             mount -t iso9660 -o ro /dev/sr0 /mnt/cd && ls /mnt/cd",
+        ],
+    );
+    assert_eq!(
+        listed.split_whitespace().collect::<Vec<_>>(),
+        ["01-test.tar.zst", "kimg-index"]
+    );
+    // --append is for direct kernel boot; with --uefi the loader entry decides.
+    let o = c.kimg("run", &["--uefi", "--append", "quiet"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--append"), "{}", text(&o));
 }

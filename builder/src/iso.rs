@@ -5,11 +5,14 @@
 //! little- and big-endian path tables, the root directory, one continuation block with
 //! the Rock Ridge `ER` entry, then the files. File data is streamed straight into its
 //! place (no temporary copies); the descriptors are written last. Timestamps come from
-//! one fixed epoch, so the same inputs give the same bytes. The sha256 of every file's
-//! name, size and content goes into the descriptor's application-use field so that
-//! kimg-init can tell cdroms apart by reading one sector.
+//! one fixed epoch, so the same inputs give the same bytes. A last file, the index
+//! ([`INDEX_NAME`]), lists every file's sha256, size and name; the index's own sha256
+//! goes into the descriptor's application-use field so that kimg-init can tell cdroms
+//! apart by reading one sector, and trust the index by hashing one small file.
 
-use kimg_contract::cdrom::{app_use, PVD_APP_USE, VOLUME_LABEL};
+use kimg_contract::cdrom::{
+    app_use, index_text, IndexEntry, INDEX_NAME, PVD_APP_USE, VOLUME_LABEL,
+};
 use sha2::{Digest, Sha256};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -88,9 +91,9 @@ pub struct IsoEntry {
 /// What [`write`] made.
 #[derive(Debug, Clone)]
 pub struct IsoImage {
-    /// The files in name order.
+    /// The files in name order (the index not among them).
     pub entries: Vec<IsoEntry>,
-    /// Content hash (also in the volume descriptor).
+    /// Content hash: the index's sha256 (also in the volume descriptor).
     pub sha256: String,
     /// Image size in bytes.
     pub size: u64,
@@ -108,18 +111,28 @@ pub fn write(out: &Path, files: Vec<IsoSource<'_>>, epoch: i64) -> Result<IsoIma
     for (i, f) in files.iter().enumerate() {
         let bad = f.name.is_empty()
             || f.name.len() > MAX_NAME
-            || f.name.contains('/')
-            || f.name.contains('\0')
+            || f.name.contains(['/', '\0', '\n'])
             || f.name == "."
             || f.name == ".."
+            || f.name == INDEX_NAME
             || (i > 0 && files[i - 1].name == f.name);
         if bad {
             return Err(IsoError::Name(f.name.clone()));
         }
     }
-    let iso_names = iso_names(&files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>());
+    // The index is one more file of the root directory; its data goes last.
+    let mut all_names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+    all_names.push(INDEX_NAME);
+    all_names.sort();
+    let all_iso = iso_names(&all_names);
     // Directory records must be sorted by their ISO name.
-    let dir_sectors = dir_layout(&files, &iso_names).len() as u32;
+    let dir_sectors = dir_layout(&all_names, &all_iso).len() as u32;
+    let iso_of: std::collections::HashMap<String, String> = all_names
+        .iter()
+        .map(|n| n.to_string())
+        .zip(all_iso)
+        .collect();
+    let iso_name = |name: &str| iso_of.get(name).cloned().unwrap_or_default();
     let ce_lba = ROOT_LBA + dir_sectors;
     let data_lba = ce_lba + 1;
 
@@ -133,8 +146,7 @@ pub fn write(out: &Path, files: Vec<IsoSource<'_>>, epoch: i64) -> Result<IsoIma
         .map_err(io_err)?;
     let mut pos = data_lba as u64 * SECTOR;
     let mut entries = Vec::new();
-    let mut total = Sha256::new();
-    for (f, iso_name) in files.into_iter().zip(iso_names) {
+    for f in files {
         let mut hw = HashWriter {
             inner: &mut w,
             hash: Sha256::new(),
@@ -151,17 +163,37 @@ pub fn write(out: &Path, files: Vec<IsoSource<'_>>, epoch: i64) -> Result<IsoIma
         }
         let pad = (SECTOR - size % SECTOR) % SECTOR;
         w.write_all(&vec![0u8; pad as usize]).map_err(io_err)?;
-        total.update(format!("{name}\0{size}\0{sha}\n").as_bytes());
         entries.push(IsoEntry {
+            iso_name: iso_name(&name),
             name,
-            iso_name,
             lba: (pos / SECTOR) as u32,
             size,
             sha256: sha,
         });
         pos += size + pad;
     }
-    let sha256 = hex::encode(total.finalize());
+    let index = index_text(
+        &entries
+            .iter()
+            .map(|e| IndexEntry {
+                name: e.name.clone(),
+                size: e.size,
+                sha256: e.sha256.clone(),
+            })
+            .collect::<Vec<_>>(),
+    );
+    let index_entry = IsoEntry {
+        name: INDEX_NAME.to_string(),
+        iso_name: iso_name(INDEX_NAME),
+        lba: (pos / SECTOR) as u32,
+        size: index.len() as u64,
+        sha256: hex::encode(Sha256::digest(index.as_bytes())),
+    };
+    w.write_all(index.as_bytes()).map_err(io_err)?;
+    let pad = (SECTOR - index_entry.size % SECTOR) % SECTOR;
+    w.write_all(&vec![0u8; pad as usize]).map_err(io_err)?;
+    pos += index_entry.size + pad;
+    let sha256 = index_entry.sha256.clone();
     let total_sectors = (pos / SECTOR) as u32;
     // The descriptors, path tables, directory and continuation block.
     let mut head = vec![0u8; data_lba as usize * SECTOR as usize];
@@ -176,7 +208,9 @@ pub fn write(out: &Path, files: Vec<IsoSource<'_>>, epoch: i64) -> Result<IsoIma
     put(&mut head, TERM_LBA, &term);
     put(&mut head, LPATH_LBA, &path_table(ROOT_LBA, false));
     put(&mut head, MPATH_LBA, &path_table(ROOT_LBA, true));
-    let records = dir_records(&entries, ROOT_LBA, root_size, ce_lba, epoch);
+    let mut listed = entries.clone();
+    listed.push(index_entry);
+    let records = dir_records(&listed, ROOT_LBA, root_size, ce_lba, epoch);
     for (i, sector) in dir_layout_records(records).into_iter().enumerate() {
         put(&mut head, ROOT_LBA + i as u32, &sector);
     }
@@ -467,12 +501,12 @@ fn dir_layout_records(records: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 
 /// The root directory's sectors for these files (sizes and places do not change
 /// record lengths, so zeros stand in for them).
-fn dir_layout(files: &[IsoSource<'_>], iso_names: &[String]) -> Vec<Vec<u8>> {
-    let fake: Vec<IsoEntry> = files
+fn dir_layout(names: &[&str], iso_names: &[String]) -> Vec<Vec<u8>> {
+    let fake: Vec<IsoEntry> = names
         .iter()
         .zip(iso_names)
-        .map(|(f, n)| IsoEntry {
-            name: f.name.clone(),
+        .map(|(name, n)| IsoEntry {
+            name: name.to_string(),
             iso_name: n.clone(),
             lba: 0,
             size: 0,
@@ -531,6 +565,7 @@ mod tests {
             .collect();
         let want: Vec<String> = (0..60)
             .map(|i| format!("{i:02}-overlay-with-a-long-name-{i}.tar.zst"))
+            .chain([INDEX_NAME.to_string()])
             .collect();
         assert_eq!(names, want, "{o}");
         assert!(o.contains("-r--r--r--"), "{o}");
@@ -545,6 +580,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!(std::fs::read(&x).unwrap(), vec![37u8; 37000]);
+        // The index lists every file with its size and sha256; its own sha256 is the
+        // cdrom's hash.
+        let ix = dir.path().join("ix");
+        crate::cmd::run(
+            std::process::Command::new("xorriso")
+                .args(["-osirrox", "on", "-indev"])
+                .arg(&out)
+                .args(["-extract", &format!("/{INDEX_NAME}")])
+                .arg(&ix),
+        )
+        .unwrap();
+        let index = std::fs::read(&ix).unwrap();
+        assert_eq!(hex::encode(Sha256::digest(&index)), img.sha256);
+        let listed =
+            kimg_contract::cdrom::parse_index(std::str::from_utf8(&index).unwrap()).unwrap();
+        assert_eq!(listed.len(), 60);
+        assert_eq!(listed[37].name, "37-overlay-with-a-long-name-37.tar.zst");
+        assert_eq!(listed[37].size, 37000);
+        assert_eq!(
+            listed[37].sha256,
+            hex::encode(Sha256::digest(vec![37u8; 37000]))
+        );
         // Lower-case names with '-' and the modes above came from Rock Ridge (NM, PX).
         let info = crate::cmd::run_stdout(
             std::process::Command::new("xorriso")
@@ -587,6 +644,10 @@ mod tests {
         assert!(matches!(e, IsoError::Name(_)), "{e}");
         let twice = vec![source("a.tar", vec![]), source("a.tar", vec![])];
         assert!(matches!(write(&out, twice, 0), Err(IsoError::Name(_))));
+        for bad in [INDEX_NAME, "a\nb.tar"] {
+            let e = write(&out, vec![source(bad, vec![])], 0).unwrap_err();
+            assert!(matches!(e, IsoError::Name(_)), "{e}");
+        }
         let fits = format!("{}.tar", "y".repeat(MAX_NAME - 4));
         write(&out, vec![source(&fits, vec![1])], 0).unwrap();
         let o = crate::cmd::run_stdout(

@@ -22,6 +22,53 @@ pub const START_LOG: &str = "/var/log/kimg/start.d.log";
 /// Top-level directories overlays may never write into (besides the mount point).
 pub const FORBIDDEN_TOP: &[&str] = &["proc", "sys", "dev", "run"];
 
+/// The cdrom's index file: one line per overlay, `SHA256 SIZE NAME`, in name order.
+/// The cdrom's content hash (in the volume descriptor) is the sha256 of this file, so
+/// kimg-init checks one small file against one sector and then reports the recorded
+/// hashes instead of reading every archive twice (software SHA-256 under TCG costs
+/// more than the unpacking itself).
+pub const INDEX_NAME: &str = "kimg-index";
+
+/// One overlay of a cdrom's index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// File name on the cdrom.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// sha256 of its content, hex.
+    pub sha256: String,
+}
+
+/// The index file's text for `entries` (already in name order).
+pub fn index_text(entries: &[IndexEntry]) -> String {
+    entries
+        .iter()
+        .map(|e| format!("{} {} {}\n", e.sha256, e.size, e.name))
+        .collect()
+}
+
+/// Parses an index file; names may contain spaces, never newlines.
+pub fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let bad = || format!("{INDEX_NAME} line {}: expected `SHA256 SIZE NAME`", i + 1);
+            let (sha256, rest) = line.split_once(' ').ok_or_else(bad)?;
+            let (size, name) = rest.split_once(' ').ok_or_else(bad)?;
+            let hex_ok = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !hex_ok || name.is_empty() {
+                return Err(bad());
+            }
+            Ok(IndexEntry {
+                name: name.to_string(),
+                size: size.parse().map_err(|_| bad())?,
+                sha256: sha256.to_string(),
+            })
+        })
+        .collect()
+}
+
 /// The cdrom's content hash as written into the volume descriptor's application use.
 pub fn app_use(sha256_hex: &str) -> String {
     format!("{APP_USE_PREFIX}{sha256_hex}")
@@ -41,7 +88,8 @@ pub fn parse_app_use(field: &[u8]) -> Option<String> {
 pub struct OverlayReport {
     /// File name on the cdrom (`NN-NAME.tar[.zst]`).
     pub name: String,
-    /// sha256 of the file as read from the cdrom.
+    /// sha256 of the file, from the cdrom's index (checked against the volume
+    /// descriptor's hash), or computed while unpacking when the index does not match.
     pub sha256: String,
     /// Its size in bytes.
     pub size: u64,
@@ -82,5 +130,33 @@ mod tests {
         assert_eq!(parse_app_use(&field), Some(h));
         assert_eq!(parse_app_use(b"kimg-cdrom sha256=zz"), None);
         assert_eq!(parse_app_use(&[0u8; 512]), None);
+    }
+
+    #[test]
+    fn index_round_trips_names_with_spaces_and_rejects_garbage() {
+        let entries = vec![
+            IndexEntry {
+                name: "01-base.tar.zst".into(),
+                size: 10240,
+                sha256: "ab".repeat(32),
+            },
+            IndexEntry {
+                name: "02-my overlay.tar".into(),
+                size: 0,
+                sha256: "0f".repeat(32),
+            },
+        ];
+        let text = index_text(&entries);
+        assert_eq!(parse_index(&text).unwrap(), entries);
+        assert_eq!(parse_index("").unwrap(), vec![]);
+        for bad in [
+            "xyz 1 a",
+            &format!("{} x a", "ab".repeat(32)),
+            &format!("{} 1 ", "ab".repeat(32)),
+            "nospaces",
+        ] {
+            let e = parse_index(bad).unwrap_err();
+            assert!(e.contains("kimg-index line 1"), "{e}");
+        }
     }
 }

@@ -27,6 +27,8 @@ pub const KEY_ROUTERS: &str = "kimg.routers";
 /// Kernel command line key: number of testers in the cluster.
 pub const KEY_TESTERS: &str = "kimg.testers";
 /// Kernel command line flag: an overlay cdrom is attached; wait for it and unpack it.
+/// `kimg.cdrom=off` (or `=0`) later on the line takes it back: the cdrom stays
+/// attached but is left alone (to look at a broken overlay by hand).
 pub const KEY_CDROM: &str = "kimg.cdrom";
 /// The serial console every kimg VM logs to.
 pub const CONSOLE: &str = "ttyS0";
@@ -68,7 +70,8 @@ pub struct KimgArgs {
     /// `kimg.nodes=`, `kimg.routers=`, `kimg.testers=`: the cluster's size, when the
     /// launcher gave all three.
     pub size: Option<crate::net::ClusterSize>,
-    /// `kimg.cdrom`: an overlay cdrom is attached.
+    /// `kimg.cdrom`: an overlay cdrom is attached (and not taken back by a later
+    /// `kimg.cdrom=off`).
     pub cdrom: bool,
 }
 
@@ -95,7 +98,7 @@ impl KimgArgs {
                 KEY_NODES => nodes = value.parse().ok(),
                 KEY_ROUTERS => routers = value.parse().ok(),
                 KEY_TESTERS => testers = value.parse().ok(),
-                KEY_CDROM => args.cdrom = true,
+                KEY_CDROM => args.cdrom = !matches!(value, "off" | "0"),
                 _ => {}
             }
         }
@@ -163,5 +166,13 @@ mod tests {
         assert_eq!(args.hostname, None);
         assert!(args.shell);
         assert_eq!(KimgArgs::parse(""), KimgArgs::default());
+    }
+
+    #[test]
+    fn a_later_cdrom_off_takes_the_flag_back() {
+        assert!(KimgArgs::parse("quiet kimg.cdrom").cdrom);
+        assert!(!KimgArgs::parse("kimg.cdrom kimg.cdrom=off").cdrom);
+        assert!(!KimgArgs::parse("kimg.cdrom kimg.cdrom=0").cdrom);
+        assert!(KimgArgs::parse("kimg.cdrom=off kimg.cdrom").cdrom);
     }
 }

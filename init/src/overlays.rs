@@ -3,9 +3,10 @@
 
 use crate::unpack;
 use kimg_contract::cdrom::{
-    parse_app_use, Applied, OverlayReport, APPLIED_FILE, MOUNT_POINT, PVD_APP_USE, PVD_OFFSET,
-    VOLUME_LABEL,
+    parse_app_use, parse_index, Applied, IndexEntry, OverlayReport, APPLIED_FILE, INDEX_NAME,
+    MOUNT_POINT, PVD_APP_USE, PVD_OFFSET, VOLUME_LABEL,
 };
+use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -103,13 +104,20 @@ pub fn apply() -> (Vec<OverlayReport>, Vec<String>) {
     if let Err(e) = mount(&cd.dev) {
         return (vec![], vec![format!("overlays: {e}")]);
     }
-    let reports = unpack_all(Path::new(MOUNT_POINT), Path::new("/"));
-    let problems = failures(&reports);
+    let dir = Path::new(MOUNT_POINT);
+    let (index, mut problems) = match read_index(dir, &cd.sha256) {
+        Ok(index) => (index, vec![]),
+        Err(e) => {
+            warn!("overlays: {e}; hashing every overlay instead");
+            (vec![], vec![format!("overlays: {e}")])
+        }
+    };
+    let reports = unpack_all(dir, Path::new("/"), &index);
+    problems.extend(failures(&reports));
     let applied = Applied {
         cdrom_sha256: cd.sha256,
         overlays: reports.clone(),
     };
-    let mut problems = problems;
     if let Err(e) = save(&applied) {
         problems.push(format!("overlays: save {APPLIED_FILE}: {e}"));
     }
@@ -142,12 +150,29 @@ fn mount(dev: &Path) -> std::io::Result<()> {
     })
 }
 
-/// Unpacks every file of `dir` in name order onto `root`.
-pub fn unpack_all(dir: &Path, root: &Path) -> Vec<OverlayReport> {
+/// The cdrom's index, if its sha256 is the hash in the volume descriptor.
+pub fn read_index(dir: &Path, cdrom_sha256: &str) -> Result<Vec<IndexEntry>, String> {
+    let path = dir.join(INDEX_NAME);
+    let bytes = fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    let got = unpack::hex(&Sha256::digest(&bytes));
+    if got != cdrom_sha256 {
+        return Err(format!(
+            "{} has sha256 {got}, the volume descriptor says {cdrom_sha256}",
+            path.display()
+        ));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", path.display()))?;
+    parse_index(&text)
+}
+
+/// Unpacks every overlay of `dir` in name order onto `root`; `index` (checked by
+/// [`read_index`], may be empty) gives their hashes.
+pub fn unpack_all(dir: &Path, root: &Path, index: &[IndexEntry]) -> Vec<OverlayReport> {
     let mut names: Vec<String> = match fs::read_dir(dir) {
         Ok(d) => d
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != INDEX_NAME)
             .collect(),
         Err(e) => {
             error!("overlays: read {}: {e}", dir.display());
@@ -156,10 +181,14 @@ pub fn unpack_all(dir: &Path, root: &Path) -> Vec<OverlayReport> {
     };
     names.sort();
     let mut reports = Vec::new();
-    for name in names {
+    for name in &names {
         let t = Instant::now();
         let mut log = |line: &str| warn!("overlay {name}: {line}");
-        let o = unpack::unpack_file(&dir.join(&name), root, &mut log);
+        let known = index
+            .iter()
+            .find(|e| e.name == *name)
+            .map(|e| (e.sha256.as_str(), e.size));
+        let o = unpack::unpack_file(&dir.join(name), root, &mut log, known);
         let secs = t.elapsed().as_secs_f64();
         let result = match (&o.failed, o.refused.len()) {
             (Some(why), _) => format!("failed: {why}"),
@@ -175,7 +204,7 @@ pub fn unpack_all(dir: &Path, root: &Path) -> Vec<OverlayReport> {
             );
         }
         reports.push(OverlayReport {
-            name,
+            name: name.clone(),
             sha256: o.sha256,
             size: o.size,
             secs,
@@ -215,5 +244,67 @@ mod tests {
         assert_eq!(parse_pvd(&pvd), Some(h));
         pvd[40..72].copy_from_slice(format!("{:32}", "other").as_bytes());
         assert_eq!(parse_pvd(&pvd), None);
+    }
+
+    /// A cdrom directory with two plain tars and the index `kimg mkcdrom` would write.
+    fn cdrom_dir(dir: &Path) -> (Vec<IndexEntry>, String) {
+        let mut index = Vec::new();
+        for (name, file, body) in [("01-a.tar", "a", "first"), ("02-b.tar", "b", "second")] {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, format!("etc/{file}"), body.as_bytes())
+                .unwrap();
+            let bytes = b.into_inner().unwrap();
+            fs::write(dir.join(name), &bytes).unwrap();
+            index.push(IndexEntry {
+                name: name.into(),
+                size: bytes.len() as u64,
+                sha256: unpack::hex(&Sha256::digest(&bytes)),
+            });
+        }
+        let text = kimg_contract::cdrom::index_text(&index);
+        fs::write(dir.join(INDEX_NAME), &text).unwrap();
+        (index, unpack::hex(&Sha256::digest(text.as_bytes())))
+    }
+
+    #[test]
+    fn the_index_is_trusted_only_when_it_matches_the_volume_hash() {
+        let t = tempfile::tempdir().unwrap();
+        let (index, cdrom_sha) = cdrom_dir(t.path());
+        assert_eq!(read_index(t.path(), &cdrom_sha).unwrap(), index);
+        let e = read_index(t.path(), &"00".repeat(32)).unwrap_err();
+        assert!(e.contains("volume descriptor says"), "{e}");
+        fs::remove_file(t.path().join(INDEX_NAME)).unwrap();
+        assert!(read_index(t.path(), &cdrom_sha).is_err());
+    }
+
+    #[test]
+    fn unpack_all_reports_indexed_hashes_and_hashes_what_the_index_lacks() {
+        let t = tempfile::tempdir().unwrap();
+        let cd = t.path().join("cd");
+        let root = t.path().join("root");
+        fs::create_dir_all(&cd).unwrap();
+        fs::create_dir_all(&root).unwrap();
+        let (index, _) = cdrom_dir(&cd);
+        // With the index: its hashes, in name order, the index itself not unpacked.
+        let r = unpack_all(&cd, &root, &index);
+        let names: Vec<&str> = r.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["01-a.tar", "02-b.tar"]);
+        assert_eq!(r[0].sha256, index[0].sha256);
+        assert_eq!(r[1].size, index[1].size);
+        assert!(r.iter().all(|r| r.result == "ok"), "{r:?}");
+        assert_eq!(fs::read_to_string(root.join("etc/b")).unwrap(), "second");
+        // An entry whose size does not match the file is not trusted: hashed instead.
+        let mut wrong = index.clone();
+        wrong[0].sha256 = "11".repeat(32);
+        wrong[0].size += 1;
+        let r = unpack_all(&cd, &root, &wrong);
+        assert_eq!(r[0].sha256, index[0].sha256);
+        // Without an index every overlay is hashed on the way through.
+        let r = unpack_all(&cd, &root, &[]);
+        assert_eq!(r[1].sha256, index[1].sha256);
+        assert_eq!(r[1].size, index[1].size);
     }
 }

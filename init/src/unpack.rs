@@ -10,9 +10,10 @@
 
 use crate::pathsafe::{self, Components, Refusal};
 use sha2::{Digest, Sha256};
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -32,17 +33,19 @@ pub struct Outcome {
     pub failed: Option<String>,
 }
 
-/// Reads through, hashing every byte.
+/// Reads through, hashing every byte unless the hash is known already.
 struct HashReader<R> {
     inner: R,
-    hash: Sha256,
+    hash: Option<Sha256>,
     size: u64,
 }
 
 impl<R: Read> Read for HashReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
+        if let Some(h) = &mut self.hash {
+            h.update(&buf[..n]);
+        }
         self.size += n as u64;
         Ok(n)
     }
@@ -74,8 +77,15 @@ pub fn sniff(head: &[u8]) -> Compression {
     }
 }
 
-/// Unpacks `archive` onto `root`; `log` gets one line per refused entry.
-pub fn unpack_file(archive: &Path, root: &Path, log: &mut dyn FnMut(&str)) -> Outcome {
+/// Unpacks `archive` onto `root`; `log` gets one line per refused entry. `known` is
+/// the archive's sha256 and size from a trusted index: when the file has that size,
+/// the sha256 is reported as is; otherwise every byte is hashed on the way through.
+pub fn unpack_file(
+    archive: &Path,
+    root: &Path,
+    log: &mut dyn FnMut(&str),
+    known: Option<(&str, u64)>,
+) -> Outcome {
     let mut out = Outcome::default();
     let file = match File::open(archive) {
         Ok(f) => f,
@@ -84,44 +94,77 @@ pub fn unpack_file(archive: &Path, root: &Path, log: &mut dyn FnMut(&str)) -> Ou
             return out;
         }
     };
+    let len = file.metadata().map(|m| m.len()).ok();
+    let known = known.filter(|(_, size)| Some(*size) == len);
+    // The magic bytes, read without moving the file position.
+    let mut head = [0u8; 6];
+    let kind = match std::os::unix::fs::FileExt::read_at(&file, &mut head, 0) {
+        Ok(n) => sniff(&head[..n]),
+        Err(e) => {
+            out.failed = Some(format!("read {}: {e}", archive.display()));
+            return out;
+        }
+    };
+    if let (Some((sha256, size)), Compression::None) = (known, kind) {
+        // A plain tar with a known hash: member data goes file to file in the kernel.
+        out.sha256 = sha256.to_string();
+        out.size = size;
+        if let Err(e) = unpack_tar_file(&file, root, log, &mut out) {
+            out.failed = Some(e.to_string());
+        }
+        return out;
+    }
     let mut hr = HashReader {
         inner: file,
-        hash: Sha256::new(),
+        hash: known.is_none().then(Sha256::new),
         size: 0,
     };
-    let result = unpack_stream(&mut hr, root, log, &mut out);
-    // Hash the whole file even when the tar ended early (trailing zeros, padding).
-    let drained = io::copy(&mut hr, &mut io::sink());
-    out.sha256 = hex(&hr.hash.finalize());
-    out.size = hr.size;
-    if let Err(e) = result.and(drained.map(|_| ())) {
+    let mut result = unpack_stream(&mut hr, kind, root, log, &mut out);
+    if let Some((sha256, size)) = known {
+        out.sha256 = sha256.to_string();
+        out.size = size;
+    } else {
+        // Hash the whole file even when the tar ended early (trailing zeros).
+        let drained = io::copy(&mut hr, &mut io::sink());
+        result = result.and(drained.map(|_| ()));
+        out.sha256 = hr.hash.map(|h| hex(&h.finalize())).unwrap_or_default();
+        out.size = hr.size;
+    }
+    if let Err(e) = result {
         out.failed = Some(e.to_string());
     }
     out
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Unpacks the tar in `raw`, a stream that is being hashed. A plain tar is read
+/// straight from it (no buffer copy in between); the decoders get buffered input.
 fn unpack_stream(
     raw: &mut (dyn Read + Send),
+    kind: Compression,
     root: &Path,
     log: &mut dyn FnMut(&str),
     out: &mut Outcome,
 ) -> io::Result<()> {
-    let mut buf = BufReader::with_capacity(1 << 20, raw);
-    let kind = sniff(buf.fill_buf()?);
+    let buffered = |raw| BufReader::with_capacity(1 << 20, raw);
     match kind {
-        Compression::None => unpack_tar(&mut buf, root, log, out),
-        Compression::Gzip => unpack_tar(flate2::read::MultiGzDecoder::new(buf), root, log, out),
+        Compression::None => unpack_tar(raw, root, log, out),
+        Compression::Gzip => {
+            let z = flate2::read::MultiGzDecoder::new(buffered(raw));
+            unpack_tar(z, root, log, out)
+        }
         Compression::Zstd => {
-            let z = ruzstd::decoding::StreamingDecoder::new(buf)
+            let z = ruzstd::decoding::StreamingDecoder::new(buffered(raw))
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("zstd: {e}")))?;
-            unpack_tar(BufReader::with_capacity(1 << 20, z), root, log, out)
+            unpack_tar(z, root, log, out)
         }
         Compression::Xz => {
             // lzma-rs decodes from a reader into a writer: a thread feeds a pipe.
+            let mut buf = buffered(raw);
             let (rd, mut wr) = io::pipe()?;
             std::thread::scope(|s| {
                 let t = s.spawn(move || {
@@ -147,6 +190,7 @@ struct DirFix {
     mtime: (i64, i64),
 }
 
+/// Unpacks a tar stream: member data is read through a buffer.
 fn unpack_tar<R: Read>(
     r: R,
     root: &Path,
@@ -154,13 +198,41 @@ fn unpack_tar<R: Read>(
     out: &mut Outcome,
 ) -> io::Result<()> {
     let mut ar = tar::Archive::new(r);
-    let mut dirs = Vec::new();
-    let is_root = nix::unistd::geteuid().is_root();
-    for entry in ar.entries()? {
+    unpack_entries(ar.entries()?, None, root, log, out)
+}
+
+/// Unpacks a plain tar file: the archive is read for headers only, each regular
+/// member's data goes to its file with sendfile(2) (page cache to page cache, as
+/// busybox tar does; under TCG each copy through user space costs as much as the
+/// rest of the unpacking), and the reader seeks over it.
+fn unpack_tar_file(
+    file: &File,
+    root: &Path,
+    log: &mut dyn FnMut(&str),
+    out: &mut Outcome,
+) -> io::Result<()> {
+    let mut ar = tar::Archive::new(file);
+    unpack_entries(ar.entries_with_seek()?, Some(file), root, log, out)
+}
+
+fn unpack_entries<R: Read>(
+    entries: tar::Entries<'_, R>,
+    source: Option<&File>,
+    root: &Path,
+    log: &mut dyn FnMut(&str),
+    out: &mut Outcome,
+) -> io::Result<()> {
+    let mut tree = Tree {
+        root,
+        is_root: nix::unistd::geteuid().is_root(),
+        known_dirs: HashSet::new(),
+        fixups: Vec::new(),
+    };
+    for entry in entries {
         let mut entry = entry?;
         let raw_path = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
-        match write_entry(&mut entry, root, is_root, &mut dirs) {
+        match write_entry(&mut entry, source, &mut tree) {
             Ok(()) => out.written += 1,
             Err(EntryError::Refused(why)) => {
                 log(&format!("refused {shown}: {why}"));
@@ -173,7 +245,7 @@ fn unpack_tar<R: Read>(
             }
         }
     }
-    for d in dirs.iter().rev() {
+    for d in tree.fixups.iter().rev() {
         let _ = fs::set_permissions(&d.path, fs::Permissions::from_mode(d.mode));
         let _ = set_mtime(&d.path, d.mtime);
     }
@@ -206,17 +278,48 @@ impl From<Refusal> for EntryError {
     }
 }
 
-/// Lookup for [`pathsafe::resolve`] on the real tree under `root`.
-fn lookup(root: &Path) -> impl FnMut(&[Vec<u8>]) -> Option<Vec<u8>> + '_ {
-    move |pre| {
-        let p = join(root, pre);
+/// The tree an archive is unpacked onto, and what unpacking it has learnt of it.
+struct Tree<'a> {
+    root: &'a Path,
+    /// Whether owners can be set (running as root).
+    is_root: bool,
+    /// Paths below `root` known to be real directories (not symlinks): looked at or
+    /// made by this archive, forgotten when an entry replaces one. Saves a stat of
+    /// every parent of every entry, twice; path walks are dear under TCG.
+    known_dirs: HashSet<Components>,
+    /// Directories whose mode and mtime are set once the archive is done.
+    fixups: Vec<DirFix>,
+}
+
+impl Tree<'_> {
+    /// Lookup for [`pathsafe::resolve`]: a symlink's target, `None` for anything else.
+    fn lookup(&mut self, pre: &[Vec<u8>]) -> Option<Vec<u8>> {
+        if self.known_dirs.contains(pre) {
+            return None;
+        }
+        let p = join(self.root, pre);
         let md = fs::symlink_metadata(&p).ok()?;
+        if md.is_dir() {
+            self.known_dirs.insert(pre.to_vec());
+        }
         if !md.file_type().is_symlink() {
             return None;
         }
         fs::read_link(&p)
             .ok()
             .map(|t| t.into_os_string().into_vec())
+    }
+
+    /// Resolves an entry's components (see [`pathsafe::resolve`]).
+    fn resolve(&mut self, comps: &[Vec<u8>], follow_last: bool) -> Result<Components, Refusal> {
+        pathsafe::resolve(comps, follow_last, &mut |pre| self.lookup(pre))
+    }
+
+    /// Something other than a directory is about to be put at `comps`.
+    fn forget(&mut self, comps: &[Vec<u8>]) {
+        if self.known_dirs.contains(comps) {
+            self.known_dirs.retain(|k| !k.starts_with(comps));
+        }
     }
 }
 
@@ -231,12 +334,17 @@ fn join(root: &Path, comps: &[Vec<u8>]) -> PathBuf {
 }
 
 /// Makes the parent directories of `comps` (already resolved: no symlinks in them).
-fn make_parents(root: &Path, comps: &Components) -> Result<(), EntryError> {
-    let mut p = root.to_path_buf();
-    for c in &comps[..comps.len() - 1] {
+fn make_parents(tree: &mut Tree<'_>, comps: &Components) -> Result<(), EntryError> {
+    let mut p = tree.root.to_path_buf();
+    for (i, c) in comps[..comps.len() - 1].iter().enumerate() {
         p.push(OsStr::from_bytes(c));
+        if tree.known_dirs.contains(&comps[..=i]) {
+            continue;
+        }
         match fs::symlink_metadata(&p) {
-            Ok(md) if md.is_dir() => {}
+            Ok(md) if md.is_dir() => {
+                tree.known_dirs.insert(comps[..=i].to_vec());
+            }
             Ok(_) => {
                 return Err(EntryError::Refused(format!(
                     "{} is not a directory",
@@ -246,6 +354,7 @@ fn make_parents(root: &Path, comps: &Components) -> Result<(), EntryError> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir(&p)?;
                 fs::set_permissions(&p, fs::Permissions::from_mode(0o755))?;
+                tree.known_dirs.insert(comps[..=i].to_vec());
             }
             Err(e) => return Err(e.into()),
         }
@@ -295,11 +404,12 @@ fn set_mtime(p: &Path, (secs, nanos): (i64, i64)) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
+/// Writes one entry; `source` is the plain tar file the entry's data sits in, if
+/// it may be copied from there directly.
 fn write_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
-    root: &Path,
-    is_root: bool,
-    dirs: &mut Vec<DirFix>,
+    source: Option<&File>,
+    tree: &mut Tree<'_>,
 ) -> Result<(), EntryError> {
     let h = entry.header();
     let kind = h.entry_type();
@@ -315,9 +425,13 @@ fn write_entry<R: Read>(
     let mtime = pax_mtime(entry).unwrap_or((header_mtime, 0));
     // Directories may be symlinks to directories already (/bin -> usr/bin): follow.
     let follow_last = kind.is_dir();
-    let resolved = pathsafe::resolve(&comps, follow_last, &mut lookup(root))?;
-    make_parents(root, &resolved)?;
-    let path = join(root, &resolved);
+    let resolved = tree.resolve(&comps, follow_last)?;
+    make_parents(tree, &resolved)?;
+    let path = join(tree.root, &resolved);
+    if !kind.is_dir() {
+        tree.forget(&resolved);
+    }
+    let is_root = tree.is_root;
     let owner = |p: &Path| -> io::Result<()> {
         if is_root {
             std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
@@ -334,10 +448,11 @@ fn write_entry<R: Read>(
                 }
                 Err(_) => fs::create_dir(&path)?,
             }
+            tree.known_dirs.insert(resolved);
             owner(&path)?;
             // Writable until the archive is done, then its own mode.
             fs::set_permissions(&path, fs::Permissions::from_mode(mode | 0o700))?;
-            dirs.push(DirFix { path, mode, mtime });
+            tree.fixups.push(DirFix { path, mode, mtime });
         }
         tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
             remove_existing(&path)?;
@@ -348,12 +463,21 @@ fn write_entry<R: Read>(
                 .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
                 .open(&path)?;
             let size = entry.size();
-            copy_sparse(entry, &mut f, size)?;
-            owner(&path)?;
+            match (kind, source) {
+                // Sparse members: the reader expands the map; zero blocks become holes.
+                (tar::EntryType::GNUSparse, _) => copy_sparse(entry, &mut f, size)?,
+                (_, Some(src)) => send(src, entry.raw_file_position(), &f, size)?,
+                // Like GNU tar, a regular member's zeros are written as data.
+                (_, None) => copy(entry, &mut f, size)?,
+            }
+            // Owner, mode and mtime through the open file: no more path walks.
+            if is_root {
+                std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+            }
             f.set_permissions(fs::Permissions::from_mode(mode))?;
             set_xattrs(entry, &path)?;
-            drop(f);
-            set_mtime(&path, mtime)?;
+            let t = nix::sys::time::TimeSpec::new(mtime.0, mtime.1);
+            nix::sys::stat::futimens(&f, &t, &t).map_err(io::Error::from)?;
         }
         tar::EntryType::Symlink => {
             let target = entry
@@ -371,8 +495,8 @@ fn write_entry<R: Read>(
                 .ok_or_else(|| EntryError::Refused("hard link without a target".into()))?
                 .into_owned();
             let tcomps = pathsafe::entry_components(&target)?;
-            let tres = pathsafe::resolve(&tcomps, false, &mut lookup(root))?;
-            let tpath = join(root, &tres);
+            let tres = tree.resolve(&tcomps, false)?;
+            let tpath = join(tree.root, &tres);
             if tpath == path {
                 return Ok(());
             }
@@ -399,11 +523,26 @@ fn write_entry<R: Read>(
     Ok(())
 }
 
-/// Copies `size` bytes, seeking over all-zero 4 KiB blocks so they become holes.
-/// Runs of data blocks go out in one write, and the buffer is reused across files:
-/// under TCG every syscall and every fresh 1 MiB allocation shows.
-fn copy_sparse(r: &mut dyn Read, f: &mut File, size: u64) -> io::Result<()> {
-    const BLOCK: usize = 4096;
+/// Copies `size` bytes from `src` at `offset` to `f` with sendfile(2).
+fn send(src: &File, offset: u64, f: &File, size: u64) -> io::Result<()> {
+    let mut off = offset as nix::libc::off64_t;
+    let mut left = size;
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        let n = nix::sys::sendfile::sendfile64(f, src, Some(&mut off), chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "archive ends inside a file",
+            ));
+        }
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// The copy buffer, reused across files: under TCG every fresh 1 MiB allocation shows.
+fn with_buffer<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
     const BUF: usize = 1 << 20;
     thread_local! {
         static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -413,22 +552,50 @@ fn copy_sparse(r: &mut dyn Read, f: &mut File, size: u64) -> io::Result<()> {
         if buf.len() < BUF {
             buf.resize(BUF, 0);
         }
+        f(&mut buf)
+    })
+}
+
+/// Reads `size` bytes, exactly, into the start of `buf` (or all of it if smaller).
+fn fill(r: &mut dyn Read, buf: &mut [u8], size: u64) -> io::Result<usize> {
+    let want = buf.len().min(size as usize);
+    let mut n = 0;
+    while n < want {
+        let got = r.read(&mut buf[n..want])?;
+        if got == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "archive ends inside a file",
+            ));
+        }
+        n += got;
+    }
+    Ok(n)
+}
+
+/// Copies `size` bytes through the buffer.
+fn copy(r: &mut dyn Read, f: &mut File, size: u64) -> io::Result<()> {
+    with_buffer(|buf| {
+        let mut left = size;
+        while left > 0 {
+            let n = fill(r, buf, left)?;
+            f.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    })
+}
+
+/// Copies `size` bytes, seeking over all-zero 4 KiB blocks so they become holes;
+/// runs of data blocks go out in one write.
+fn copy_sparse(r: &mut dyn Read, f: &mut File, size: u64) -> io::Result<()> {
+    const BLOCK: usize = 4096;
+    with_buffer(|buf| {
         let mut left = size;
         let mut holes = false;
         while left > 0 {
             // Fill the chunk completely so blocks stay aligned to file offsets.
-            let want = BUF.min(left as usize);
-            let mut n = 0;
-            while n < want {
-                let got = r.read(&mut buf[n..want])?;
-                if got == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "archive ends inside a file",
-                    ));
-                }
-                n += got;
-            }
+            let n = fill(r, buf, left)?;
             let is_hole = |b: &[u8]| b.len() == BLOCK && b[0] == 0 && b.iter().all(|&x| x == 0);
             let mut i = 0;
             while i < n {
@@ -507,24 +674,38 @@ mod tests {
             &src,
         );
         let gnu = t.path().join("gnu");
-        let ours = t.path().join("ours");
         fs::create_dir(&gnu).unwrap();
-        fs::create_dir(&ours).unwrap();
-        for a in ["one.tar.gz", "two.tar.xz", "three.tar.zst"] {
+        for a in ["one.tar", "two.tar.xz", "three.tar.zst"] {
             sh(
                 &format!("tar --numeric-owner -xpf {}", t.path().join(a).display()),
                 &gnu,
             );
-            let mut lines = Vec::new();
-            let o = unpack_file(&t.path().join(a), &ours, &mut |l| lines.push(l.to_string()));
-            assert_eq!(o.failed, None, "{a}: {lines:?}");
-            assert!(o.refused.is_empty(), "{a}: {:?}", o.refused);
-            assert_eq!(o.size, fs::metadata(t.path().join(a)).unwrap().len());
         }
-        assert_eq!(listing(&ours), listing(&gnu));
-        let md = fs::metadata(ours.join("sparse")).unwrap();
-        use std::os::unix::fs::MetadataExt;
-        assert!(md.blocks() * 512 < 1 << 20, "sparse file is not sparse");
+        // Streamed (hashed on the way, decoders) and, for the plain tar with its hash
+        // known from an index, sendfile: both come out as GNU tar's extraction.
+        for (first, known) in [("one.tar.gz", false), ("one.tar", true)] {
+            let ours = t.path().join(format!("ours-{first}"));
+            fs::create_dir(&ours).unwrap();
+            for a in [first, "two.tar.xz", "three.tar.zst"] {
+                let path = t.path().join(a);
+                let bytes = fs::read(&path).unwrap();
+                let sha = hex(&Sha256::digest(&bytes));
+                let known = known.then_some((sha.as_str(), bytes.len() as u64));
+                let mut lines = Vec::new();
+                let o = unpack_file(&path, &ours, &mut |l| lines.push(l.to_string()), known);
+                assert_eq!(o.failed, None, "{a}: {lines:?}");
+                assert!(o.refused.is_empty(), "{a}: {:?}", o.refused);
+                assert_eq!(o.size, bytes.len() as u64);
+                assert_eq!(o.sha256, sha);
+            }
+            assert_eq!(listing(&ours), listing(&gnu), "{first}");
+            let md = fs::metadata(ours.join("sparse")).unwrap();
+            use std::os::unix::fs::MetadataExt;
+            assert!(
+                md.blocks() * 512 < 1 << 20,
+                "{first}: sparse file is not sparse"
+            );
+        }
     }
 
     #[test]
@@ -571,24 +752,38 @@ mod tests {
         add("/abs", tar::EntryType::Regular, None, b"inside");
         add("h", tar::EntryType::Link, Some("dev/vda"), b"");
         add("n", tar::EntryType::Block, None, b"");
+        // A directory the unpacker has seen, replaced by a symlink out of the root:
+        // what it knew of `y` must not outlive it (else the kernel would follow the
+        // link to the real `outside`).
+        add("y", tar::EntryType::Directory, None, b"");
+        add("y", tar::EntryType::Symlink, Some(&out), b"");
+        add("y/z", tar::EntryType::Regular, None, b"inside too");
         let data = b.into_inner().unwrap();
         let ar = t.path().join("hostile.tar");
         fs::write(&ar, &data).unwrap();
-        let o = unpack_file(&ar, &root, &mut |_| {});
-        assert_eq!(o.failed, None);
-        assert_eq!(fs::read(root.join("dev/vda")).unwrap(), b"disk");
-        assert!(!root.join("proc/sysrq-trigger").exists());
-        assert!(!t.path().join("escape").exists());
-        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
-        // Absolute link targets resolve inside the root (chroot semantics).
-        assert_eq!(
-            fs::read(root.join(&out[1..]).join("x")).unwrap(),
-            b"stays inside"
-        );
-        assert_eq!(fs::read(root.join("abs")).unwrap(), b"inside");
-        assert_eq!(fs::read(root.join("d")).unwrap(), b"replaces the link only");
-        assert!(!root.join("h").exists() && !root.join("n").exists());
-        assert_eq!(o.refused.len(), 7, "{:?}", o.refused);
+        // Streamed, then through the sendfile path (hash known) onto what the first
+        // run left (its symlinks included).
+        for known in [None, Some(("00", data.len() as u64))] {
+            let o = unpack_file(&ar, &root, &mut |_| {}, known);
+            assert_eq!(o.failed, None);
+            assert_eq!(fs::read(root.join("dev/vda")).unwrap(), b"disk");
+            assert!(!root.join("proc/sysrq-trigger").exists());
+            assert!(!t.path().join("escape").exists());
+            assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+            // Absolute link targets resolve inside the root (chroot semantics).
+            assert_eq!(
+                fs::read(root.join(&out[1..]).join("x")).unwrap(),
+                b"stays inside"
+            );
+            assert_eq!(fs::read(root.join("abs")).unwrap(), b"inside");
+            assert_eq!(fs::read(root.join("d")).unwrap(), b"replaces the link only");
+            assert!(!root.join("h").exists() && !root.join("n").exists());
+            assert_eq!(
+                fs::read(root.join(&out[1..]).join("z")).unwrap(),
+                b"inside too"
+            );
+            assert_eq!(o.refused.len(), 7, "{:?}", o.refused);
+        }
     }
 
     #[test]
@@ -601,8 +796,12 @@ mod tests {
             fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
             let root = t.path().join(format!("r-{a}"));
             fs::create_dir(&root).unwrap();
-            let o = unpack_file(&cut, &root, &mut |_| {});
+            let o = unpack_file(&cut, &root, &mut |_| {}, None);
             assert!(o.failed.is_some(), "{a}: {o:?}");
+            // The same with the hash known (a plain tar then takes the sendfile path).
+            let known = Some(("00", bytes.len() as u64 / 2));
+            let o = unpack_file(&cut, &root, &mut |_| {}, known);
+            assert!(o.failed.is_some(), "{a} (known hash): {o:?}");
         }
     }
 }

@@ -101,11 +101,7 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
             image: built.image.clone(),
             nodes: 1,
             routers: 0,
-            testers: 0,
             mem_mb: BENCH_MEM_MB,
-            mem_overrides: Vec::new(),
-            cpus_overrides: Vec::new(),
-            net: Default::default(),
             cpus: 1,
             accel: if accel == Accel::Kvm {
                 AccelChoice::Kvm
@@ -113,10 +109,7 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
                 AccelChoice::Tcg
             },
             wait: Some(Duration::from_secs(120)),
-            uefi: false,
-            cdrom: None,
-            overlays: vec![],
-            ovlpath: vec![],
+            ..RunOptions::default()
         };
         let t = Instant::now();
         cluster::run(&ro, &|_| {})?;

@@ -61,6 +61,17 @@ pub struct Args {
     /// on its own. The hostname then reaches the VM as an SMBIOS OEM string.
     #[arg(long)]
     uefi: bool,
+    /// Extra kernel command line for every VM, after kimg's own words (so it wins):
+    /// `--append loglevel=7` for a chatty kernel, `--append kimg.cdrom=off` to attach
+    /// the overlay cdrom without unpacking it (mount /dev/sr0 and look by hand).
+    /// Direct kernel boot only: with --uefi the image's loader entry decides.
+    #[arg(
+        long,
+        value_name = "ARGS",
+        conflicts_with = "uefi",
+        allow_hyphen_values = true
+    )]
+    append: Option<String>,
     /// Print nothing but errors.
     #[arg(long, short)]
     quiet: bool,
@@ -145,6 +156,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         wait: a.wait.map(Duration::from_secs),
         uefi: a.uefi,
         cdrom: a.cdrom,
+        append: a.append.unwrap_or_default(),
         overlays: a.overlays,
         ovlpath: a.ovlpath,
     };

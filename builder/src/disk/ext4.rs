@@ -177,7 +177,7 @@ pub fn build(
             .arg(params.uuid.to_string())
             .arg("-E")
             .arg(format!(
-                "hash_seed={},root_owner=0:0,offset={offset},nodiscard",
+                "hash_seed={},root_owner=0:0,offset={offset},nodiscard,lazy_itable_init=0",
                 params.hash_seed
             ))
             .arg("-d")

@@ -175,6 +175,9 @@ pub struct ClusterState {
     /// Host port on 127.0.0.1 forwarded to vm-001's apiserver (k8s images).
     #[serde(default)]
     pub api_port: Option<u16>,
+    /// Extra kernel command line of every VM (`--append`).
+    #[serde(default)]
+    pub append: String,
 }
 
 /// One VM of a cluster.
@@ -226,6 +229,9 @@ pub struct RunOptions {
     pub overlays: Vec<String>,
     /// Extra overlay search directories.
     pub ovlpath: Vec<PathBuf>,
+    /// Extra kernel command line of every VM, after kimg's own words (direct kernel
+    /// boot only).
+    pub append: String,
 }
 
 /// Progress events of `run`, for the CLI to print.
@@ -344,6 +350,7 @@ fn start(
         accel,
         uefi: opts.uefi,
         cdrom,
+        append: opts.append.clone(),
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -471,12 +478,15 @@ fn start_vms(
                     // no_timer_check: under TCG on a busy host the kernel's IO-APIC
                     // timer check can miss ticks and panic ("IO-APIC + timer doesn't
                     // work!"), seen when many VMs boot at once on 2 cores.
-                    cmdline: with_cdrom(
-                        with_size(
-                            &with_hostname(base_cmdline, &rec.vm.hostname()),
-                            &state.size,
-                        ) + " no_timer_check",
-                        state.cdrom.is_some(),
+                    cmdline: with_append(
+                        with_cdrom(
+                            with_size(
+                                &with_hostname(base_cmdline, &rec.vm.hostname()),
+                                &state.size,
+                            ) + " no_timer_check",
+                            state.cdrom.is_some(),
+                        ),
+                        &state.append,
                     ),
                     cdrom: state.cdrom.clone(),
                     uefi: state.uefi,
@@ -541,6 +551,14 @@ fn with_cdrom(cmdline: String, cdrom: bool) -> String {
         format!("{cmdline} {}", kimg_contract::cmdline::KEY_CDROM)
     } else {
         cmdline
+    }
+}
+
+/// The user's extra words go last, so they override kimg's own.
+fn with_append(cmdline: String, append: &str) -> String {
+    match append.trim() {
+        "" => cmdline,
+        extra => format!("{cmdline} {extra}"),
     }
 }
 
