@@ -50,7 +50,11 @@ pub fn index_text(entries: &[IndexEntry]) -> String {
 
 /// Parses an index file; names may contain spaces, never newlines.
 pub fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
-    text.lines()
+    // Lines end at '\n' only: a name may end in '\r' (str::lines would drop it).
+    text.strip_suffix('\n')
+        .unwrap_or(text)
+        .split('\n')
+        .filter(|line| !text.is_empty() || !line.is_empty())
         .enumerate()
         .map(|(i, line)| {
             let bad = || format!("{INDEX_NAME} line {}: expected `SHA256 SIZE NAME`", i + 1);
@@ -149,6 +153,13 @@ mod tests {
         let text = index_text(&entries);
         assert_eq!(parse_index(&text).unwrap(), entries);
         assert_eq!(parse_index("").unwrap(), vec![]);
+        // Found by the cdrom_index fuzz target: a name ending in '\r' round-trips.
+        let cr = vec![IndexEntry {
+            name: "01-x.tar\r".into(),
+            size: 1,
+            sha256: "ab".repeat(32),
+        }];
+        assert_eq!(parse_index(&index_text(&cr)).unwrap(), cr);
         for bad in [
             "xyz 1 a",
             &format!("{} x a", "ab".repeat(32)),
