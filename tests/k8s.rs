@@ -287,6 +287,25 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
         .contains("Chain POSTROUTING"));
     control_plane_and_pki(&c, work.path());
     pod_network(&c);
+    scaleout_node_gets_its_credentials(&c);
+}
+
+/// A node added to the running cluster gets a kubelet kubeconfig of its own from
+/// the cluster's CA (on a new cdrom, with the cluster's overlays) and starts kubelet.
+fn scaleout_node_gets_its_credentials(c: &TestCluster) {
+    let o = c.kimg("scaleout", &["vm-003", "--wait=300"]);
+    assert!(o.status.success(), "kimg scaleout:\n{}", text(&o));
+    c.wait_service("vm-003", "kubelet", &["ready"], Duration::from_secs(120));
+    let args = c.exec_ok("vm-003", &["cat", "/var/log/kimg-doubles/kubelet.args"]);
+    let kc = "/etc/kubernetes/kubelet-vm-003.kubeconfig";
+    assert!(args.contains(kc), "{args}");
+    assert!(c
+        .exec_ok("vm-003", &["cat", kc])
+        .contains("server: https://192.168.1.1:6443"));
+    let ca = |vm| c.exec_ok(vm, &["cat", "/etc/kubernetes/pki/ca.crt"]);
+    assert_eq!(ca("vm-003"), ca("vm-001"));
+    // The cluster's other overlays came along on the new cdrom.
+    c.exec_ok("vm-003", &["test", "-s", "/var/lib/kimg/images/hello.tar"]);
 }
 
 /// Pod networking with the real CNI plugins, no Kubernetes: kimg-init's conflist

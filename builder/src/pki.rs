@@ -13,7 +13,7 @@ use kimg_contract::net::{self, ClusterSize, Net};
 use kimg_contract::{Role, VmId};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use std::fs;
 use std::io;
@@ -105,7 +105,9 @@ struct Pem {
     key: String,
 }
 
-fn ca() -> Result<CertifiedIssuer<'static, KeyPair>, PkiError> {
+/// The CA's parameters: the same every time, so that a CA key read back signs
+/// certificates that chain to the CA certificate made from them.
+fn ca_params() -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name
         .push(DnType::CommonName, "kimg-kubernetes-ca");
@@ -115,11 +117,15 @@ fn ca() -> Result<CertifiedIssuer<'static, KeyPair>, PkiError> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let key = KeyPair::generate().map_err(cert_err("CA"))?;
-    CertifiedIssuer::self_signed(p, key).map_err(cert_err("CA"))
+    p
 }
 
-fn sign(ca: &CertifiedIssuer<'_, KeyPair>, leaf: &Leaf<'_>) -> Result<Pem, PkiError> {
+fn ca() -> Result<CertifiedIssuer<'static, KeyPair>, PkiError> {
+    let key = KeyPair::generate().map_err(cert_err("CA"))?;
+    CertifiedIssuer::self_signed(ca_params(), key).map_err(cert_err("CA"))
+}
+
+fn sign(ca: &Issuer<'_, KeyPair>, leaf: &Leaf<'_>) -> Result<Pem, PkiError> {
     let mut p = CertificateParams::new(leaf.sans.clone()).map_err(cert_err(leaf.file))?;
     p.distinguished_name.push(DnType::CommonName, leaf.cn);
     if let Some(o) = leaf.org {
@@ -185,6 +191,47 @@ pub fn api_forward_args(port: u16) -> Vec<String> {
         "-device".into(),
         format!("virtio-net-pci,netdev=api,mac={}", k8s::API_FORWARD_MAC),
     ]
+}
+
+/// A node's kubelet client: kubeconfig name, common name (what NodeRestriction
+/// checks), organisation.
+fn kubelet_client(vm: VmId) -> (String, String, Option<&'static str>) {
+    let host = vm.hostname();
+    (
+        format!("kubelet-{host}"),
+        format!("system:node:{host}"),
+        Some("system:nodes"),
+    )
+}
+
+/// Adds kubelet kubeconfigs for `nodes` to the PKI overlay [`generate`] made in
+/// `dir`, signed by its CA (read back from the overlay), so that nodes added to a
+/// running cluster (`kimg scaleout`) join it; returns the overlay.
+pub fn add_nodes(dir: &Path, nodes: &[VmId]) -> Result<Overlay, PkiError> {
+    let root = dir.join(OVERLAY_NAME).join("root");
+    let pki = root.join(PKI_DIR.trim_start_matches('/'));
+    let read = |name: &str| {
+        let path = pki.join(name);
+        fs::read_to_string(&path).map_err(|source| PkiError::Io { path, source })
+    };
+    let ca_pem = read("ca.crt")?;
+    let key = KeyPair::from_pem(&read("ca.key")?).map_err(cert_err("CA"))?;
+    let ca = Issuer::new(ca_params(), key);
+    let server = apiserver_url();
+    for &vm in nodes {
+        let (name, cn, org) = kubelet_client(vm);
+        let leaf = Leaf {
+            file: &name,
+            cn: &cn,
+            org,
+            sans: vec![],
+            server: false,
+        };
+        let pem = sign(&ca, &leaf)?;
+        let path = root.join(k8s::kubeconfig_path(&name).trim_start_matches('/'));
+        write(&path, &kubeconfig(&server, &cn, &ca_pem, &pem), 0o600)?;
+    }
+    Ok(overlay::find(OVERLAY_NAME, &[dir.to_path_buf()])?)
 }
 
 /// Generates the cluster's PKI into `dir/kimg-pki` (an overlay folder, built whole
@@ -265,12 +312,7 @@ pub fn generate(
     ];
     let first = Role::Node.first().unwrap_or(1);
     for vm in (0..size.nodes).filter_map(|i| VmId::new(first + i)) {
-        let host = vm.hostname();
-        clients.push((
-            format!("kubelet-{host}"),
-            format!("system:node:{host}"),
-            Some("system:nodes"),
-        ));
+        clients.push(kubelet_client(vm));
     }
     for (name, cn, org) in &clients {
         let pem = sign(
@@ -380,6 +422,54 @@ mod tests {
         assert!(k8s::pod_net4(vm).unwrap().octets()[..2] == [10, 244]);
         assert!(k8s::pod_net6(vm).segments()[..3] == [0xfd00, 0x10, 0x244]);
         assert!(toml.contains("\"10.244.0.0/16,fd00:10:244::/48\""));
+    }
+
+    #[test]
+    fn nodes_added_later_get_kubeconfigs_from_the_same_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = ClusterSize {
+            nodes: 1,
+            routers: 0,
+            testers: 0,
+        };
+        generate(dir.path(), &size, None).unwrap();
+        let ca_before =
+            fs::read(dir.path().join("kimg-pki/root/etc/kubernetes/pki/ca.crt")).unwrap();
+        let vm5 = VmId::new(5).unwrap();
+        add_nodes(dir.path(), &[vm5]).unwrap();
+        let pki = dir.path().join("kimg-pki/root/etc/kubernetes/pki");
+        assert_eq!(fs::read(pki.join("ca.crt")).unwrap(), ca_before);
+        // The client certificate out of the new kubeconfig verifies against the CA.
+        let kc = fs::read_to_string(
+            dir.path()
+                .join("kimg-pki/root/etc/kubernetes/kubelet-vm-005.kubeconfig"),
+        )
+        .unwrap();
+        let b64 = kc
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("client-certificate-data: "))
+            .unwrap();
+        let cert = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        let crt = dir.path().join("vm5.crt");
+        fs::write(&crt, cert).unwrap();
+        let o = std::process::Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(pki.join("ca.crt"))
+            .arg(&crt)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        let subject = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-in"])
+            .arg(&crt)
+            .output()
+            .unwrap();
+        let subject = String::from_utf8_lossy(&subject.stdout);
+        assert!(subject.contains("system:node:vm-005"), "{subject}");
+        assert!(subject.contains("system:nodes"), "{subject}");
     }
 
     #[test]

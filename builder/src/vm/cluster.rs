@@ -178,6 +178,13 @@ pub struct ClusterState {
     /// Extra kernel command line of every VM (`--append`).
     #[serde(default)]
     pub append: String,
+    /// The overlays the cluster's cdrom was made of, and where they were found
+    /// (a Kubernetes cluster's cdrom is made again for VMs added later).
+    #[serde(default)]
+    pub overlays: Vec<String>,
+    /// Extra overlay search directories of `overlays`.
+    #[serde(default)]
+    pub ovlpath: Vec<PathBuf>,
 }
 
 /// One VM of a cluster.
@@ -351,6 +358,8 @@ fn start(
         uefi: opts.uefi,
         cdrom,
         append: opts.append.clone(),
+        overlays: opts.overlays.clone(),
+        ovlpath: opts.ovlpath.clone(),
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -536,13 +545,44 @@ fn cluster_cdrom(
     } else {
         None
     };
-    let path = crate::overlay::search_path(&opts.ovlpath);
     let out = dir.join("cdrom.iso");
-    crate::overlay::resolve(&opts.overlays, &path)
-        .map(|ovs| pki.into_iter().chain(ovs).collect::<Vec<_>>())
-        .and_then(|ovs| crate::overlay::mkcdrom(&out, &ovs))
-        .map_err(|e| ClusterError::Cdrom(e.to_string()))?;
+    make_cdrom(&out, pki, &opts.overlays, &opts.ovlpath)?;
     Ok(Some(out))
+}
+
+/// Writes a cdrom at `out`: `first` (the PKI), then the named overlays.
+fn make_cdrom(
+    out: &Path,
+    first: Option<crate::overlay::Overlay>,
+    overlays: &[String],
+    ovlpath: &[PathBuf],
+) -> Result<(), ClusterError> {
+    let path = crate::overlay::search_path(ovlpath);
+    crate::overlay::resolve(overlays, &path)
+        .map(|ovs| first.into_iter().chain(ovs).collect::<Vec<_>>())
+        .and_then(|ovs| crate::overlay::mkcdrom(out, &ovs))
+        .map(|_| ())
+        .map_err(|e| ClusterError::Cdrom(e.to_string()))
+}
+
+/// For nodes added to a Kubernetes cluster: their kubelet credentials from the
+/// cluster's CA, and a new cdrom (the PKI, then the cluster's overlays, resolved
+/// again) that they get instead of the first one.
+fn k8s_scaleout_cdrom(
+    dir: &Path,
+    state: &ClusterState,
+    added: &[VmRecord],
+) -> Result<PathBuf, ClusterError> {
+    let nodes: Vec<VmId> = added
+        .iter()
+        .map(|r| r.vm)
+        .filter(|vm| vm.role() == Role::Node)
+        .collect();
+    let pki = crate::pki::add_nodes(dir, &nodes)?;
+    let first = added.first().map_or(0, |r| r.vm.number());
+    let out = dir.join(format!("cdrom-{first:03}.iso"));
+    make_cdrom(&out, Some(pki), &state.overlays, &state.ovlpath)?;
+    Ok(out)
 }
 
 /// The kernel command line with the cdrom flag when one is attached.
@@ -908,6 +948,9 @@ pub fn scaleout(
     }
     let manifest = read_manifest(&state.image)?;
     let files = boot_files(&state.image, &manifest, &dir)?;
+    if manifest.flavour == kimg_contract::k8s::FLAVOUR && !added.is_empty() {
+        state.cdrom = Some(k8s_scaleout_cdrom(&dir, &state, &added)?);
+    }
     let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let result = start_vms(
         &dir,
