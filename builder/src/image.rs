@@ -355,6 +355,9 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
             esp_size: disk::ESP_MIN_SIZE,
             seed,
             mtime,
+            // The k8s image is mostly Go binaries: compressed clusters take it from
+            // 736 MB to 234 MB (v1.20.2) for ~10% longer to nodes Ready under TCG.
+            compress: release.is_some(),
         },
         &img_tmp,
     )?;
