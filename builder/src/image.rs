@@ -256,9 +256,16 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
     )?];
     let mut extra_binaries = Vec::new();
     if let Some(r) = &release {
-        manifests.push(RootfsManifest::parse("rootfs/k8s.toml", rootfs::K8S_TOML)?);
+        let mut k8s = RootfsManifest::parse("rootfs/k8s.toml", rootfs::K8S_TOML)?;
+        crate::k8s::version::render_services(&mut k8s, r.kube_version)
+            .map_err(crate::k8s::K8sError::Render)?;
+        manifests.push(k8s);
         for (name, path) in &r.binaries {
-            extra_binaries.push((path.clone(), format!("/usr/bin/{name}"), r.version.clone()));
+            extra_binaries.push((
+                path.clone(),
+                format!("/usr/bin/{name}"),
+                Some(r.version.clone()),
+            ));
         }
     }
     let stage2_paths: Vec<PathBuf> = stage2.iter().map(|m| m.rel_path.clone()).collect();
@@ -348,6 +355,9 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
             esp_size: disk::ESP_MIN_SIZE,
             seed,
             mtime,
+            // The k8s image is mostly Go binaries: compressed clusters take it from
+            // 736 MB to 234 MB (v1.20.2) for ~10% longer to nodes Ready under TCG.
+            compress: release.is_some(),
         },
         &img_tmp,
     )?;

@@ -5,25 +5,19 @@ use crate::cmd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Converts the raw disk `raw` into a qcow2 (v3, `compat=1.1`) at `out`.
+/// Converts the raw disk `raw` into a qcow2 (v3, `compat=1.1`) at `out`; with
+/// `compress`, every cluster is zstd-compressed (`-c`, `compression_type=zstd`).
 ///
 /// Writes stay in order (no `-W`), so the same raw input gives the same qcow2 bytes.
-pub fn from_raw(raw: &Path, out: &Path) -> Result<(), DiskError> {
-    cmd::run(
-        Command::new("qemu-img")
-            .args([
-                "convert",
-                "-q",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
-                "compat=1.1",
-            ])
-            .arg(plain(raw))
-            .arg(plain(out)),
-    )?;
+pub fn from_raw(raw: &Path, out: &Path, compress: bool) -> Result<(), DiskError> {
+    let mut c = Command::new("qemu-img");
+    c.args(["convert", "-q", "-f", "raw", "-O", "qcow2"]);
+    if compress {
+        c.args(["-c", "-o", "compat=1.1,compression_type=zstd"]);
+    } else {
+        c.args(["-o", "compat=1.1"]);
+    }
+    cmd::run(c.arg(plain(raw)).arg(plain(out)))?;
     Ok(())
 }
 

@@ -1,10 +1,14 @@
 //! The Kubernetes flavour's inputs: the Kubernetes server binaries from a release
-//! folder or `kubernetes-server-linux-amd64.tar.gz`, checked before any work starts.
+//! folder or `kubernetes-server-linux-amd64.tar.gz`, checked before any work starts,
+//! and their version, which the service files depend on ([`version`]).
+
+pub mod version;
 
 use crate::elf::{elf_kind, ElfKind};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use version::KubeVersion;
 
 /// The Kubernetes binaries a `--k8s` image carries, installed as /usr/bin/NAME.
 pub const K8S_BINARIES: &[&str] = &[
@@ -37,6 +41,20 @@ pub enum K8sError {
         /// One entry per missing or bad binary.
         problems: Vec<String>,
     },
+    /// The release's version is unknown or older than kimg knows flags for.
+    #[error(
+        "{release}: {problem}; kimg renders the services for Kubernetes {} and later",
+        version::OLDEST
+    )]
+    Version {
+        /// The release given.
+        release: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A service file of rootfs/k8s.toml could not be rendered for the release.
+    #[error("rootfs/k8s.toml: {0}")]
+    Render(String),
     /// The release could not be read or unpacked.
     #[error("{path}: {source}")]
     Io {
@@ -52,8 +70,10 @@ pub enum K8sError {
 pub struct Release {
     /// (name, file) for each of [`K8S_BINARIES`].
     pub binaries: Vec<(String, PathBuf)>,
-    /// The release's version (its `version` file), when it says.
-    pub version: Option<String>,
+    /// The release's version: its `version` file, else what `kubelet --version` says.
+    pub version: String,
+    /// Its major and minor version.
+    pub kube_version: KubeVersion,
     /// Holds the unpacked tarball while the build runs.
     _unpacked: Option<std::sync::Arc<tempfile::TempDir>>,
 }
@@ -100,13 +120,30 @@ pub fn find_release(release: &Path, scratch: &Path) -> Result<Release, K8sError>
             problems,
         });
     }
-    let version = ["version", "kubernetes/version"]
+    let version_err = |problem: String| K8sError::Version {
+        release: release.to_path_buf(),
+        problem,
+    };
+    let version = match ["version", "kubernetes/version"]
         .iter()
         .find_map(|v| fs::read_to_string(root.join(v)).ok())
-        .map(|v| v.trim().to_string());
+    {
+        Some(v) => v.trim().to_string(),
+        None => {
+            let kubelet = binaries.iter().find(|(n, _)| n == "kubelet");
+            let kubelet = kubelet.ok_or_else(|| version_err("no kubelet".into()))?;
+            version::kubelet_version(&kubelet.1).map_err(version_err)?
+        }
+    };
+    let kube_version = KubeVersion::parse(&version)
+        .ok_or_else(|| version_err(format!("version {version:?} is not vMAJOR.MINOR.PATCH")))?;
+    if kube_version < version::OLDEST {
+        return Err(version_err(format!("Kubernetes {version} is too old")));
+    }
     Ok(Release {
         binaries,
         version,
+        kube_version,
         _unpacked: unpacked,
     })
 }
@@ -178,7 +215,8 @@ mod tests {
         b.into_inner().unwrap().finish().unwrap();
         let r = find_release(&tgz, dir.path()).unwrap();
         assert_eq!(r.binaries.len(), K8S_BINARIES.len());
-        assert_eq!(r.version.as_deref(), Some("v1.31.0"));
+        assert_eq!(r.version, "v1.31.0");
+        assert_eq!(r.kube_version.to_string(), "v1.31");
         assert!(r.binaries.iter().all(|(_, p)| p.is_file()));
     }
 }

@@ -1,0 +1,247 @@
+//! The Kubernetes release's version and what depends on it: the one place where the
+//! service files of rootfs/k8s.toml get their version-dependent arguments.
+//!
+//! rootfs/k8s.toml holds what every supported release accepts (config files where
+//! they exist: KubeletConfiguration, ...); [`render_services`] appends the arguments
+//! a release needs or refuses depending on its version:
+//!
+//! | release   | extra arguments                                                     |
+//! |-----------|---------------------------------------------------------------------|
+//! | < 1.21    | `--feature-gates=IPv6DualStack=true` (dual-stack was alpha, off)    |
+//! | < 1.27    | kubelet: `--container-runtime=remote --container-runtime-endpoint`  |
+//!
+//! From 1.21 dual-stack is on by default (the gate is gone in 1.25); from 1.27 the
+//! kubelet has only the remote runtime and reads its endpoint from the
+//! KubeletConfiguration (`containerRuntimeEndpoint`, which older kubelets ignore),
+//! and `--container-runtime` is gone.
+
+use crate::rootfs::RootfsManifest;
+use kimg_contract::service::{ServiceSpec, SERVICES_DIR};
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The oldest release whose flags kimg knows.
+pub const OLDEST: KubeVersion = KubeVersion {
+    major: 1,
+    minor: 20,
+};
+/// containerd's CRI socket, as the kubelet names it.
+const CRI_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
+/// How long `kubelet --version` may take on the build host.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A release's major and minor version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KubeVersion {
+    /// Major (1).
+    pub major: u32,
+    /// Minor.
+    pub minor: u32,
+}
+
+impl fmt::Display for KubeVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}.{}", self.major, self.minor)
+    }
+}
+
+impl KubeVersion {
+    /// Parses `v1.20.2`, `Kubernetes v1.20.2` or `v1.31.0-rc.1` (the last word).
+    pub fn parse(text: &str) -> Option<Self> {
+        let word = text.split_whitespace().last()?;
+        let mut parts = word.strip_prefix('v')?.split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some(Self { major, minor })
+    }
+
+    const fn at_least(self, major: u32, minor: u32) -> bool {
+        self.major > major || (self.major == major && self.minor >= minor)
+    }
+}
+
+/// The version a release's kubelet reports (`kubelet --version`, run on the build
+/// host with a time limit), for releases without a `version` file.
+pub fn kubelet_version(kubelet: &Path) -> Result<String, String> {
+    let mut child = Command::new(kubelet)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{} --version: {e}", kubelet.display()))?;
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if start.elapsed() < VERSION_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{} --version did not finish within {VERSION_TIMEOUT:?}",
+                    kubelet.display()
+                ));
+            }
+            Err(e) => return Err(format!("{} --version: {e}", kubelet.display())),
+        }
+    };
+    let mut out = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        s.read_to_string(&mut out)
+            .map_err(|e| format!("{} --version: {e}", kubelet.display()))?;
+    }
+    if !status.success() {
+        return Err(format!("{} --version: {status}", kubelet.display()));
+    }
+    Ok(out
+        .split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// The arguments `component` needs on release `v` beyond those in rootfs/k8s.toml.
+pub fn extra_args(component: &str, v: KubeVersion) -> Vec<String> {
+    let mut args = Vec::new();
+    let dual_stack_gated = matches!(
+        component,
+        "kube-apiserver" | "kube-controller-manager" | "kubelet" | "kube-proxy"
+    );
+    if dual_stack_gated && !v.at_least(1, 21) {
+        args.push("--feature-gates=IPv6DualStack=true".to_string());
+    }
+    if component == "kubelet" && !v.at_least(1, 27) {
+        args.push("--container-runtime=remote".to_string());
+        args.push(format!("--container-runtime-endpoint={CRI_ENDPOINT}"));
+    }
+    args
+}
+
+/// Appends [`extra_args`] to the commands of the Kubernetes service files of
+/// `manifest` (`/etc/kimg/services/NAME.toml` for each of the release's binaries).
+pub fn render_services(manifest: &mut RootfsManifest, v: KubeVersion) -> Result<(), String> {
+    for f in &mut manifest.files {
+        let Some(name) = f
+            .path
+            .strip_prefix(SERVICES_DIR)
+            .and_then(|p| p.strip_prefix('/'))
+            .and_then(|p| p.strip_suffix(".toml"))
+        else {
+            continue;
+        };
+        let args = extra_args(name, v);
+        if args.is_empty() {
+            continue;
+        }
+        let mut spec: ServiceSpec =
+            toml::from_str(&f.content).map_err(|e| format!("{}: {e}", f.path))?;
+        spec.command.extend(args);
+        f.content = toml::to_string(&spec).map_err(|e| format!("{}: {e}", f.path))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services(v: &str) -> Vec<(String, ServiceSpec)> {
+        let mut m = RootfsManifest::parse("k8s.toml", crate::rootfs::K8S_TOML).unwrap();
+        render_services(&mut m, KubeVersion::parse(v).unwrap()).unwrap();
+        m.files
+            .iter()
+            .filter(|f| f.path.starts_with(SERVICES_DIR))
+            .map(|f| (f.path.clone(), toml::from_str(&f.content).unwrap()))
+            .collect()
+    }
+
+    fn command(svcs: &[(String, ServiceSpec)], name: &str) -> Vec<String> {
+        let path = format!("{SERVICES_DIR}/{name}.toml");
+        svcs.iter()
+            .find(|(p, _)| *p == path)
+            .unwrap()
+            .1
+            .command
+            .clone()
+    }
+
+    #[test]
+    fn versions_parse_from_files_and_kubelet_output() {
+        let v = |s| KubeVersion::parse(s);
+        assert_eq!(
+            v("v1.20.2\n"),
+            Some(KubeVersion {
+                major: 1,
+                minor: 20
+            })
+        );
+        assert_eq!(
+            v("Kubernetes v1.31.0-rc.1"),
+            Some(KubeVersion {
+                major: 1,
+                minor: 31
+            })
+        );
+        assert_eq!(v("1.20.2"), None);
+        assert_eq!(v("vX.Y"), None);
+        assert!(v("v1.9.0").unwrap() < OLDEST && v("v2.0.0").unwrap() > OLDEST);
+    }
+
+    /// 1.20: dual-stack behind its gate on every component that has it, the
+    /// kubelet told to use containerd by flags.
+    #[test]
+    fn v1_20_gets_the_dual_stack_gate_and_the_runtime_flags() {
+        let s = services("v1.20.2");
+        for c in [
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-proxy",
+            "kubelet",
+        ] {
+            assert!(
+                command(&s, c).contains(&"--feature-gates=IPv6DualStack=true".into()),
+                "{c}"
+            );
+        }
+        assert!(!command(&s, "kube-scheduler")
+            .iter()
+            .any(|a| a.contains("feature-gates")));
+        let kubelet = command(&s, "kubelet");
+        assert_eq!(kubelet[0], "/usr/lib/kimg/kubelet");
+        assert!(kubelet.contains(&"--container-runtime=remote".into()));
+        assert!(kubelet.contains(&format!("--container-runtime-endpoint={CRI_ENDPOINT}")));
+        // The rest of each service is as written.
+        let api = command(&s, "kube-apiserver");
+        assert_eq!(api[api.len() - 2], "--allow-privileged=true");
+    }
+
+    /// 1.27 and later: no gate (it is gone), no runtime flags (removed).
+    #[test]
+    fn current_releases_get_nothing_they_would_refuse() {
+        let plain = RootfsManifest::parse("k8s.toml", crate::rootfs::K8S_TOML).unwrap();
+        for v in ["v1.27.0", "v1.31.1"] {
+            let s = services(v);
+            for (path, spec) in &s {
+                assert!(
+                    !spec.command.iter().any(|a| a.starts_with("--feature-gates")
+                        || a.starts_with("--container-runtime")),
+                    "{v} {path}: {:?}",
+                    spec.command
+                );
+                let orig = plain.files.iter().find(|f| &f.path == path).unwrap();
+                let orig: ServiceSpec = toml::from_str(&orig.content).unwrap();
+                assert_eq!(&orig, spec, "{v} {path}");
+            }
+        }
+        // 1.24-1.26: still the runtime flags (accepted, deprecated), no gate.
+        let kubelet = command(&services("v1.25.3"), "kubelet");
+        assert!(kubelet.contains(&"--container-runtime=remote".into()));
+        assert!(!kubelet.iter().any(|a| a.starts_with("--feature-gates")));
+    }
+}
