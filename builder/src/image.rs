@@ -257,7 +257,7 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
     let mut extra_binaries = Vec::new();
     if let Some(r) = &release {
         let mut k8s = RootfsManifest::parse("rootfs/k8s.toml", rootfs::K8S_TOML)?;
-        crate::k8s::version::render_services(&mut k8s, r.kube_version)
+        crate::k8s::version::render(&mut k8s, r.kube_version)
             .map_err(crate::k8s::K8sError::Render)?;
         manifests.push(k8s);
         for (name, path) in &r.binaries {

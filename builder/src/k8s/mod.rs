@@ -52,7 +52,7 @@ pub enum K8sError {
         /// What is wrong.
         problem: String,
     },
-    /// A service file of rootfs/k8s.toml could not be rendered for the release.
+    /// A file of rootfs/k8s.toml could not be rendered for the release.
     #[error("rootfs/k8s.toml: {0}")]
     Render(String),
     /// The release could not be read or unpacked.

@@ -1,19 +1,20 @@
 //! The Kubernetes release's version and what depends on it: the one place where the
-//! service files of rootfs/k8s.toml get their version-dependent arguments.
+//! files of rootfs/k8s.toml get their version-dependent parts.
 //!
-//! rootfs/k8s.toml holds what every supported release accepts (config files where
-//! they exist: KubeletConfiguration, ...); [`render_services`] appends the arguments
-//! a release needs or refuses depending on its version:
+//! rootfs/k8s.toml holds what every supported release accepts, in the components'
+//! config files where they have one (KubeletConfiguration, KubeProxyConfiguration);
+//! [`render`] adds what a release needs or refuses depending on its version:
 //!
-//! | release   | extra arguments                                                     |
-//! |-----------|---------------------------------------------------------------------|
-//! | < 1.21    | `--feature-gates=IPv6DualStack=true` (dual-stack was alpha, off)    |
-//! | < 1.27    | kubelet: `--container-runtime=remote --container-runtime-endpoint`  |
+//! - before 1.21, the feature gate `IPv6DualStack` (dual-stack was alpha and off):
+//!   `featureGates` in the config files, `--feature-gates` for kube-apiserver and
+//!   kube-controller-manager;
+//! - before 1.27, the kubelet's `--container-runtime=remote` and
+//!   `--container-runtime-endpoint`.
 //!
 //! From 1.21 dual-stack is on by default (the gate is gone in 1.25); from 1.27 the
 //! kubelet has only the remote runtime and reads its endpoint from the
-//! KubeletConfiguration (`containerRuntimeEndpoint`, which older kubelets ignore),
-//! and `--container-runtime` is gone.
+//! KubeletConfiguration (`containerRuntimeEndpoint`, which older kubelets ignore
+//! with a warning), and `--container-runtime` is gone.
 
 use crate::rootfs::RootfsManifest;
 use kimg_contract::service::{ServiceSpec, SERVICES_DIR};
@@ -30,6 +31,8 @@ pub const OLDEST: KubeVersion = KubeVersion {
 };
 /// containerd's CRI socket, as the kubelet names it.
 const CRI_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
+/// The component config files' kinds; each has a `featureGates` map.
+const CONFIG_KINDS: &[&str] = &["KubeletConfiguration", "KubeProxyConfiguration"];
 /// How long `kubelet --version` may take on the build host.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -106,15 +109,25 @@ pub fn kubelet_version(kubelet: &Path) -> Result<String, String> {
         .to_string())
 }
 
-/// The arguments `component` needs on release `v` beyond those in rootfs/k8s.toml.
+/// The feature gates release `v` needs turned on.
+fn feature_gates(v: KubeVersion) -> &'static [&'static str] {
+    if v.at_least(1, 21) {
+        &[]
+    } else {
+        &["IPv6DualStack"]
+    }
+}
+
+/// The arguments `component` needs on release `v` beyond those in rootfs/k8s.toml
+/// (components with a config file get their gates there, see [`config_additions`]).
 pub fn extra_args(component: &str, v: KubeVersion) -> Vec<String> {
     let mut args = Vec::new();
-    let dual_stack_gated = matches!(
-        component,
-        "kube-apiserver" | "kube-controller-manager" | "kubelet" | "kube-proxy"
-    );
-    if dual_stack_gated && !v.at_least(1, 21) {
-        args.push("--feature-gates=IPv6DualStack=true".to_string());
+    if matches!(component, "kube-apiserver" | "kube-controller-manager") {
+        args.extend(
+            feature_gates(v)
+                .iter()
+                .map(|g| format!("--feature-gates={g}=true")),
+        );
     }
     if component == "kubelet" && !v.at_least(1, 27) {
         args.push("--container-runtime=remote".to_string());
@@ -123,10 +136,29 @@ pub fn extra_args(component: &str, v: KubeVersion) -> Vec<String> {
     args
 }
 
-/// Appends [`extra_args`] to the commands of the Kubernetes service files of
-/// `manifest` (`/etc/kimg/services/NAME.toml` for each of the release's binaries).
-pub fn render_services(manifest: &mut RootfsManifest, v: KubeVersion) -> Result<(), String> {
+/// YAML that release `v` needs appended to a component config file of `kind`.
+fn config_additions(kind: &str, v: KubeVersion) -> String {
+    let gates = feature_gates(v);
+    if !CONFIG_KINDS.contains(&kind) || gates.is_empty() {
+        return String::new();
+    }
+    let mut yaml = "featureGates:\n".to_string();
+    for g in gates {
+        yaml.push_str(&format!("  {g}: true\n"));
+    }
+    yaml
+}
+
+/// Renders `manifest` (rootfs/k8s.toml) for release `v`: [`extra_args`] appended to
+/// the commands of the service files (`/etc/kimg/services/NAME.toml`),
+/// [`config_additions`] to the component config files (found by their `kind:`).
+pub fn render(manifest: &mut RootfsManifest, v: KubeVersion) -> Result<(), String> {
     for f in &mut manifest.files {
+        if let Some(kind) = f.content.lines().find_map(|l| l.strip_prefix("kind: ")) {
+            let more = config_additions(kind.trim(), v);
+            f.content.push_str(&more);
+            continue;
+        }
         let Some(name) = f
             .path
             .strip_prefix(SERVICES_DIR)
@@ -151,24 +183,26 @@ pub fn render_services(manifest: &mut RootfsManifest, v: KubeVersion) -> Result<
 mod tests {
     use super::*;
 
-    fn services(v: &str) -> Vec<(String, ServiceSpec)> {
+    fn rendered(v: &str) -> RootfsManifest {
         let mut m = RootfsManifest::parse("k8s.toml", crate::rootfs::K8S_TOML).unwrap();
-        render_services(&mut m, KubeVersion::parse(v).unwrap()).unwrap();
-        m.files
-            .iter()
-            .filter(|f| f.path.starts_with(SERVICES_DIR))
-            .map(|f| (f.path.clone(), toml::from_str(&f.content).unwrap()))
-            .collect()
+        render(&mut m, KubeVersion::parse(v).unwrap()).unwrap();
+        m
     }
 
-    fn command(svcs: &[(String, ServiceSpec)], name: &str) -> Vec<String> {
-        let path = format!("{SERVICES_DIR}/{name}.toml");
-        svcs.iter()
-            .find(|(p, _)| *p == path)
-            .unwrap()
-            .1
-            .command
-            .clone()
+    fn content<'a>(m: &'a RootfsManifest, path: &str) -> &'a str {
+        &m.files.iter().find(|f| f.path == path).unwrap().content
+    }
+
+    fn command(m: &RootfsManifest, name: &str) -> Vec<String> {
+        let text = content(m, &format!("{SERVICES_DIR}/{name}.toml"));
+        toml::from_str::<ServiceSpec>(text).unwrap().command
+    }
+
+    /// The component config file of `kind`.
+    fn config<'a>(m: &'a RootfsManifest, kind: &str) -> &'a str {
+        let kind = format!("\nkind: {kind}\n");
+        let f = m.files.iter().find(|f| f.content.contains(&kind));
+        &f.unwrap().content
     }
 
     #[test]
@@ -193,55 +227,56 @@ mod tests {
         assert!(v("v1.9.0").unwrap() < OLDEST && v("v2.0.0").unwrap() > OLDEST);
     }
 
-    /// 1.20: dual-stack behind its gate on every component that has it, the
-    /// kubelet told to use containerd by flags.
+    /// 1.20: dual-stack behind its gate on every component that has it (flag or
+    /// config file), the kubelet told to use containerd by flags.
     #[test]
     fn v1_20_gets_the_dual_stack_gate_and_the_runtime_flags() {
-        let s = services("v1.20.2");
-        for c in [
-            "kube-apiserver",
-            "kube-controller-manager",
-            "kube-proxy",
-            "kubelet",
-        ] {
+        let m = rendered("v1.20.2");
+        for c in ["kube-apiserver", "kube-controller-manager"] {
             assert!(
-                command(&s, c).contains(&"--feature-gates=IPv6DualStack=true".into()),
+                command(&m, c).contains(&"--feature-gates=IPv6DualStack=true".into()),
                 "{c}"
             );
         }
-        assert!(!command(&s, "kube-scheduler")
-            .iter()
-            .any(|a| a.contains("feature-gates")));
-        let kubelet = command(&s, "kubelet");
+        for kind in CONFIG_KINDS {
+            let c = config(&m, kind);
+            assert!(
+                c.ends_with("\nfeatureGates:\n  IPv6DualStack: true\n"),
+                "{c}"
+            );
+            assert_eq!(c.matches("featureGates").count(), 1, "{c}");
+        }
+        for c in ["kube-scheduler", "kube-proxy", "kubelet"] {
+            assert!(
+                !command(&m, c).iter().any(|a| a.contains("feature-gates")),
+                "{c}"
+            );
+        }
+        let kubelet = command(&m, "kubelet");
         assert_eq!(kubelet[0], "/usr/lib/kimg/kubelet");
         assert!(kubelet.contains(&"--container-runtime=remote".into()));
         assert!(kubelet.contains(&format!("--container-runtime-endpoint={CRI_ENDPOINT}")));
         // The rest of each service is as written.
-        let api = command(&s, "kube-apiserver");
+        let api = command(&m, "kube-apiserver");
         assert_eq!(api[api.len() - 2], "--allow-privileged=true");
     }
 
-    /// 1.27 and later: no gate (it is gone), no runtime flags (removed).
+    /// 1.27 and later: no gate (it is gone), no runtime flags (removed): every
+    /// file as written in rootfs/k8s.toml.
     #[test]
     fn current_releases_get_nothing_they_would_refuse() {
         let plain = RootfsManifest::parse("k8s.toml", crate::rootfs::K8S_TOML).unwrap();
         for v in ["v1.27.0", "v1.31.1"] {
-            let s = services(v);
-            for (path, spec) in &s {
-                assert!(
-                    !spec.command.iter().any(|a| a.starts_with("--feature-gates")
-                        || a.starts_with("--container-runtime")),
-                    "{v} {path}: {:?}",
-                    spec.command
-                );
-                let orig = plain.files.iter().find(|f| &f.path == path).unwrap();
-                let orig: ServiceSpec = toml::from_str(&orig.content).unwrap();
-                assert_eq!(&orig, spec, "{v} {path}");
+            let m = rendered(v);
+            for (a, b) in plain.files.iter().zip(&m.files) {
+                assert_eq!(a.content, b.content, "{v} {}", a.path);
             }
         }
         // 1.24-1.26: still the runtime flags (accepted, deprecated), no gate.
-        let kubelet = command(&services("v1.25.3"), "kubelet");
+        let m = rendered("v1.25.3");
+        let kubelet = command(&m, "kubelet");
         assert!(kubelet.contains(&"--container-runtime=remote".into()));
         assert!(!kubelet.iter().any(|a| a.starts_with("--feature-gates")));
+        assert!(!content(&m, "/var/lib/kubelet/config.yaml").contains("featureGates"));
     }
 }
