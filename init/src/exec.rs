@@ -10,8 +10,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// PATH of exec'd programs.
-pub const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+/// PATH of everything kimg-init starts (exec'd commands, services, hooks, the
+/// emergency shell); /usr/local first, where overlays put their own tools.
+pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// HOME of exec'd programs.
 pub const HOME: &str = "/root";
 /// Working directory of exec'd programs.

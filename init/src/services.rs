@@ -23,8 +23,6 @@ use std::time::{Duration, Instant};
 const TICK: Duration = Duration::from_millis(50);
 /// Longest pause before a restart.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// PATH of services (a service file's `env` may override it).
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What the agent reports; updated by the supervisor thread.
 static TABLE: Mutex<Vec<ServiceStatus>> = Mutex::new(Vec::new());
@@ -257,7 +255,8 @@ impl Os for RealOs {
         let mut cmd = Command::new(&spec.command[0]);
         cmd.args(&spec.command[1..])
             .env_clear()
-            .env("PATH", PATH)
+            // A service file's `env` may override it.
+            .env("PATH", crate::exec::PATH)
             .env("HOME", "/root")
             .envs(&spec.env)
             .current_dir("/")
