@@ -93,6 +93,21 @@ fn k8s_test_overlay(dir: &Path) -> PathBuf {
     path
 }
 
+/// `kimg build --k8s --k8s-release RELEASE --out WORK/out`, which must succeed;
+/// returns the out dir.
+fn build_k8s(release: &Path, work: &Path) -> PathBuf {
+    let out = work.join("out");
+    let o = Command::new(kimg_bin())
+        .args(["build", "--k8s", "--k8s-release"])
+        .arg(release)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "kimg build --k8s:\n{}", text(&o));
+    out
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -117,15 +132,7 @@ fn k8s_build_without_release_fails_before_any_work_naming_the_binaries() {
 fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
     let work = tempfile::tempdir().unwrap();
     let release = double_release(&work.path().join("release"));
-    let out = work.path().join("out");
-    let o = Command::new(kimg_bin())
-        .args(["build", "--k8s", "--k8s-release"])
-        .arg(&release)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "kimg build --k8s:\n{}", text(&o));
+    let out = build_k8s(Path::new(&release), work.path());
     let image = out.join("hd-k8s.img");
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("hd-k8s.json")).unwrap()).unwrap();
@@ -528,15 +535,7 @@ fn k8s_real_release_nodes_ready_and_pods_reach_each_other() {
     let pod_image = std::env::var("KIMG_K8S_POD_IMAGE")
         .unwrap_or_else(|_| "docker.io/library/busybox:latest".into());
     let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("out");
-    let o = Command::new(kimg_bin())
-        .args(["build", "--k8s", "--k8s-release"])
-        .arg(&release)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "kimg build --k8s:\n{}", text(&o));
+    let out = build_k8s(Path::new(&release), work.path());
     // The image tarballs as an overlay (kimg-images imports them before kubelet).
     let ovl = work.path().join("ovl");
     let dir = ovl.join("k8s-images/root/var/lib/kimg/images");

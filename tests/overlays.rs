@@ -8,6 +8,25 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
+/// One node of the test image, ready, with `extra` arguments to `kimg run`.
+fn run_one_vm(name: &str, extra: &[&str]) -> TestCluster {
+    let img = image().image.to_str().unwrap();
+    let c = TestCluster::new(name);
+    let mut args = vec![
+        "--image",
+        img,
+        "--nodes",
+        "1",
+        "--routers",
+        "0",
+        "--wait=240",
+    ];
+    args.extend_from_slice(extra);
+    let run = c.kimg("run", &args);
+    assert!(run.status.success(), "kimg run:\n{}", text(&run));
+    c
+}
+
 fn sh(script: &str, dir: &Path) -> String {
     let o = Command::new("sh")
         .arg("-c")
@@ -156,23 +175,7 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
         &gnu,
     ) + &sh("busybox stat -c '%a %u %g %s' usr/local/bin/ovl-tool", &gnu);
 
-    let img = image();
-    let c = TestCluster::new("e2e-ovl");
-    let run = c.kimg(
-        "run",
-        &[
-            "--image",
-            img.image.to_str().unwrap(),
-            "--nodes",
-            "1",
-            "--routers",
-            "0",
-            "--wait=240",
-            "--cdrom",
-            iso.to_str().unwrap(),
-        ],
-    );
-    assert!(run.status.success(), "kimg run:\n{}", text(&run));
+    let c = run_one_vm("e2e-ovl", &["--cdrom", iso.to_str().unwrap()]);
 
     let got = c.exec_ok(
         "vm-001",
@@ -255,24 +258,7 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
 /// (nothing unpacked, nothing recorded), and it can be mounted by hand.
 #[test]
 fn cdrom_off_attaches_without_unpacking() {
-    let img = image();
-    let c = TestCluster::new("e2e-cdrom-off");
-    let run = c.kimg(
-        "run",
-        &[
-            "--image",
-            img.image.to_str().unwrap(),
-            "--nodes",
-            "1",
-            "--routers",
-            "0",
-            "--wait=240",
-            "--append",
-            "kimg.cdrom=off",
-            "test",
-        ],
-    );
-    assert!(run.status.success(), "kimg run:\n{}", text(&run));
+    let c = run_one_vm("e2e-cdrom-off", &["--append", "kimg.cdrom=off", "test"]);
     let st = c.kimg("status", &["--json"]);
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     let vm = &st["vms"][0];

@@ -217,21 +217,35 @@ pub fn add_nodes(dir: &Path, nodes: &[VmId]) -> Result<Overlay, PkiError> {
     let ca_pem = read("ca.crt")?;
     let key = KeyPair::from_pem(&read("ca.key")?).map_err(cert_err("CA"))?;
     let ca = Issuer::new(ca_params(), key);
-    let server = apiserver_url();
     for &vm in nodes {
         let (name, cn, org) = kubelet_client(vm);
-        let leaf = Leaf {
-            file: &name,
-            cn: &cn,
-            org,
-            sans: vec![],
-            server: false,
-        };
-        let pem = sign(&ca, &leaf)?;
-        let path = root.join(k8s::kubeconfig_path(&name).trim_start_matches('/'));
-        write(&path, &kubeconfig(&server, &cn, &ca_pem, &pem), 0o600)?;
+        client_kubeconfig(&root, &ca, &ca_pem, &name, &cn, org)?;
     }
     Ok(overlay::find(OVERLAY_NAME, &[dir.to_path_buf()])?)
+}
+
+/// Signs a client certificate for `cn` (in `org`) and writes the kubeconfig `name`
+/// under the overlay's `root`, pointing at the apiserver; returns both.
+fn client_kubeconfig(
+    root: &Path,
+    ca: &Issuer<'_, KeyPair>,
+    ca_pem: &str,
+    name: &str,
+    cn: &str,
+    org: Option<&str>,
+) -> Result<(Pem, String), PkiError> {
+    let leaf = Leaf {
+        file: name,
+        cn,
+        org,
+        sans: vec![],
+        server: false,
+    };
+    let pem = sign(ca, &leaf)?;
+    let text = kubeconfig(&apiserver_url(), cn, ca_pem, &pem);
+    let path = root.join(k8s::kubeconfig_path(name).trim_start_matches('/'));
+    write(&path, &text, 0o600)?;
+    Ok((pem, text))
 }
 
 /// Generates the cluster's PKI into `dir/kimg-pki` (an overlay folder, built whole
@@ -291,7 +305,6 @@ pub fn generate(
     write(&pki.join("sa.key"), &sa.serialize_pem(), 0o600)?;
     write(&pki.join("sa.pub"), &sa.public_key_pem(), 0o644)?;
 
-    let server = apiserver_url();
     let mut clients: Vec<(String, String, Option<&str>)> = vec![
         (
             "admin".into(),
@@ -315,19 +328,7 @@ pub fn generate(
         clients.push(kubelet_client(vm));
     }
     for (name, cn, org) in &clients {
-        let pem = sign(
-            &ca,
-            &Leaf {
-                file: name,
-                cn,
-                org: *org,
-                sans: vec![],
-                server: false,
-            },
-        )?;
-        let text = kubeconfig(&server, cn, &ca_pem, &pem);
-        let path = root.join(k8s::kubeconfig_path(name).trim_start_matches('/'));
-        write(&path, &text, 0o600)?;
+        let (pem, text) = client_kubeconfig(&root, &ca, &ca_pem, name, cn, *org)?;
         if name == "admin" {
             let host = match api_port {
                 Some(port) => kubeconfig(&format!("https://127.0.0.1:{port}"), cn, &ca_pem, &pem),

@@ -134,6 +134,11 @@ pub fn with_size(base: &str, size: &crate::net::ClusterSize) -> String {
     )
 }
 
+/// `base` plus the flag that an overlay cdrom is attached.
+pub fn with_cdrom(base: &str) -> String {
+    format!("{base} {KEY_CDROM}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,7 +175,7 @@ mod tests {
 
     #[test]
     fn a_later_cdrom_off_takes_the_flag_back() {
-        assert!(KimgArgs::parse("quiet kimg.cdrom").cdrom);
+        assert!(KimgArgs::parse(&with_cdrom("quiet")).cdrom);
         assert!(!KimgArgs::parse("kimg.cdrom kimg.cdrom=off").cdrom);
         assert!(!KimgArgs::parse("kimg.cdrom kimg.cdrom=0").cdrom);
         assert!(KimgArgs::parse("kimg.cdrom=off kimg.cdrom").cdrom);

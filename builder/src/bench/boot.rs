@@ -5,7 +5,7 @@
 //!   kernel, machine and accelerator booting a busybox-only initramfs that powers
 //!   off at once (goal: ratio <= 1.5).
 
-use super::median;
+use super::{io_err, median, step, BenchError};
 use crate::image::{self, BuildOptions};
 use crate::initramfs::Initramfs;
 use crate::vm::accel::{self, Accel, AccelChoice};
@@ -34,20 +34,6 @@ pub struct BenchReport {
     pub ratio: f64,
 }
 
-/// Errors of the benchmark.
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    /// The build failed.
-    #[error(transparent)]
-    Build(#[from] image::BuildError),
-    /// A cluster step failed.
-    #[error(transparent)]
-    Cluster(#[from] cluster::ClusterError),
-    /// Something else failed.
-    #[error("{0}")]
-    Other(String),
-}
-
 /// Options of `kimg bench`.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -73,12 +59,13 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
     let build_secs = t.elapsed().as_secs_f64();
     log(&format!("build (warm cache): {build_secs:.2}s"));
 
-    let accel = accel::choose(opts.accel, qemu::QEMU, &opts.scratch).map_err(BenchError::Other)?;
+    let accel =
+        accel::choose(opts.accel, qemu::QEMU, &opts.scratch).map_err(step("accelerator"))?;
     let boot = opts.scratch.join("boot");
-    std::fs::create_dir_all(&boot).map_err(|e| BenchError::Other(e.to_string()))?;
+    std::fs::create_dir_all(&boot).map_err(io_err(&boot))?;
     let m = &built.manifest;
     let files = crate::disk::extract_esp_files(&built.image, &[&m.kernel.esp_kernel], &boot)
-        .map_err(|e| BenchError::Other(e.to_string()))?;
+        .map_err(step("kernel out of the ESP"))?;
     let floor_initrd = opts.scratch.join("floor.img");
     let mut fl = Initramfs::new();
     fl.file("bin/busybox", &opts.build.busybox, 0o755).bytes(
@@ -87,7 +74,7 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
         0o755,
     );
     fl.write(&floor_initrd, 1, 3)
-        .map_err(|e| BenchError::Other(e.to_string()))?;
+        .map_err(step("floor initramfs"))?;
 
     let runtime = opts.scratch.join("rt");
     std::env::set_var("KIMG_RUNTIME_DIR", &runtime);
@@ -146,13 +133,9 @@ fn floor_boot(
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let t = Instant::now();
-    let st = cmd
-        .status()
-        .map_err(|e| BenchError::Other(format!("qemu: {e}")))?;
+    let st = cmd.status().map_err(step("floor boot: qemu"))?;
     if !st.success() {
-        return Err(BenchError::Other(format!(
-            "floor boot: qemu exited with {st}"
-        )));
+        return Err(step("floor boot")(format!("qemu exited with {st}")));
     }
     Ok(t.elapsed().as_secs_f64())
 }

@@ -10,7 +10,7 @@
 //!   kimg-init just filled (page cache dropped) is faster than either; that figure
 //!   is printed too.
 
-use super::median;
+use super::{median, step, BenchError};
 use crate::overlay::{self, Overlay, Source};
 use crate::vm::accel::AccelChoice;
 use crate::vm::cluster::{self, RunOptions};
@@ -20,26 +20,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// Errors of the benchmark.
-#[derive(Debug, thiserror::Error)]
-pub enum CdromBenchError {
-    /// A step failed.
-    #[error("{step}: {why}")]
-    Step {
-        /// What was being done.
-        step: String,
-        /// Why it failed.
-        why: String,
-    },
-}
-
-fn step<E: std::fmt::Display>(step: &str) -> impl FnOnce(E) -> CdromBenchError + '_ {
-    move |e| CdromBenchError::Step {
-        step: step.to_string(),
-        why: e.to_string(),
-    }
-}
 
 /// Options of `kimg bench cdrom`.
 #[derive(Debug, Clone)]
@@ -80,7 +60,7 @@ pub struct CdromBenchReport {
 }
 
 /// Archives of the benchmark: 4 plain tars of many files of mixed sizes.
-fn make_overlays(dir: &Path, mb: u64) -> Result<Vec<PathBuf>, CdromBenchError> {
+fn make_overlays(dir: &Path, mb: u64) -> Result<Vec<PathBuf>, BenchError> {
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
     let per = mb * 1_000_000 / 4;
     let mut out = Vec::new();
@@ -124,10 +104,7 @@ fn make_overlays(dir: &Path, mb: u64) -> Result<Vec<PathBuf>, CdromBenchError> {
 }
 
 /// Runs the benchmark; `log` gets one line per measurement.
-pub fn run(
-    opts: &CdromBenchOptions,
-    log: &dyn Fn(&str),
-) -> Result<CdromBenchReport, CdromBenchError> {
+pub fn run(opts: &CdromBenchOptions, log: &dyn Fn(&str)) -> Result<CdromBenchReport, BenchError> {
     let src = opts.scratch.join("overlays");
     fs::create_dir_all(&src).map_err(step("scratch dir"))?;
     log(&format!("making {} MB of overlay archives", opts.mb));
@@ -239,7 +216,7 @@ fn busybox_script(files: &[String]) -> String {
 }
 
 /// Runs `script` on vm-001 and reads the two uptimes it prints: their difference.
-fn timed(name: &str, script: String) -> Result<f64, CdromBenchError> {
+fn timed(name: &str, script: String) -> Result<f64, BenchError> {
     let argv = vec!["sh".to_string(), "-c".to_string(), script];
     let vm = "vm-001".parse().map_err(step("vm name"))?;
     let r = cluster::exec(name, vm, argv, Some(Duration::from_secs(900)))
@@ -263,18 +240,19 @@ fn timed(name: &str, script: String) -> Result<f64, CdromBenchError> {
 
 /// Boots `ro` (its cdrom left alone by kimg-init), mounts the cdrom and times busybox
 /// tar over its overlays.
-fn busybox_first(ro: &RunOptions) -> Result<f64, CdromBenchError> {
+fn busybox_first(ro: &RunOptions) -> Result<f64, BenchError> {
     cluster::run(ro, &|_| {}).map_err(step("kimg run"))?;
     let mnt = "/mnt/cd";
     let mount = format!(
         "mkdir -p {mnt} && for i in $(seq 100); do [ -b /dev/sr0 ] && break; sleep 0.1; done && \
-         mount -t iso9660 -o ro /dev/sr0 {mnt} && [ ! -e /var/lib/kimg/overlays.applied ] && "
+         mount -t iso9660 -o ro /dev/sr0 {mnt} && [ ! -e {applied} ] && ",
+        applied = kimg_contract::cdrom::APPLIED_FILE
     );
     let files = vec![format!("{mnt}/[0-9]*")];
     timed(&ro.name, mount + &busybox_script(&files))
 }
 
-fn in_guest(ro: &RunOptions, ovs: &[Overlay]) -> Result<(f64, f64), CdromBenchError> {
+fn in_guest(ro: &RunOptions, ovs: &[Overlay]) -> Result<(f64, f64), BenchError> {
     cluster::run(ro, &|_| {}).map_err(step("kimg run"))?;
     let (_, vms) = cluster::status(&ro.name).map_err(step("kimg status"))?;
     let st = vms

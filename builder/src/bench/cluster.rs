@@ -9,7 +9,7 @@
 //! - a 20-node cluster (plus the routers) must start and reach ready: its time and
 //!   total QEMU RSS.
 
-use super::boot::BenchError;
+use super::{step, BenchError};
 use crate::vm::accel::{Accel, AccelChoice};
 use crate::vm::cluster::{self, RunOptions};
 use crate::vm::network::NetBackend;
@@ -108,7 +108,7 @@ fn timed_run(opts: &RunOptions) -> Result<(f64, Vec<i32>, Accel), BenchError> {
 /// utime + stime of a process in seconds.
 fn cpu_secs(pid: i32) -> Result<f64, BenchError> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| BenchError::Other(format!("/proc/{pid}/stat: {e}")))?;
+        .map_err(step(&format!("/proc/{pid}/stat")))?;
     // Fields after the command name: state is field 3, utime 14, stime 15.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_ascii_whitespace().collect();

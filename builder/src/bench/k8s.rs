@@ -7,6 +7,7 @@
 //!   reports the containerd service ready), next to the base image's `kimg run
 //!   --wait` to ready, same machine, same run.
 
+use super::{io_err, BenchError};
 use crate::publish::{self, Codec};
 use crate::vm::accel::AccelChoice;
 use crate::vm::cluster::{self, RunOptions};
@@ -56,30 +57,6 @@ pub struct K8sBenchReport {
     pub base_ready_secs: f64,
 }
 
-/// Errors of the suite.
-#[derive(Debug, thiserror::Error)]
-pub enum K8sBenchError {
-    /// A cluster step failed.
-    #[error(transparent)]
-    Cluster(#[from] cluster::ClusterError),
-    /// Compressing failed.
-    #[error(transparent)]
-    Publish(#[from] publish::PublishError),
-    /// Reading the image failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// Path.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// containerd never became ready.
-    #[error(
-        "containerd not ready on vm-001 within {0:?} (see `kimg status`, /var/log/containerd.log)"
-    )]
-    NotReady(Duration),
-}
-
 fn options(o: &K8sBenchOptions, image: &Path) -> RunOptions {
     RunOptions {
         name: NAME.into(),
@@ -93,19 +70,16 @@ fn options(o: &K8sBenchOptions, image: &Path) -> RunOptions {
 }
 
 /// Runs the suite; `log` gets one line per measurement. No cluster is left running.
-pub fn run(o: &K8sBenchOptions, log: &dyn Fn(&str)) -> Result<K8sBenchReport, K8sBenchError> {
+pub fn run(o: &K8sBenchOptions, log: &dyn Fn(&str)) -> Result<K8sBenchReport, BenchError> {
     std::env::set_var("KIMG_RUNTIME_DIR", &o.runtime);
     let r = measure(o, log);
     let _ = cluster::stop(NAME, Duration::from_secs(5));
     r
 }
 
-fn measure(o: &K8sBenchOptions, log: &dyn Fn(&str)) -> Result<K8sBenchReport, K8sBenchError> {
+fn measure(o: &K8sBenchOptions, log: &dyn Fn(&str)) -> Result<K8sBenchReport, BenchError> {
     let qcow2_bytes = std::fs::metadata(&o.k8s_image)
-        .map_err(|source| K8sBenchError::Io {
-            path: o.k8s_image.clone(),
-            source,
-        })?
+        .map_err(io_err(&o.k8s_image))?
         .len();
     let xz = o.scratch.join("hd-k8s.img.xz");
     let (_, xz_bytes) = publish::compress(
@@ -147,7 +121,12 @@ fn measure(o: &K8sBenchOptions, log: &dyn Fn(&str)) -> Result<K8sBenchReport, K8
             break t.elapsed().as_secs_f64();
         }
         if t.elapsed() > WAIT {
-            return Err(K8sBenchError::NotReady(WAIT));
+            return Err(BenchError::Step {
+                step: "containerd on vm-001".into(),
+                why: format!(
+                    "not ready within {WAIT:?} (see `kimg status`, /var/log/containerd.log)"
+                ),
+            });
         }
         std::thread::sleep(Duration::from_millis(100));
     };

@@ -6,7 +6,7 @@
 //! - boot: `kimg run --wait` start to ready for one VM, an image with each kernel,
 //!   same machine and accelerator, in the same run; ratio built / Debian.
 
-use super::median;
+use super::{median, step, BenchError};
 use crate::image::{self, BuildOptions};
 use crate::kernel::source::{self, Base, Fragment};
 use crate::kernel::KernelSource;
@@ -61,36 +61,8 @@ pub struct KernelBenchReport {
     pub ratio: f64,
 }
 
-/// Errors of the benchmark.
-#[derive(Debug, thiserror::Error)]
-pub enum KernelBenchError {
-    /// Building the kernel failed.
-    #[error(transparent)]
-    Source(#[from] source::SourceError),
-    /// Building an image failed.
-    #[error(transparent)]
-    Build(#[from] image::BuildError),
-    /// A cluster step failed.
-    #[error(transparent)]
-    Cluster(#[from] cluster::ClusterError),
-    /// A VM came up degraded: the kernel lacks something.
-    #[error("the {which} kernel's VM came up {state}, not ready")]
-    NotReady {
-        /// Which kernel.
-        which: &'static str,
-        /// Its state.
-        state: String,
-    },
-    /// Something else failed.
-    #[error("{0}")]
-    Other(String),
-}
-
 /// Runs the benchmark; `log` gets progress and one line per measurement.
-pub fn run(
-    opts: &KernelBenchOptions,
-    log: &dyn Fn(&str),
-) -> Result<KernelBenchReport, KernelBenchError> {
+pub fn run(opts: &KernelBenchOptions, log: &dyn Fn(&str)) -> Result<KernelBenchReport, BenchError> {
     // A fresh cache makes the build a real, full build.
     let cache = if opts.cached_ok {
         crate::cache::cache_dir()
@@ -138,7 +110,7 @@ pub fn run(
     let debian_img = image_with("debian", KernelSource::DebianDefault)?;
 
     let accel =
-        accel::choose(opts.accel, qemu::QEMU, &opts.scratch).map_err(KernelBenchError::Other)?;
+        accel::choose(opts.accel, qemu::QEMU, &opts.scratch).map_err(step("accelerator"))?;
     std::env::set_var("KIMG_RUNTIME_DIR", opts.scratch.join("rt"));
     let (mut built_boot_secs, mut debian_boot_secs) = (Vec::new(), Vec::new());
     for i in 0..opts.runs {
@@ -165,7 +137,7 @@ pub fn run(
 }
 
 /// Seconds from `kimg run` to the one VM answering ready.
-fn boot_to_ready(which: &'static str, image: &Path, accel: Accel) -> Result<f64, KernelBenchError> {
+fn boot_to_ready(which: &'static str, image: &Path, accel: Accel) -> Result<f64, BenchError> {
     let ro = RunOptions {
         name: "bench-kernel".into(),
         image: image.to_path_buf(),
@@ -195,9 +167,10 @@ fn boot_to_ready(which: &'static str, image: &Path, accel: Accel) -> Result<f64,
     result?;
     match state.into_inner().ok().flatten() {
         Some(BootState::Ready) => Ok(secs),
-        s => Err(KernelBenchError::NotReady {
-            which,
-            state: s.map_or_else(|| "without a state".into(), |s| format!("{s:?}")),
-        }),
+        // Degraded: the kernel lacks something.
+        s => Err(step(&format!("the {which} kernel's VM"))(format!(
+            "came up {}, not ready",
+            s.map_or_else(|| "without a state".into(), |s| format!("{s:?}"))
+        ))),
     }
 }

@@ -8,6 +8,63 @@ pub mod k8s;
 pub mod kernel;
 pub mod publish;
 
+use std::path::PathBuf;
+
+/// Errors of every suite: what failed underneath, or a step of the suite itself.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Building an image failed.
+    #[error(transparent)]
+    Build(#[from] crate::image::BuildError),
+    /// Building a kernel failed.
+    #[error(transparent)]
+    Source(#[from] crate::kernel::source::SourceError),
+    /// A cluster step failed.
+    #[error(transparent)]
+    Cluster(#[from] crate::vm::cluster::ClusterError),
+    /// Publishing (compressing) failed.
+    #[error(transparent)]
+    Publish(#[from] crate::publish::PublishError),
+    /// Fetching failed.
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
+    /// A command failed.
+    #[error(transparent)]
+    Command(#[from] crate::cmd::CmdError),
+    /// A file of the suite could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A step of the suite itself failed.
+    #[error("{step}: {why}")]
+    Step {
+        /// What was being done.
+        step: String,
+        /// Why it failed.
+        why: String,
+    },
+}
+
+/// Turns an error into a [`BenchError::Step`] named `step`.
+pub fn step<E: std::fmt::Display>(step: &str) -> impl FnOnce(E) -> BenchError + '_ {
+    move |e| BenchError::Step {
+        step: step.to_string(),
+        why: e.to_string(),
+    }
+}
+
+/// Turns an I/O error on `path` into a [`BenchError::Io`].
+pub fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> BenchError + '_ {
+    move |source| BenchError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// The median of some samples (0 when empty).
 pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();

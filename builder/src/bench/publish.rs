@@ -6,6 +6,7 @@
 //! - fetch: `kimg fetch` of the local `.xz` just published, throughput in MB/s of
 //!   the archive and of the image, verification (sha256) included.
 
+use super::{io_err, BenchError};
 use crate::cmd;
 use crate::fetch::{self, FetchOptions};
 use crate::publish::{self, Codec, PublishOptions};
@@ -14,28 +15,6 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
-
-/// Errors of the benchmark.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishBenchError {
-    /// Publishing failed.
-    #[error(transparent)]
-    Publish(#[from] publish::PublishError),
-    /// Fetching failed.
-    #[error(transparent)]
-    Fetch(#[from] fetch::FetchError),
-    /// `xz` failed.
-    #[error(transparent)]
-    Command(#[from] cmd::CmdError),
-    /// A scratch file could not be made.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-}
 
 /// Inputs of `kimg bench publish`.
 #[derive(Debug, Clone)]
@@ -75,11 +54,7 @@ pub struct PublishBenchReport {
 pub fn run(
     opts: &PublishBenchOptions,
     log: &dyn Fn(&str),
-) -> Result<PublishBenchReport, PublishBenchError> {
-    let io_err = |path: &PathBuf| {
-        let path = path.clone();
-        move |source| PublishBenchError::Io { path, source }
-    };
+) -> Result<PublishBenchReport, BenchError> {
     log("xz -T0 -6 ...");
     let xz_out = opts.scratch.join("xz.img.xz");
     let out = File::create(&xz_out).map_err(io_err(&xz_out))?;

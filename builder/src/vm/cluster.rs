@@ -12,7 +12,7 @@ use super::network::{self, NetBackend, NetworkError};
 use super::qemu::{self, VmPaths, VmSpec};
 use crate::cmd::{self, CmdError};
 use kimg_contract::agent::{BootState, ExecResult, Op, Reply, Status};
-use kimg_contract::cmdline::{with_hostname, with_size};
+use kimg_contract::cmdline::{with_cdrom, with_hostname, with_size};
 use kimg_contract::manifest::Manifest;
 use kimg_contract::net::ClusterSize;
 use kimg_contract::{Role, VmId};
@@ -484,19 +484,7 @@ fn start_vms(
                     accel,
                     kernel: files[0].clone(),
                     initrd: files[1].clone(),
-                    // no_timer_check: under TCG on a busy host the kernel's IO-APIC
-                    // timer check can miss ticks and panic ("IO-APIC + timer doesn't
-                    // work!"), seen when many VMs boot at once on 2 cores.
-                    cmdline: with_append(
-                        with_cdrom(
-                            with_size(
-                                &with_hostname(base_cmdline, &rec.vm.hostname()),
-                                &state.size,
-                            ) + " no_timer_check",
-                            state.cdrom.is_some(),
-                        ),
-                        &state.append,
-                    ),
+                    cmdline: vm_cmdline(base_cmdline, rec.vm, state),
                     cdrom: state.cdrom.clone(),
                     uefi: state.uefi,
                 };
@@ -585,20 +573,19 @@ fn k8s_scaleout_cdrom(
     Ok(out)
 }
 
-/// The kernel command line with the cdrom flag when one is attached.
-fn with_cdrom(cmdline: String, cdrom: bool) -> String {
-    if cdrom {
-        format!("{cmdline} {}", kimg_contract::cmdline::KEY_CDROM)
-    } else {
-        cmdline
+/// A VM's kernel command line: the image's, what the launcher tells the VM, then
+/// the user's `--append` (last, so that it wins).
+fn vm_cmdline(base: &str, vm: VmId, state: &ClusterState) -> String {
+    // no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check can
+    // miss ticks and panic ("IO-APIC + timer doesn't work!"), seen when many VMs
+    // boot at once on 2 cores.
+    let mut line = with_size(&with_hostname(base, &vm.hostname()), &state.size) + " no_timer_check";
+    if state.cdrom.is_some() {
+        line = with_cdrom(&line);
     }
-}
-
-/// The user's extra words go last, so they override kimg's own.
-fn with_append(cmdline: String, append: &str) -> String {
-    match append.trim() {
-        "" => cmdline,
-        extra => format!("{cmdline} {extra}"),
+    match state.append.trim() {
+        "" => line,
+        extra => format!("{line} {extra}"),
     }
 }
 
