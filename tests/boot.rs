@@ -15,7 +15,7 @@ fn tool(args: &[&str]) -> String {
 }
 
 fn sha256(path: &Path) -> String {
-    kimg::hash::file_sha256(path).unwrap().0
+    kimg_util::hash::file_sha256(path).unwrap().0
 }
 
 #[test]

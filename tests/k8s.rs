@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kimg::k8s::K8S_BINARIES;
+use kimg_image::k8s::K8S_BINARIES;
 
 /// A release folder of test doubles, laid out like kubernetes-server-linux-amd64.
 fn double_release(dir: &Path) -> PathBuf {
@@ -41,7 +41,7 @@ fn double_release(dir: &Path) -> PathBuf {
 /// here because no image can be pulled on the test machines.
 fn image_tarball(dir: &Path) -> PathBuf {
     fn sha(b: &[u8]) -> String {
-        kimg::hash::sha256(b)
+        kimg_util::hash::sha256(b)
     }
     fn append(t: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
         let mut h = tar::Header::new_ustar();

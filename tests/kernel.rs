@@ -2,12 +2,12 @@
 //! Debian's linux-source tree), and (opt-in) an image with a kernel built from source
 //! booting to ready.
 
-use kimg::kernel::{prepare, KernelSource};
+use kimg_kernel::{prepare, KernelSource};
 use kimg_tests::{kimg, text, TestCluster};
 use std::path::PathBuf;
 
 fn debian_config() -> PathBuf {
-    let k = prepare(&KernelSource::DebianDefault, &kimg::cache::cache_dir()).unwrap();
+    let k = prepare(&KernelSource::DebianDefault, &kimg_util::cache::cache_dir()).unwrap();
     k.config.expect("Debian's kernel package has its config")
 }
 

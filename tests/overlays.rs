@@ -223,7 +223,7 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
     assert_eq!(names, want[..want.len() - 1]);
     assert!(!problems.contains("kimg-index"), "{problems}");
     for (o, a) in ovs[1..].iter().zip(archives) {
-        let (sha, size) = kimg::hash::file_sha256(&t.path().join(a)).unwrap();
+        let (sha, size) = kimg_util::hash::file_sha256(&t.path().join(a)).unwrap();
         assert_eq!(o["sha256"], sha.as_str(), "{o}");
         assert_eq!(o["size"], size, "{o}");
         assert_eq!(o["this_boot"], true, "{o}");

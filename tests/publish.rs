@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn sha256(path: &Path) -> String {
-    kimg::hash::file_sha256(path).unwrap().0
+    kimg_util::hash::file_sha256(path).unwrap().0
 }
 
 fn run(cmd: &mut Command) -> Output {

@@ -5,6 +5,7 @@
 //! protocol. The crate is pure Rust with no I/O so that the static PID 1 can use it.
 
 pub mod agent;
+pub mod boot;
 pub mod cdrom;
 pub mod cmdline;
 pub mod k8s;

@@ -8,18 +8,9 @@ use nix::kmod::{finit_module, ModuleInitFlags};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-/// The list of modules to load, written by the builder (in the initramfs and/or the root).
-pub const MODULES_LOAD: &str = "/etc/kimg/modules.load";
+pub use kimg_contract::boot::{parse_modules_load, MODULES_LOAD};
 /// Parent of the per-kernel module trees.
 pub const MODULES_DIR: &str = "/lib/modules";
-
-/// The module paths of a modules.load text, in order; blank lines and `#` comments skipped.
-pub fn parse_modules_load(text: &str) -> Vec<&str> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect()
-}
 
 /// Outcome of loading a list: how many were loaded (or already there) and which failed.
 #[derive(Debug, Default)]

@@ -35,6 +35,12 @@ pub fn exit_code(status: WaitStatus) -> Option<(i32, i32)> {
     }
 }
 
+impl Default for Reaper {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Reaper {
     /// An empty reaper.
     pub const fn new() -> Reaper {

@@ -3,9 +3,7 @@
 //! a path with `.`, `..` or empty components.
 #![no_main]
 
-#[path = "../../src/pathsafe.rs"]
-#[allow(dead_code)]
-mod pathsafe;
+use kimg_init::pathsafe;
 
 use libfuzzer_sys::fuzz_target;
 use std::collections::HashMap;

@@ -4,14 +4,7 @@
 //! and the unpacker must return (kimg-init never panics).
 #![no_main]
 
-#[path = "../../src/pathsafe.rs"]
-#[allow(dead_code)]
-mod pathsafe;
-#[path = "../../src/unpack.rs"]
-#[allow(dead_code)]
-mod unpack;
-#[path = "../../src/xattr.rs"]
-mod xattr;
+use kimg_init::unpack;
 
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
@@ -27,7 +20,11 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(&archive, data).unwrap();
     for known in [None, Some(("00", data.len() as u64))] {
         let _ = unpack::unpack_file(&archive, &root, &mut |_| {}, known);
-        assert_eq!(std::fs::read_dir(&beside).unwrap().count(), 0, "wrote beside the root");
+        assert_eq!(
+            std::fs::read_dir(&beside).unwrap().count(),
+            0,
+            "wrote beside the root"
+        );
         let mut names: Vec<_> = std::fs::read_dir(t.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())

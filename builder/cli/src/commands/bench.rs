@@ -1,0 +1,468 @@
+//! `kimg bench`: the issues' figures, each suite measured side by side in one run.
+
+use kimg_bench::{self as bench, boot::BenchOptions};
+use kimg_cluster::accel::AccelChoice;
+use kimg_cluster::network::NetBackend;
+use kimg_image::{self as image, BuildOptions};
+use kimg_kernel::KernelSource;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Measure what the issues ask for; each suite prints its figures next to what they
+/// are compared with, measured in the same run.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    suite: Suite,
+}
+
+#[derive(clap::Subcommand)]
+enum Suite {
+    Boot(BootArgs),
+    Cluster(ClusterArgs),
+    Publish(PublishArgs),
+    Cdrom(CdromArgs),
+    Kernel(KernelArgs),
+    K8s(K8sArgs),
+}
+
+/// The Kubernetes image: hd-k8s.img's size (qcow2 bytes and xz-compressed) next to
+/// xcluster's 847 MB hd-k8s image (goal: well under half), and one node booting to
+/// containerd ready next to the base image booting to ready, in the same run.
+#[derive(clap::Args)]
+struct K8sArgs {
+    /// The image from `kimg build --k8s`.
+    #[arg(long, default_value = "out/hd-k8s.img")]
+    k8s_image: PathBuf,
+    /// The image from `kimg build`.
+    #[arg(long, default_value = "out/hd.img")]
+    base_image: PathBuf,
+    /// Memory of the VM in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem: u32,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `kimg publish` next to `xz -T0 -6` on the same image (size ratio goal <= 1.0, time
+/// ratio goal < 1.0), then `kimg fetch` of the published local .xz (MB/s, sha256
+/// verification included).
+#[derive(clap::Args)]
+struct PublishArgs {
+    /// The image (built by `kimg build`, NAME.json beside it).
+    #[arg(default_value = "out/hd.img")]
+    image: PathBuf,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `kimg mkcdrom` vs `xorriso -as mkisofs -R` on the same ~200 MB of overlays (goal:
+/// kimg faster), and kimg-init's unpacking of that cdrom at boot vs busybox tar
+/// extracting the same archives first thing in a fresh VM of the same image (goal:
+/// kimg-init faster); busybox tar in kimg-init's VM afterwards is shown too.
+#[derive(clap::Args)]
+struct CdromArgs {
+    /// Image to boot (from `kimg build`).
+    #[arg(long, default_value = "out/hd.img")]
+    image: PathBuf,
+    /// Size of the overlay set in MB.
+    #[arg(long, default_value_t = 200)]
+    mb: u64,
+    /// Runs of each ISO writer and of each unpacking VM; medians are compared.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Accelerator for the VM.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A kernel built from source (defconfig + base.config + k8s.config) next to Debian's
+/// modular cloud kernel: the build's wall time here, and each kernel's image booting
+/// to ready, medians and ratio, in the same run. A fresh build takes tens of minutes.
+#[derive(clap::Args)]
+struct KernelArgs {
+    /// The kernel source tree [default: `kimg kernel source`'s, fetched if needed].
+    #[arg(long, value_name = "DIR")]
+    source: Option<PathBuf>,
+    /// Parallel compile jobs [default: number of CPUs].
+    #[arg(short = 'j', long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Use a build from kimg's cache if there is one (the build time is then not measured).
+    #[arg(long)]
+    cached_ok: bool,
+    /// Boots of each kernel; medians are compared.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Accelerator for the boots.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// The static kimg-init binary.
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Cluster start: wall time of `kimg run --nodes 4 --wait` (6 VMs) next to the floor
+/// 6 x one VM's QEMU CPU time to ready / host cores (goal: ratio <= 1.5), QEMU RSS
+/// per idle VM, and a 20-node cluster's time to ready and total RSS.
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// Image built by `kimg build`.
+    #[arg(long, default_value = "out/hd.img")]
+    image: PathBuf,
+    /// Memory per VM in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem: u32,
+    /// Nodes of the big cluster (plus 2 routers).
+    #[arg(long, default_value_t = 20)]
+    big_nodes: u16,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Network backend.
+    #[arg(long, value_enum, default_value_t = NetBackend::User)]
+    net: NetBackend,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `kimg build` with a warm kernel cache (goal <= 10 s), and one VM's boot to ready
+/// next to the floor: the same kernel and machine booting a busybox-only initramfs
+/// that powers off at once (goal: ratio <= 1.5).
+#[derive(clap::Args)]
+struct BootArgs {
+    /// Boots of each kind; medians are compared.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Accelerator for both boots.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Use this Debian linux-image .deb instead of the cloud kernel.
+    #[arg(long, value_name = "FILE")]
+    kernel_deb: Option<PathBuf>,
+    /// The static kimg-init binary.
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `kimg bench`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    match a.suite {
+        Suite::Boot(b) => boot(b),
+        Suite::Cluster(c) => cluster(c),
+        Suite::Publish(p) => publish(p),
+        Suite::Cdrom(c) => cdrom(c),
+        Suite::Kernel(k) => kernel(k),
+        Suite::K8s(k) => k8s(k),
+    }
+}
+
+fn k8s(a: K8sArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tempfile::Builder::new()
+        .prefix("kimg-bench-rt-")
+        .tempdir_in("/tmp")?;
+    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let opts = bench::k8s::K8sBenchOptions {
+        k8s_image: a.k8s_image,
+        base_image: a.base_image,
+        mem_mb: a.mem,
+        accel: a.accel,
+        runtime: runtime.path().to_path_buf(),
+        scratch: scratch.path().to_path_buf(),
+    };
+    let quiet = a.json;
+    let r = bench::k8s::run(&opts, &|l| {
+        if !quiet {
+            eprintln!("kimg bench: {l}");
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mb = |b: u64| b as f64 / 1e6;
+    println!(
+        "hd-k8s.img (qcow2)              {:8.1} MB   (xcluster hd-k8s: {:.0} MB; ratio {:.2}, goal < 0.5)",
+        mb(r.qcow2_bytes),
+        mb(r.xcluster_bytes),
+        r.qcow2_ratio
+    );
+    println!("hd-k8s.img.xz                   {:8.1} MB", mb(r.xz_bytes));
+    println!(
+        "1 node to containerd ready      {:8.2} s    (base image to ready: {:.2} s)",
+        r.containerd_ready_secs, r.base_ready_secs
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cluster(a: ClusterArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tempfile::Builder::new()
+        .prefix("kimg-bench-rt-")
+        .tempdir_in("/tmp")?;
+    let opts = bench::cluster::ClusterBenchOptions {
+        image: a.image,
+        mem_mb: a.mem,
+        big_nodes: a.big_nodes,
+        accel: a.accel,
+        net: a.net,
+        runtime: runtime.path().to_path_buf(),
+    };
+    let quiet = a.json;
+    let r = bench::cluster::run(&opts, &progress(quiet))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "accelerator, host cores              {}, {}",
+        r.accel.as_str(),
+        r.cores
+    );
+    println!(
+        "1 VM: run --wait to ready            {:6.2} s   (QEMU CPU {:.2} s)",
+        r.single_wall_secs, r.single_cpu_secs
+    );
+    println!(
+        "6 VMs (4 nodes, 2 routers) to ready  {:6.2} s   (floor 6 x CPU / cores = {:.2} s)",
+        r.cluster_wall_secs, r.cluster_floor_secs
+    );
+    println!(
+        "  their QEMU CPU until ready         {:6.2} s   (host load average {:.1})",
+        r.cluster_cpu_secs, r.load_avg
+    );
+    println!(
+        "  their CPU / (6 x single CPU)       {:6.2}     (> 1: parallel boots cost extra CPU)",
+        r.cpu_ratio
+    );
+    println!(
+        "ratio cluster / floor                {:6.2}     (goal <= 1.5)",
+        r.ratio
+    );
+    println!(
+        "QEMU RSS per idle VM                 {:6.0} MB",
+        r.idle_rss_mb
+    );
+    println!(
+        "{} VMs ({} nodes, 2 routers) ready   {:6.2} s   (total QEMU RSS {:.0} MB)",
+        r.big_vms,
+        r.big_vms.saturating_sub(2),
+        r.big_wall_secs,
+        r.big_total_rss_mb
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
+    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let opts = BenchOptions {
+        build: BuildOptions {
+            out_dir: PathBuf::new(),
+            kernel: a
+                .kernel_deb
+                .map_or(KernelSource::DebianDefault, KernelSource::Deb),
+            size: image::DEFAULT_SIZE,
+            init: a.init.unwrap_or_else(image::default_init),
+            busybox: PathBuf::from("/bin/busybox"),
+            mtime: image::source_date_epoch(),
+            zstd_level: 9,
+            k8s: None,
+        },
+        runs: a.runs.max(1),
+        accel: a.accel,
+        scratch: scratch.path().to_path_buf(),
+    };
+    let quiet = a.json;
+    let r = bench::boot::run(&opts, &progress(quiet))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("accelerator                         {}", r.accel.as_str());
+        println!(
+            "kimg build, warm kernel cache       {:6.2} s   (goal <= 10 s)",
+            r.build_secs
+        );
+        println!(
+            "floor: busybox initramfs, poweroff  {:6.2} s   (median of {})",
+            bench::median(&r.floor_secs),
+            r.floor_secs.len()
+        );
+        println!(
+            "kimg run --wait, 1 VM, to ready     {:6.2} s   (median of {})",
+            bench::median(&r.boot_secs),
+            r.boot_secs.len()
+        );
+        println!(
+            "ratio boot / floor                  {:6.2}     (goal <= 1.5)",
+            r.ratio
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
+    if !a.image.is_file() {
+        anyhow::bail!(
+            "{}: no image; run `kimg build` first or pass the image",
+            a.image.display()
+        );
+    }
+    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let quiet = a.json;
+    let r = bench::publish::run(
+        &bench::publish::PublishBenchOptions {
+            image: a.image,
+            scratch: scratch.path().to_path_buf(),
+        },
+        &progress(quiet),
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mb = |b: u64| b as f64 / 1e6;
+    println!("image (qcow2)                 {:8.1} MB", mb(r.image_bytes));
+    println!(
+        "xz -T0 -6                     {:8.1} MB  {:6.2} s",
+        mb(r.xz_bytes),
+        r.xz_secs
+    );
+    println!(
+        "kimg publish (level 6)        {:8.1} MB  {:6.2} s",
+        mb(r.kimg_bytes),
+        r.kimg_secs
+    );
+    println!(
+        "size ratio kimg/xz            {:8.3}      (goal <= 1.0)",
+        r.size_ratio
+    );
+    println!(
+        "time ratio kimg/xz            {:8.3}      (goal < 1.0)",
+        r.time_ratio
+    );
+    println!(
+        "kimg fetch, local .xz         {:8.1} MB/s archive, {:.1} MB/s image, {:.2} s (sha256 verified)",
+        r.fetch_archive_mb_s, r.fetch_image_mb_s, r.fetch_secs
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cdrom(a: CdromArgs) -> anyhow::Result<ExitCode> {
+    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let opts = bench::cdrom::CdromBenchOptions {
+        image: a.image,
+        mb: a.mb,
+        runs: a.runs.max(1),
+        accel: a.accel,
+        scratch: scratch.path().to_path_buf(),
+    };
+    let quiet = a.json;
+    let r = bench::cdrom::run(&opts, &progress(quiet))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "overlay archives                    {:6.1} MB",
+            r.overlay_bytes as f64 / 1e6
+        );
+        println!(
+            "kimg mkcdrom                        {:6.3} s   (median of {})",
+            bench::median(&r.kimg_mkcdrom_secs),
+            r.kimg_mkcdrom_secs.len()
+        );
+        println!(
+            "xorriso -as mkisofs -R              {:6.3} s   (median of {})",
+            bench::median(&r.xorriso_secs),
+            r.xorriso_secs.len()
+        );
+        println!(
+            "ratio xorriso / kimg                {:6.2}     (goal > 1: kimg faster)",
+            r.mkcdrom_speedup
+        );
+        println!(
+            "unpack: kimg-init at boot           {:6.2} s   (median of {})",
+            r.kimg_init_unpack_secs,
+            r.xorriso_secs.len()
+        );
+        println!(
+            "unpack: busybox tar, fresh VM       {:6.2} s   (median of {})",
+            r.busybox_tar_secs,
+            r.xorriso_secs.len()
+        );
+        println!(
+            "  (busybox tar after it, same VM    {:6.2} s: guest RAM already touched)",
+            r.busybox_tar_same_vm_secs
+        );
+        println!(
+            "ratio busybox / kimg-init           {:6.2}     (goal > 1: kimg-init faster)",
+            r.unpack_speedup
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kernel(a: KernelArgs) -> anyhow::Result<ExitCode> {
+    let log = progress(a.json);
+    let tree = match a.source {
+        Some(t) => t,
+        None => kimg_kernel::source::fetch(&kimg_util::cache::cache_dir(), &log)?,
+    };
+    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let jobs = a.jobs.unwrap_or_else(kimg_kernel::source::default_jobs);
+    let opts = bench::kernel::KernelBenchOptions {
+        tree,
+        jobs,
+        cached_ok: a.cached_ok,
+        runs: a.runs.max(1),
+        accel: a.accel,
+        init: a.init.unwrap_or_else(image::default_init),
+        scratch: scratch.path().to_path_buf(),
+    };
+    let r = bench::kernel::run(&opts, &log)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("accelerator                          {}", r.accel.as_str());
+        match r.build_secs {
+            Some(s) => println!(
+                "kernel build {} (-j{}, {} files)  {:7.0} s",
+                r.release, r.jobs, r.compiled, s
+            ),
+            None => println!("kernel build {}: cached, not measured", r.release),
+        }
+        println!(
+            "boot to ready, built kernel          {:7.2} s   (median of {})",
+            bench::median(&r.built_boot_secs),
+            r.built_boot_secs.len()
+        );
+        println!(
+            "boot to ready, Debian cloud kernel   {:7.2} s   (median of {})",
+            bench::median(&r.debian_boot_secs),
+            r.debian_boot_secs.len()
+        );
+        println!("ratio built / Debian                 {:7.2}", r.ratio);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Progress lines on stderr, unless the figures go out as JSON.
+fn progress(quiet: bool) -> impl Fn(&str) {
+    move |line| {
+        if !quiet {
+            eprintln!("kimg bench: {line}");
+        }
+    }
+}

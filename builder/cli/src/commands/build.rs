@@ -1,0 +1,120 @@
+//! `kimg build`: arguments and output.
+
+use anyhow::Context;
+use kimg_image::{self as image, BuildOptions};
+use kimg_kernel::KernelSource;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Build a bootable image: Debian's cloud kernel (fetched with apt-get download and
+/// cached in ~/.cache/kimg), an initramfs with kimg-init and the modules that reach
+/// the disk, and an ext4 root with busybox, kimg-init as /sbin/init and all modules.
+///
+/// Writes OUT/hd.img (qcow2: GPT with a FAT32 ESP and an ext4 root) and OUT/hd.json
+/// (the manifest: kernel, command line, partitions, every component's sha256).
+#[derive(clap::Args)]
+pub struct Args {
+    /// Output directory.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// Use this Debian linux-image .deb instead of fetching the cloud kernel.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "modules"])]
+    kernel_deb: Option<PathBuf>,
+    /// Use this kernel image (bzImage); needs --modules.
+    #[arg(long, value_name = "FILE", requires = "modules")]
+    kernel: Option<PathBuf>,
+    /// The kernel's modules directory (.../lib/modules/VERSION).
+    #[arg(long, value_name = "DIR", requires = "kernel")]
+    modules: Option<PathBuf>,
+    /// Build the kernel from this source tree (defconfig + kernel-configs/base.config,
+    /// everything the boot needs built in; cached) - see `kimg kernel build`.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel_deb", "kernel", "modules"])]
+    kernel_source: Option<PathBuf>,
+    /// Virtual disk size (K, M, G suffixes).
+    #[arg(long, default_value = "2G", value_parser = super::parse_size)]
+    size: u64,
+    /// The static kimg-init binary [default: $KIMG_INIT, beside kimg, or this workspace's musl build].
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
+    /// The static busybox to install.
+    #[arg(long, value_name = "FILE", default_value = "/bin/busybox")]
+    busybox: PathBuf,
+    /// Build the Kubernetes flavour (hd-k8s.img): containerd, runc, CNI plugins, etcd,
+    /// iptables, conntrack, ipset from this host's Debian packages, and the
+    /// Kubernetes binaries from --k8s-release; the kernel is checked against
+    /// kernel-configs/k8s.config too (with --kernel-source, it is built with it).
+    #[arg(long)]
+    k8s: bool,
+    /// A Kubernetes release: kubernetes-server-linux-amd64.tar.gz or its folder.
+    #[arg(long, value_name = "PATH", requires = "k8s")]
+    k8s_release: Option<PathBuf>,
+    /// Print the manifest as JSON on stdout instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `kimg build`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let k8s = a.k8s.then(|| a.k8s_release.clone().unwrap_or_default());
+    if let Some(tree) = &a.kernel_source {
+        use kimg_kernel::source::{self, Base, Fragment};
+        let built = source::assemble_and_build(
+            tree,
+            &Base::Defconfig,
+            &Fragment::embedded(a.k8s)?,
+            source::default_jobs(),
+            &kimg_util::cache::cache_dir(),
+            &|l| eprintln!("kimg build: kernel: {l}"),
+        )
+        .context("building the kernel from source failed")?;
+        let kernel = KernelSource::Files {
+            kernel: built.vmlinuz,
+            modules: built.modules_dir,
+        };
+        return build_with(a.out, kernel, a.size, a.init, a.busybox, k8s, a.json);
+    }
+    let kernel = match (a.kernel_deb, a.kernel, a.modules) {
+        (Some(deb), _, _) => KernelSource::Deb(deb),
+        (None, Some(kernel), Some(modules)) => KernelSource::Files { kernel, modules },
+        _ => KernelSource::DebianDefault,
+    };
+    build_with(a.out, kernel, a.size, a.init, a.busybox, k8s, a.json)
+}
+
+fn build_with(
+    out_dir: PathBuf,
+    kernel: KernelSource,
+    size: u64,
+    init: Option<PathBuf>,
+    busybox: PathBuf,
+    k8s: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let opts = BuildOptions {
+        out_dir,
+        kernel,
+        size,
+        init: init.unwrap_or_else(image::default_init),
+        busybox,
+        mtime: image::source_date_epoch(),
+        zstd_level: 9,
+        k8s,
+    };
+    let start = std::time::Instant::now();
+    let out = image::build(&opts, &|line| eprintln!("kimg build: {line}"))
+        .context("kimg build failed")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out.manifest)?);
+    } else {
+        let size = std::fs::metadata(&out.image).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "{} ({:.1} MiB qcow2, kernel {}) and {} in {:.1}s",
+            out.image.display(),
+            size as f64 / (1 << 20) as f64,
+            out.manifest.kernel.version,
+            out.manifest_path.display(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

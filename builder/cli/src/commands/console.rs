@@ -1,0 +1,96 @@
+//! `kimg console`: the interactive serial console of a VM.
+
+use anyhow::Context;
+use kimg_cluster::cluster;
+use kimg_contract::VmId;
+use nix::sys::termios::{self, SetArg};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+
+/// The detach key: ctrl-] (as telnet).
+const DETACH: u8 = 0x1d;
+
+/// Attach to a VM's serial console (ttyS0): what you type goes to the VM, what it
+/// prints comes back. Press ctrl-] to detach; the VM keeps running.
+///
+/// The console log (`kimg logs VM`) has everything printed since boot.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Cluster name.
+    #[arg(long, default_value = super::DEFAULT_CLUSTER)]
+    name: String,
+    /// The VM: vm-001, or just 1.
+    vm: VmId,
+}
+
+/// Restores the terminal's mode when dropped.
+struct RawMode(Option<termios::Termios>);
+
+impl RawMode {
+    fn enter() -> RawMode {
+        let stdin = std::io::stdin();
+        let Ok(saved) = termios::tcgetattr(&stdin) else {
+            return RawMode(None); // not a terminal: pass bytes through as they are
+        };
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        let _ = termios::tcsetattr(&stdin, SetArg::TCSANOW, &raw);
+        RawMode(Some(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, saved);
+        }
+    }
+}
+
+/// Runs `kimg console`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let paths = cluster::vm_paths(&a.name, a.vm)?;
+    if cluster::qemu_pid(&paths).is_none() {
+        anyhow::bail!(
+            "{} is not running; see `kimg logs --name {} {}`",
+            a.vm,
+            a.name,
+            a.vm
+        );
+    }
+    let sock = paths.console();
+    let stream =
+        UnixStream::connect(&sock).with_context(|| format!("connect to {}", sock.display()))?;
+    let mut from_vm = stream.try_clone().context("clone console socket")?;
+    eprintln!("kimg console: {} (detach with ctrl-])\r", a.vm);
+    let _raw = RawMode::enter();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut out = std::io::stdout();
+        while let Ok(n) = from_vm.read(&mut buf) {
+            if n == 0 || out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut to_vm = stream;
+    let mut buf = [0u8; 1024];
+    let mut stdin = std::io::stdin();
+    loop {
+        let n = stdin.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        let (keep, detach) = match buf[..n].iter().position(|&b| b == DETACH) {
+            Some(i) => (i, true),
+            None => (n, false),
+        };
+        if to_vm.write_all(&buf[..keep]).is_err() || detach {
+            break;
+        }
+    }
+    drop(_raw);
+    eprintln!("\nkimg console: detached from {}", a.vm);
+    Ok(ExitCode::SUCCESS)
+}

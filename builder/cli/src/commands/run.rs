@@ -1,0 +1,217 @@
+//! `kimg run`: start a cluster.
+
+use anyhow::Context;
+use kimg_cluster::accel::AccelChoice;
+use kimg_cluster::cluster::{self, RunEvent, RunOptions};
+use kimg_cluster::network::NetBackend;
+use kimg_contract::VmId;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Start a cluster of VMs from an image: vm-001.. are nodes, vm-201.. routers,
+/// vm-221.. testers.
+///
+/// Nodes and routers share the cluster network (192.168.1.N, fd00:6b69:0:1::N),
+/// routers and testers the tester network (192.168.2.N, fd00:6b69:0:2::N); nodes and
+/// testers route through vm-201, routers forward. The networks are closed: by
+/// default one vde_switch per network (no root); `--net bridge` (root) uses Linux
+/// bridges and taps inside a network namespace `kimg-NAME`. `kimg status` shows the
+/// plan. Each VM gets its own qcow2 layer over the image (the image is never written), a
+/// serial console logged to a file, and an agent socket that `kimg status`, `kimg
+/// exec` and `kimg stop` use. A running cluster with the same name is stopped first.
+/// KVM is used when it really works here, else TCG.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Cluster name.
+    #[arg(long, default_value = super::DEFAULT_CLUSTER)]
+    name: String,
+    /// Image built by `kimg build` (its .json manifest must be beside it), or the name
+    /// of an image in the cache (`kimg images`).
+    #[arg(long, default_value = "out/hd.img")]
+    image: PathBuf,
+    /// Number of nodes (vm-001..).
+    #[arg(long, default_value_t = 4)]
+    nodes: u16,
+    /// Number of routers (vm-201..).
+    #[arg(long, default_value_t = 2)]
+    routers: u16,
+    /// Number of testers (vm-221..).
+    #[arg(long, default_value_t = 0)]
+    testers: u16,
+    /// Memory in MiB: for every VM (`--mem 256`) or one VM (`--mem vm-001=1024`);
+    /// repeat to combine.
+    #[arg(long, value_name = "MB|VM=MB", default_value = "384", value_parser = parse_mem)]
+    mem: Vec<PerVm>,
+    /// Network backend: user (vde_switch, no root) or bridge (netns, root).
+    #[arg(long, value_enum, default_value_t = NetBackend::User)]
+    net: NetBackend,
+    /// vCPUs: for every VM (`--cpus 2`) or one VM (`--cpus vm-201=2`); repeat to
+    /// combine.
+    #[arg(long, value_name = "N|VM=N", default_value = "1", value_parser = parse_cpus)]
+    cpus: Vec<PerVm>,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Wait until every VM reports ready (at most SECS seconds, default 120).
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "120", require_equals = true)]
+    wait: Option<u64>,
+    /// Boot through UEFI (OVMF) from the image's own ESP (systemd-boot, its loader
+    /// entry's command line) instead of giving QEMU the kernel: proves the image boots
+    /// on its own. The hostname then reaches the VM as an SMBIOS OEM string.
+    #[arg(long)]
+    uefi: bool,
+    /// Extra kernel command line for every VM, after kimg's own words (so it wins):
+    /// `--append loglevel=7` for a chatty kernel, `--append kimg.cdrom=off` to attach
+    /// the overlay cdrom without unpacking it (mount /dev/sr0 and look by hand).
+    /// Direct kernel boot only: with --uefi the image's loader entry decides.
+    #[arg(
+        long,
+        value_name = "ARGS",
+        conflicts_with = "uefi",
+        allow_hyphen_values = true
+    )]
+    append: Option<String>,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print the cluster's state as JSON when started.
+    #[arg(long)]
+    json: bool,
+    /// Attach this ready overlay cdrom (from `kimg mkcdrom`) to every VM.
+    #[arg(long, conflicts_with = "overlays")]
+    cdrom: Option<PathBuf>,
+    /// Overlay directories searched before $KIMG_OVLPATH and the built-in ones.
+    #[arg(long = "ovlpath", value_name = "DIR")]
+    ovlpath: Vec<PathBuf>,
+    /// Overlays (names or archive paths, as for `kimg mkcdrom`) put on a cdrom that
+    /// every VM unpacks at its first boot.
+    overlays: Vec<String>,
+}
+
+/// One `--mem` or `--cpus` value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PerVm {
+    /// Every VM.
+    All(u32),
+    /// One VM.
+    Vm(VmId, u32),
+}
+
+/// `N` or `VM=N` with N in `range`.
+fn parse_per_vm(
+    s: &str,
+    range: std::ops::RangeInclusive<u32>,
+    what: &str,
+) -> Result<PerVm, String> {
+    let n = |m: &str| {
+        m.parse::<u32>()
+            .ok()
+            .filter(|m| range.contains(m))
+            .ok_or_else(|| format!("{m:?}: {what} from {} to {}", range.start(), range.end()))
+    };
+    match s.split_once('=') {
+        None => Ok(PerVm::All(n(s)?)),
+        Some((vm, m)) => Ok(PerVm::Vm(vm.parse().map_err(|e| format!("{e}"))?, n(m)?)),
+    }
+}
+
+fn parse_mem(s: &str) -> Result<PerVm, String> {
+    parse_per_vm(s, 64..=1 << 20, "memory is a number of MiB")
+}
+
+fn parse_cpus(s: &str) -> Result<PerVm, String> {
+    parse_per_vm(s, 1..=64, "vCPUs are a number")
+}
+
+/// The value for every VM and the per-VM ones, last word wins.
+fn split(args: &[PerVm], default: u32) -> (u32, Vec<(VmId, u32)>) {
+    let mut all = default;
+    let mut per = Vec::new();
+    for a in args {
+        match *a {
+            PerVm::All(n) => all = n,
+            PerVm::Vm(vm, n) => per.push((vm, n)),
+        }
+    }
+    (all, per)
+}
+
+/// Runs `kimg run`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let (mem_mb, mem_overrides) = split(&a.mem, 384);
+    let (cpus, cpus_overrides) = split(&a.cpus, 1);
+    let opts = RunOptions {
+        name: a.name.clone(),
+        image: kimg_image::fetch::resolve_image(&a.image),
+        nodes: a.nodes,
+        routers: a.routers,
+        testers: a.testers,
+        mem_overrides,
+        net: a.net,
+        mem_mb,
+        cpus,
+        cpus_overrides,
+        accel: a.accel,
+        wait: a.wait.map(Duration::from_secs),
+        uefi: a.uefi,
+        cdrom: a.cdrom,
+        append: a.append.unwrap_or_default(),
+        overlays: a.overlays,
+        ovlpath: a.ovlpath,
+    };
+    let quiet = a.quiet || a.json;
+    let state = cluster::run(&opts, &|ev| {
+        if quiet {
+            return;
+        }
+        match ev {
+            RunEvent::Replaced => eprintln!(
+                "kimg run: stopped the running cluster {:?} first",
+                opts.name
+            ),
+            RunEvent::Accel(acc) => eprintln!("kimg run: accelerator {}", acc.as_str()),
+            RunEvent::Started(vm) => eprintln!("kimg run: {vm} started"),
+            RunEvent::Ready(vm, st, t) => {
+                eprintln!(
+                    "kimg run: {vm} {} after {:.2}s",
+                    serde_json::to_string(&st)
+                        .unwrap_or_default()
+                        .trim_matches('"'),
+                    t.as_secs_f64()
+                )
+            }
+        }
+    })
+    .with_context(|| format!("kimg run --name {} failed", opts.name))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+    } else if !quiet {
+        eprintln!(
+            "kimg run: cluster {:?} up with {} VMs; try `kimg exec --name {} vm-001 -- uname -a`",
+            state.name,
+            state.vms.len(),
+            state.name
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_for_all_or_one_vm() {
+        let vm1 = VmId::new(1).unwrap();
+        assert_eq!(parse_mem("256"), Ok(PerVm::All(256)));
+        assert_eq!(parse_mem("vm-001=1024"), Ok(PerVm::Vm(vm1, 1024)));
+        for bad in ["", "12", "x=256", "vm-001=", "vm-001=lots"] {
+            assert!(parse_mem(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_cpus("1=2"), Ok(PerVm::Vm(vm1, 2)));
+        assert!(parse_cpus("0").is_err());
+        let (all, per) = split(&[PerVm::Vm(vm1, 2), PerVm::All(4)], 1);
+        assert_eq!((all, per), (4, vec![(vm1, 2)]));
+    }
+}

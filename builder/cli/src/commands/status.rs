@@ -1,0 +1,62 @@
+//! `kimg status`: a table (or JSON) of a cluster's VMs.
+
+use kimg_cluster::cluster;
+use std::process::ExitCode;
+
+/// Show each VM of a cluster: role, state (booting, ready, degraded, dead),
+/// addresses, uptime and problems, under the cluster's network plan. A dead VM shows
+/// its last console lines.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Cluster name.
+    #[arg(long, default_value = super::DEFAULT_CLUSTER)]
+    name: String,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `kimg status`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let (state, vms) = cluster::status(&a.name)?;
+    if a.json {
+        let out = serde_json::json!({ "name": state.name, "image": state.image, "accel": state.accel, "net": state.net, "size": state.size, "plan": kimg_contract::net::describe(&state.size), "vms": vms });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "cluster {} ({}, image {})",
+        state.name,
+        state.accel.as_str(),
+        state.image.display()
+    );
+    for line in kimg_contract::net::describe(&state.size) {
+        println!("  {line}");
+    }
+    println!(
+        "{:<8} {:<8} {:<9} {:>8}  {:<44} PROBLEMS",
+        "VM", "ROLE", "STATE", "UPTIME", "ADDRESSES"
+    );
+    for v in &vms {
+        let uptime = v
+            .agent
+            .as_ref()
+            .map_or("-".to_string(), |a| format!("{:.0}s", a.uptime_secs));
+        let problems = v
+            .agent
+            .as_ref()
+            .map_or(String::new(), |a| a.problems.join("; "));
+        let addresses = v
+            .agent
+            .as_ref()
+            .map_or(String::new(), |a| a.addresses.join(" "));
+        println!(
+            "{:<8} {:<8} {:<9} {:>8}  {:<44} {}",
+            v.vm, v.role, v.state, uptime, addresses, problems
+        );
+        for l in &v.last_console {
+            println!("         | {l}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,105 @@
+//! The `kimg` command: parses arguments and dispatches to the library.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod commands;
+
+/// Build minimal bootable Linux images and boot throw-away QEMU clusters from them.
+///
+/// A typical session:
+///
+///   kimg build                    # Debian's cloud kernel -> out/hd.img + out/hd.json
+///   kimg run --wait               # 4 nodes + 2 routers on closed networks
+///   kimg exec vm-001 -- ip -br addr
+///   kimg status
+///   kimg stop
+///
+/// Overlays (`kimg mkcdrom`, `kimg run ... OVERLAY`) drop your files onto every VM at
+/// boot; `kimg build --k8s --k8s-release DIR` makes the Kubernetes flavour.
+#[derive(Parser)]
+#[command(
+    name = "kimg",
+    version,
+    about,
+    long_about,
+    verbatim_doc_comment,
+    max_term_width = 100
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Build(commands::build::Args),
+    Run(commands::run::Args),
+    Status(commands::status::Args),
+    Exec(commands::exec::Args),
+    Stop(commands::stop::Args),
+    Bench(commands::bench::Args),
+    Console(commands::console::Args),
+    Logs(commands::logs::Args),
+    Scaleout(commands::scale::OutArgs),
+    Scalein(commands::scale::InArgs),
+    Publish(commands::publish::Args),
+    Fetch(commands::fetch::Args),
+    Images(commands::images::Args),
+    Mkcdrom(commands::mkcdrom::Args),
+    Kernel(commands::kernel::Args),
+}
+
+fn main() -> ExitCode {
+    restore_sigpipe();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build(a) => commands::build::run(a),
+        Command::Run(a) => commands::run::run(a),
+        Command::Status(a) => commands::status::run(a),
+        Command::Exec(a) => commands::exec::run(a),
+        Command::Stop(a) => commands::stop::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+        Command::Console(a) => commands::console::run(a),
+        Command::Logs(a) => commands::logs::run(a),
+        Command::Scaleout(a) => commands::scale::run_out(a),
+        Command::Scalein(a) => commands::scale::run_in(a),
+        Command::Publish(a) => commands::publish::run(a),
+        Command::Fetch(a) => commands::fetch::run(a),
+        Command::Images(a) => commands::images::run(a),
+        Command::Mkcdrom(a) => commands::mkcdrom::run(a),
+        Command::Kernel(a) => commands::kernel::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kimg: error: {}", error_chain(&e));
+            ExitCode::from(commands::EXIT_FAILURE)
+        }
+    }
+}
+
+/// The error and its causes joined by ": ", skipping a cause whose text the message
+/// already carries (kimg's errors print their source themselves).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
+}
+
+/// Rust ignores SIGPIPE, so `kimg status | head` would panic on a closed pipe; a CLI
+/// should just end quietly like other Unix tools.
+fn restore_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL installs
+    // no Rust handler, so nothing can run in signal context.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}

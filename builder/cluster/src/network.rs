@@ -1,0 +1,249 @@
+//! The host side of a cluster's closed networks: one switch per network of the plan
+//! (kimg_contract::net), and the QEMU NIC arguments that plug each VM into it.
+//!
+//! `user` (default, no root): a daemonized `vde_switch` per network with its control
+//! directory and pid file in the cluster dir; QEMU joins with `-netdev vde`.
+//! `bridge` (root): a network namespace `kimg-NAME` holding a Linux bridge per network
+//! and a tap per VM NIC; QEMU runs inside the namespace with `-netdev tap`. Neither
+//! backend has a route to anything outside the cluster's networks.
+
+use kimg_contract::net::{self, Net, NETS};
+use kimg_contract::VmId;
+use kimg_util::cmd::{self, CmdError};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The user-space switch of the default backend (Debian's vde2).
+pub const VDE_SWITCH: &str = "vde_switch";
+
+/// Errors of network setup and teardown.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// A program failed.
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+    /// A switch did not come up.
+    #[error("vde_switch for net {net} did not create {path} within 5 s (is vde2 installed? scripts/setup-host)")]
+    SwitchTimeout {
+        /// Network.
+        net: Net,
+        /// Control socket expected.
+        path: PathBuf,
+    },
+    /// `--net bridge` without root.
+    #[error("--net bridge needs root (network namespace, bridges, taps); use --net user")]
+    NotRoot,
+}
+
+/// How VMs of a cluster are connected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NetBackend {
+    /// vde_switch per network, no root needed.
+    #[default]
+    User,
+    /// Linux bridges and taps in a network namespace kimg creates (root).
+    Bridge,
+}
+
+/// The switch control directory of `net` in `cluster_dir`.
+pub fn switch_dir(cluster_dir: &Path, net: Net) -> PathBuf {
+    cluster_dir.join(format!("net{}.vde", net.number()))
+}
+
+/// The pid file of `net`'s switch.
+pub fn switch_pidfile(cluster_dir: &Path, net: Net) -> PathBuf {
+    cluster_dir.join(format!("net{}.vde.pid", net.number()))
+}
+
+/// The network namespace of cluster `name` (bridge backend).
+pub fn netns(name: &str) -> String {
+    format!("kimg-{name}")
+}
+
+fn bridge(net: Net) -> String {
+    format!("kbr{}", net.number())
+}
+
+/// Tap name of `vm` on `net` (at most 15 bytes): `t001n1`.
+pub fn tap(vm: VmId, net: Net) -> String {
+    format!("t{:03}n{}", vm.number(), net.number())
+}
+
+/// Creates the cluster's networks.
+pub fn create(backend: NetBackend, name: &str, cluster_dir: &Path) -> Result<(), NetworkError> {
+    match backend {
+        NetBackend::User => {
+            for net in NETS {
+                let dir = switch_dir(cluster_dir, net);
+                cmd::run(
+                    Command::new(VDE_SWITCH)
+                        .arg("--daemon")
+                        .arg("--sock")
+                        .arg(&dir)
+                        .arg("--pidfile")
+                        .arg(switch_pidfile(cluster_dir, net))
+                        .args(["--numports", "256", "--dirmode", "0700", "--mode", "0600"]),
+                )?;
+                let ctl = dir.join("ctl");
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !ctl.exists() {
+                    if Instant::now() > deadline {
+                        return Err(NetworkError::SwitchTimeout { net, path: ctl });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            Ok(())
+        }
+        NetBackend::Bridge => {
+            if !nix::unistd::geteuid().is_root() {
+                return Err(NetworkError::NotRoot);
+            }
+            let ns = netns(name);
+            cmd::run(Command::new("ip").args(["netns", "add", &ns]))?;
+            for net in NETS {
+                let br = bridge(net);
+                cmd::run(
+                    Command::new("ip").args(["-n", &ns, "link", "add", &br, "type", "bridge"]),
+                )?;
+                cmd::run(Command::new("ip").args(["-n", &ns, "link", "set", &br, "up"]))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Plugs `vm` in: creates its taps (bridge) and returns the QEMU arguments of its
+/// NICs, net 1 first, with the plan's MACs.
+pub fn attach(
+    backend: NetBackend,
+    name: &str,
+    cluster_dir: &Path,
+    vm: VmId,
+) -> Result<Vec<String>, NetworkError> {
+    let mut args = Vec::new();
+    for nic in net::nics(vm) {
+        let id = format!("net{}", nic.net.number());
+        let netdev = match backend {
+            NetBackend::User => format!(
+                "vde,id={id},sock={}",
+                switch_dir(cluster_dir, nic.net)
+                    .to_string_lossy()
+                    .replace(',', ",,")
+            ),
+            NetBackend::Bridge => {
+                let ns = netns(name);
+                let tap = tap(vm, nic.net);
+                cmd::run(
+                    Command::new("ip")
+                        .args(["-n", &ns, "tuntap", "add", "dev", &tap, "mode", "tap"]),
+                )?;
+                cmd::run(Command::new("ip").args([
+                    "-n",
+                    &ns,
+                    "link",
+                    "set",
+                    &tap,
+                    "master",
+                    &bridge(nic.net),
+                    "up",
+                ]))?;
+                format!("tap,id={id},ifname={tap},script=no,downscript=no")
+            }
+        };
+        args.push("-netdev".to_string());
+        args.push(netdev);
+        args.push("-device".to_string());
+        args.push(format!("virtio-net-pci,netdev={id},mac={}", nic.mac));
+    }
+    Ok(args)
+}
+
+/// Wraps a QEMU command so that it runs where its NICs are (inside the namespace
+/// for the bridge backend).
+pub fn wrap(backend: NetBackend, name: &str, qemu: Command) -> Command {
+    match backend {
+        NetBackend::User => qemu,
+        NetBackend::Bridge => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &netns(name)])
+                .arg(qemu.get_program())
+                .args(qemu.get_args());
+            c
+        }
+    }
+}
+
+/// Removes a VM's taps (after its QEMU is gone); errors are ignored (already gone).
+pub fn detach(backend: NetBackend, name: &str, vm: VmId) {
+    if backend == NetBackend::Bridge {
+        for nic in net::nics(vm) {
+            let _ = cmd::run(Command::new("ip").args([
+                "-n",
+                &netns(name),
+                "link",
+                "del",
+                &tap(vm, nic.net),
+            ]));
+        }
+    }
+}
+
+/// The pid of `net`'s switch if it still runs.
+pub fn switch_pid(cluster_dir: &Path, net: Net) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(switch_pidfile(cluster_dir, net))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    (comm.starts_with("vde_switch") && super::cluster::alive(pid)).then_some(pid)
+}
+
+/// Removes whatever networks cluster `name` has: switches killed (and waited for),
+/// namespace deleted. Safe to call for a cluster with none.
+pub fn destroy(name: &str, cluster_dir: &Path) -> Result<(), NetworkError> {
+    for net in NETS {
+        if let Some(pid) = switch_pid(cluster_dir, net) {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while switch_pid(cluster_dir, net).is_some() {
+                if Instant::now() > deadline {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let ns = netns(name);
+    if Path::new("/run/netns").join(&ns).exists() {
+        cmd::run(Command::new("ip").args(["netns", "del", &ns]))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nic_arguments_carry_the_plan_macs() {
+        let vm = VmId::new(201).unwrap();
+        let args = attach(NetBackend::User, "c", Path::new("/r/c"), vm).unwrap();
+        assert_eq!(args.len(), 8);
+        assert_eq!(args[1], "vde,id=net1,sock=/r/c/net1.vde");
+        assert_eq!(args[3], "virtio-net-pci,netdev=net1,mac=02:6b:69:01:00:c9");
+        assert_eq!(args[7], "virtio-net-pci,netdev=net2,mac=02:6b:69:02:00:c9");
+        assert_eq!(tap(VmId::new(221).unwrap(), Net::Tester), "t221n2");
+        let wrapped = wrap(NetBackend::Bridge, "c", Command::new("qemu-system-x86_64"));
+        let line = kimg_util::cmd::display(&wrapped);
+        assert!(
+            line.starts_with("ip netns exec kimg-c qemu-system-x86_64"),
+            "{line}"
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! The Kubernetes flavour's inputs: the Kubernetes server binaries from a release
+//! folder or `kubernetes-server-linux-amd64.tar.gz`, checked before any work starts,
+//! and their version, which the service files depend on ([`version`]).
+
+pub mod version;
+
+use kimg_formats::elf::{elf_kind, ElfKind};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use version::KubeVersion;
+
+/// The Kubernetes binaries a `--k8s` image carries, installed as /usr/bin/NAME.
+pub const K8S_BINARIES: &[&str] = &[
+    "kubelet",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+    "kubectl",
+];
+
+/// Where users get the binaries, for error messages.
+pub const WHERE_TO_GET: &str = "download kubernetes-server-linux-amd64.tar.gz of a release \
+(see kubernetes.io/releases/download) and pass it, or its unpacked folder, with --k8s-release";
+
+/// Folders inside a release where the binaries are looked for, in order.
+const BIN_DIRS: &[&str] = &["", "kubernetes/server/bin", "server/bin", "bin"];
+
+/// Errors finding the Kubernetes binaries.
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    /// `--k8s` without `--k8s-release`.
+    #[error("--k8s needs the Kubernetes binaries {}: {WHERE_TO_GET}", K8S_BINARIES.join(", "))]
+    NoRelease,
+    /// Some binaries are missing or not x86-64 programs.
+    #[error("{release}: {}\n{WHERE_TO_GET}", problems.join("; "))]
+    Bad {
+        /// The release given.
+        release: PathBuf,
+        /// One entry per missing or bad binary.
+        problems: Vec<String>,
+    },
+    /// The release's version is unknown or older than kimg knows flags for.
+    #[error(
+        "{release}: {problem}; kimg renders the services for Kubernetes {} and later",
+        version::OLDEST
+    )]
+    Version {
+        /// The release given.
+        release: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A file of rootfs/k8s.toml could not be rendered for the release.
+    #[error("rootfs/k8s.toml: {0}")]
+    Render(String),
+    /// The release could not be read or unpacked.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// A checked set of Kubernetes binaries.
+#[derive(Debug, Clone)]
+pub struct Release {
+    /// (name, file) for each of [`K8S_BINARIES`].
+    pub binaries: Vec<(String, PathBuf)>,
+    /// The release's version: its `version` file, else what `kubelet --version` says.
+    pub version: String,
+    /// Its major and minor version.
+    pub kube_version: KubeVersion,
+    /// Holds the unpacked tarball while the build runs.
+    _unpacked: Option<std::sync::Arc<tempfile::TempDir>>,
+}
+
+/// Finds and checks the binaries in `release` (a folder or a .tar.gz); `scratch` is
+/// where a tarball is unpacked.
+pub fn find_release(release: &Path, scratch: &Path) -> Result<Release, K8sError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| K8sError::Io { path, source }
+    };
+    let (root, unpacked) = if release.is_dir() {
+        (release.to_path_buf(), None)
+    } else {
+        let tmp = tempfile::Builder::new()
+            .prefix(".kimg-k8s-")
+            .tempdir_in(scratch)
+            .map_err(io_err(scratch))?;
+        unpack_binaries(release, tmp.path()).map_err(io_err(release))?;
+        (tmp.path().to_path_buf(), Some(std::sync::Arc::new(tmp)))
+    };
+    let mut binaries = Vec::new();
+    let mut problems = Vec::new();
+    for name in K8S_BINARIES {
+        let found = BIN_DIRS
+            .iter()
+            .map(|d| root.join(d).join(name))
+            .find(|p| p.is_file());
+        match found {
+            None => problems.push(format!("{name} is missing")),
+            Some(p) => match elf_kind(&p) {
+                Ok(ElfKind::Static | ElfKind::Dynamic) => binaries.push((name.to_string(), p)),
+                Ok(kind) => problems.push(format!(
+                    "{} is not an x86-64 program ({kind:?})",
+                    p.display()
+                )),
+                Err(e) => problems.push(format!("{}: {e}", p.display())),
+            },
+        }
+    }
+    if !problems.is_empty() {
+        return Err(K8sError::Bad {
+            release: release.to_path_buf(),
+            problems,
+        });
+    }
+    let version_err = |problem: String| K8sError::Version {
+        release: release.to_path_buf(),
+        problem,
+    };
+    let version = match ["version", "kubernetes/version"]
+        .iter()
+        .find_map(|v| fs::read_to_string(root.join(v)).ok())
+    {
+        Some(v) => v.trim().to_string(),
+        None => {
+            let kubelet = binaries.iter().find(|(n, _)| n == "kubelet");
+            let kubelet = kubelet.ok_or_else(|| version_err("no kubelet".into()))?;
+            version::kubelet_version(&kubelet.1).map_err(version_err)?
+        }
+    };
+    let kube_version = KubeVersion::parse(&version)
+        .ok_or_else(|| version_err(format!("version {version:?} is not vMAJOR.MINOR.PATCH")))?;
+    if kube_version < version::OLDEST {
+        return Err(version_err(format!("Kubernetes {version} is too old")));
+    }
+    Ok(Release {
+        binaries,
+        version,
+        kube_version,
+        _unpacked: unpacked,
+    })
+}
+
+/// Unpacks the Kubernetes binaries (and the version file) of a release tarball,
+/// flattened into `dest`; other members are skipped.
+fn unpack_binaries(tarball: &Path, dest: &Path) -> io::Result<()> {
+    let file = fs::File::open(tarball)?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let wanted =
+            K8S_BINARIES.contains(&name) || (name == "version" && path.components().count() <= 2);
+        if wanted && entry.header().entry_type().is_file() {
+            entry.unpack(dest.join(name))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_bad_binaries_are_listed_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("kubernetes/server/bin");
+        fs::create_dir_all(&bin).unwrap();
+        fs::copy("/bin/busybox", bin.join("kubelet")).unwrap();
+        fs::write(bin.join("kubectl"), "#!/bin/sh\n").unwrap();
+        let err = find_release(dir.path(), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kube-apiserver is missing"), "{err}");
+        assert!(err.contains("kubectl is not an x86-64 program"), "{err}");
+        assert!(!err.contains("kubelet"), "kubelet is fine: {err}");
+        assert!(err.contains("--k8s-release"), "{err}");
+    }
+
+    #[test]
+    fn a_release_tarball_is_found_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let tgz = dir.path().join("kubernetes-server-linux-amd64.tar.gz");
+        let gz = flate2::write::GzEncoder::new(
+            fs::File::create(&tgz).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut b = tar::Builder::new(gz);
+        let data = fs::read("/bin/busybox").unwrap();
+        for name in K8S_BINARIES {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o755);
+            h.set_cksum();
+            b.append_data(&mut h, format!("kubernetes/server/bin/{name}"), &data[..])
+                .unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_size(8);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "kubernetes/version", &b"v1.31.0\n"[..])
+            .unwrap();
+        b.into_inner().unwrap().finish().unwrap();
+        let r = find_release(&tgz, dir.path()).unwrap();
+        assert_eq!(r.binaries.len(), K8S_BINARIES.len());
+        assert_eq!(r.version, "v1.31.0");
+        assert_eq!(r.kube_version.to_string(), "v1.31");
+        assert!(r.binaries.iter().all(|(_, p)| p.is_file()));
+    }
+}

@@ -1,0 +1,11 @@
+//! kimg's images: `kimg build` (kernel, initramfs, rootfs, disk, manifest) by the
+//! flavour's plan, overlays and their cdrom, `kimg publish` and `kimg fetch`.
+
+pub mod build;
+pub mod fetch;
+pub mod k8s;
+pub mod overlay;
+pub mod publish;
+pub mod rootfs;
+
+pub use build::{build, default_init, source_date_epoch, BuildError, BuildOptions, DEFAULT_SIZE};
