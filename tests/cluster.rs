@@ -244,7 +244,7 @@ fn vde_switches(runtime: &Path) -> Vec<u32> {
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmd).starts_with("vde_switch")
             && String::from_utf8_lossy(&cmd).contains(&needle)
-            && kimg_cluster::cluster::alive(pid as i32)
+            && kimg_cluster::alive(pid as i32)
         {
             pids.push(pid);
         }
@@ -301,7 +301,7 @@ fn kill9(pid: &str) {
         .status()
         .unwrap();
     assert!(k.success());
-    while kimg_cluster::cluster::alive(pid.parse().unwrap()) {
+    while kimg_cluster::alive(pid.parse().unwrap()) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

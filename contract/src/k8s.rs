@@ -11,8 +11,6 @@ use crate::net::{self, ClusterSize, Mac, Net};
 use crate::{Role, VmId};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-/// The manifest flavour of Kubernetes images.
-pub const FLAVOUR: &str = "k8s";
 /// Where the per-cluster certificates and keys are unpacked in the guest.
 pub const PKI_DIR: &str = "/etc/kubernetes/pki";
 /// Where the components' kubeconfigs are unpacked in the guest.

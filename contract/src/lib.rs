@@ -8,10 +8,12 @@ pub mod agent;
 pub mod boot;
 pub mod cdrom;
 pub mod cmdline;
+pub mod flavour;
 pub mod k8s;
 pub mod manifest;
 pub mod net;
 pub mod role;
 pub mod service;
 
+pub use flavour::Flavour;
 pub use role::{Role, VmId};

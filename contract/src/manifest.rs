@@ -15,8 +15,8 @@ pub struct Manifest {
     pub format: u32,
     /// Version of the kimg that built the image.
     pub kimg_version: String,
-    /// `base` or `k8s`.
-    pub flavour: String,
+    /// What the image is for (`base` or `k8s` in the JSON).
+    pub flavour: crate::Flavour,
     /// The kernel and how it is booted.
     pub kernel: KernelInfo,
     /// Size of the virtual disk in bytes.
@@ -101,7 +101,7 @@ mod tests {
         Manifest {
             format: MANIFEST_FORMAT,
             kimg_version: "0.1.0".into(),
-            flavour: "base".into(),
+            flavour: crate::Flavour::Base,
             kernel: KernelInfo {
                 version: "6.1.0-56-cloud-amd64".into(),
                 cmdline: "console=ttyS0".into(),

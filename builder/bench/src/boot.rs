@@ -5,12 +5,13 @@
 //!   kernel, machine and accelerator booting a busybox-only initramfs that powers
 //!   off at once (goal: ratio <= 1.5).
 
-use super::{io_err, median, step, BenchError};
+use super::{median, step, BenchError};
 use kimg_cluster::accel::{self, Accel, AccelChoice};
-use kimg_cluster::cluster::{self, RunOptions};
 use kimg_cluster::qemu;
+use kimg_cluster::{self as cluster, RunOptions};
 use kimg_formats::initramfs::Initramfs;
 use kimg_image::{self as image, BuildOptions};
+use kimg_util::fs::PathContext;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -62,7 +63,7 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
     let accel =
         accel::choose(opts.accel, qemu::QEMU, &opts.scratch).map_err(step("accelerator"))?;
     let boot = opts.scratch.join("boot");
-    std::fs::create_dir_all(&boot).map_err(io_err(&boot))?;
+    std::fs::create_dir_all(&boot).with_path(&boot)?;
     let m = &built.manifest;
     let files = kimg_formats::disk::extract_esp_files(&built.image, &[&m.kernel.esp_kernel], &boot)
         .map_err(step("kernel out of the ESP"))?;

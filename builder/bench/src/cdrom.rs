@@ -12,7 +12,7 @@
 
 use super::{median, step, BenchError};
 use kimg_cluster::accel::AccelChoice;
-use kimg_cluster::cluster::{self, RunOptions};
+use kimg_cluster::{self as cluster, RunOptions};
 use kimg_image::overlay::{self, Overlay, Source};
 use serde::Serialize;
 use std::fs;

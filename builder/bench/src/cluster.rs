@@ -11,9 +11,9 @@
 
 use super::{step, BenchError};
 use kimg_cluster::accel::{Accel, AccelChoice};
-use kimg_cluster::cluster::{self, RunOptions};
 use kimg_cluster::network::NetBackend;
 use kimg_cluster::qemu::VmPaths;
+use kimg_cluster::{self as cluster, RunOptions};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -7,12 +7,13 @@
 //!   reports the containerd service ready), next to the base image's `kimg run
 //!   --wait` to ready, same machine, same run.
 
-use super::{io_err, BenchError};
+use super::BenchError;
 use kimg_cluster::accel::AccelChoice;
-use kimg_cluster::cluster::{self, RunOptions};
+use kimg_cluster::{self as cluster, RunOptions};
 use kimg_contract::service::ServiceState;
 use kimg_contract::VmId;
 use kimg_image::publish::{self, Codec};
+use kimg_util::fs::PathContext;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -79,7 +80,7 @@ pub fn run(o: &K8sBenchOptions, log: &dyn Fn(&str)) -> Result<K8sBenchReport, Be
 
 fn measure(o: &K8sBenchOptions, log: &dyn Fn(&str)) -> Result<K8sBenchReport, BenchError> {
     let qcow2_bytes = std::fs::metadata(&o.k8s_image)
-        .map_err(io_err(&o.k8s_image))?
+        .with_path(&o.k8s_image)?
         .len();
     let xz = o.scratch.join("hd-k8s.img.xz");
     let (_, xz_bytes) = publish::compress(

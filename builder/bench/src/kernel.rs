@@ -8,8 +8,8 @@
 
 use super::{median, step, BenchError};
 use kimg_cluster::accel::{self, Accel, AccelChoice};
-use kimg_cluster::cluster::{self, RunEvent, RunOptions};
 use kimg_cluster::qemu;
+use kimg_cluster::{self as cluster, RunEvent, RunOptions};
 use kimg_contract::agent::BootState;
 use kimg_image::{self as image, BuildOptions};
 use kimg_kernel::source::{self, Base, Fragment};
@@ -73,7 +73,7 @@ pub fn run(opts: &KernelBenchOptions, log: &dyn Fn(&str)) -> Result<KernelBenchR
     let built = source::assemble_and_build(
         &opts.tree,
         &Base::Defconfig,
-        &Fragment::embedded(true)?,
+        &Fragment::embedded(kimg_contract::Flavour::K8s)?,
         opts.jobs,
         &cache,
         log,
@@ -96,7 +96,8 @@ pub fn run(opts: &KernelBenchOptions, log: &dyn Fn(&str)) -> Result<KernelBenchR
             busybox: PathBuf::from("/bin/busybox"),
             mtime: image::source_date_epoch(),
             zstd_level: 9,
-            k8s: None,
+            flavour: kimg_contract::Flavour::Base,
+            k8s_release: None,
         };
         image::build(&b, &|_| {})
     };

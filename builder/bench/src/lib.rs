@@ -8,7 +8,7 @@ pub mod k8s;
 pub mod kernel;
 pub mod publish;
 
-use std::path::PathBuf;
+use kimg_util::fs::IoError;
 
 /// Errors of every suite: what failed underneath, or a step of the suite itself.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +21,7 @@ pub enum BenchError {
     Source(#[from] kimg_kernel::source::SourceError),
     /// A cluster step failed.
     #[error(transparent)]
-    Cluster(#[from] kimg_cluster::cluster::ClusterError),
+    Cluster(#[from] kimg_cluster::ClusterError),
     /// Publishing (compressing) failed.
     #[error(transparent)]
     Publish(#[from] kimg_image::publish::PublishError),
@@ -32,13 +32,8 @@ pub enum BenchError {
     #[error(transparent)]
     Command(#[from] kimg_util::cmd::CmdError),
     /// A file of the suite could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// A step of the suite itself failed.
     #[error("{step}: {why}")]
     Step {
@@ -54,14 +49,6 @@ pub fn step<E: std::fmt::Display>(step: &str) -> impl FnOnce(E) -> BenchError + 
     move |e| BenchError::Step {
         step: step.to_string(),
         why: e.to_string(),
-    }
-}
-
-/// Turns an I/O error on `path` into a [`BenchError::Io`].
-pub fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> BenchError + '_ {
-    move |source| BenchError::Io {
-        path: path.to_path_buf(),
-        source,
     }
 }
 

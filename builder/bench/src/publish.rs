@@ -6,10 +6,11 @@
 //! - fetch: `kimg fetch` of the local `.xz` just published, throughput in MB/s of
 //!   the archive and of the image, verification (sha256) included.
 
-use super::{io_err, BenchError};
+use super::BenchError;
 use kimg_image::fetch::{self, FetchOptions};
 use kimg_image::publish::{self, Codec, PublishOptions};
 use kimg_util::cmd;
+use kimg_util::fs::PathContext;
 use serde::Serialize;
 use std::fs::File;
 use std::path::PathBuf;
@@ -57,7 +58,7 @@ pub fn run(
 ) -> Result<PublishBenchReport, BenchError> {
     log("xz -T0 -6 ...");
     let xz_out = opts.scratch.join("xz.img.xz");
-    let out = File::create(&xz_out).map_err(io_err(&xz_out))?;
+    let out = File::create(&xz_out).with_path(&xz_out)?;
     let t = Instant::now();
     cmd::run(
         Command::new("xz")
@@ -66,7 +67,7 @@ pub fn run(
             .stdout(out),
     )?;
     let xz_secs = t.elapsed().as_secs_f64();
-    let xz_bytes = std::fs::metadata(&xz_out).map_err(io_err(&xz_out))?.len();
+    let xz_bytes = std::fs::metadata(&xz_out).with_path(&xz_out)?.len();
 
     log("kimg publish ...");
     let p = publish::publish(

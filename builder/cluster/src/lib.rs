@@ -1,10 +1,31 @@
-//! Running clusters of VMs: accelerator choice, QEMU command lines, networks, the
-//! agent client and the cluster lifecycle (run, status, exec, stop, scale), with the
-//! add-ons a flavour brings to a cluster (the Kubernetes PKI and apiserver forward).
+//! Running clusters of VMs: one QEMU per VM over the image's shared base, on closed
+//! networks, talked to through each VM's agent.
+//!
+//! By job: [`state`] (the cluster's directory, lock and `cluster.json`),
+//! [`bootfiles`] (kernel and initramfs out of the image), [`launch`] (`kimg run`),
+//! [`health`] (QEMU, console and agent status, the wait for ready), [`ops`] (exec,
+//! stop, scale), [`network`], [`qemu`] and [`accel`] (command lines and the
+//! accelerator), [`agent`] (the client), and [`addon`] with what a flavour adds to a
+//! cluster ([`k8s`]: the PKI of [`pki`] and the apiserver forward).
 
 pub mod accel;
+pub mod addon;
 pub mod agent;
-pub mod cluster;
+pub mod bootfiles;
+pub mod error;
+pub mod health;
+pub mod k8s;
+pub mod launch;
 pub mod network;
+pub mod ops;
 pub mod pki;
+pub mod process;
 pub mod qemu;
+pub mod state;
+
+pub use error::ClusterError;
+pub use health::{console_tail, status, VmStatus};
+pub use launch::{run, RunEvent, RunOptions};
+pub use ops::{exec, scalein, scaleout, stop, StopReport};
+pub use process::{alive, qemu_pid};
+pub use state::{cluster_dir, load, runtime_root, vm_paths, ClusterState, VmRecord};

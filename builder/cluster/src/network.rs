@@ -200,7 +200,7 @@ pub fn switch_pid(cluster_dir: &Path, net: Net) -> Option<i32> {
         .parse()
         .ok()?;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    (comm.starts_with("vde_switch") && super::cluster::alive(pid)).then_some(pid)
+    (comm.starts_with("vde_switch") && crate::process::alive(pid)).then_some(pid)
 }
 
 /// Removes whatever networks cluster `name` has: switches killed (and waited for),

@@ -11,14 +11,14 @@ use kimg_contract::k8s::{self, APISERVER_PORT, PKI_DIR};
 use kimg_contract::net::{self, ClusterSize, Net};
 use kimg_contract::{Role, VmId};
 use kimg_image::overlay::{self, Overlay};
+use kimg_util::fs::IoError;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
 use std::fs;
-use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The generated overlay's name (its folder in the cluster dir).
 pub const OVERLAY_NAME: &str = "kimg-pki";
@@ -37,13 +37,8 @@ pub enum PkiError {
         source: rcgen::Error,
     },
     /// A file could not be written.
-    #[error("{path}: {source}")]
-    Io {
-        /// Path.
-        path: PathBuf,
-        /// Cause.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The generated folder did not resolve as an overlay.
     #[error("the generated PKI overlay: {0}")]
     Overlay(#[from] overlay::OverlayError),
@@ -160,37 +155,12 @@ fn kubeconfig(server: &str, user: &str, ca_pem: &str, client: &Pem) -> String {
 }
 
 fn write(path: &Path, text: &str, mode: u32) -> Result<(), PkiError> {
-    let io = |source| PkiError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| PkiError::Io(IoError::new(path.to_path_buf(), source));
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io)?;
     }
     fs::write(path, text).map_err(io)?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io)
-}
-
-/// A free TCP port on 127.0.0.1 for the apiserver forward (the kernel picks it).
-pub fn free_port() -> io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// QEMU arguments of vm-001's extra NIC: user-mode networking with no route out
-/// (`restrict=on`) whose only use is `127.0.0.1:port` on the host forwarded to the
-/// apiserver's port on the NIC's fixed guest address.
-pub fn api_forward_args(port: u16) -> Vec<String> {
-    vec![
-        "-netdev".into(),
-        format!(
-            "user,id=api,restrict=on,hostfwd=tcp:127.0.0.1:{port}-{}:{APISERVER_PORT}",
-            k8s::API_FORWARD_ADDR4
-        ),
-        "-device".into(),
-        format!("virtio-net-pci,netdev=api,mac={}", k8s::API_FORWARD_MAC),
-    ]
 }
 
 /// A node's kubelet client: kubeconfig name, common name (what NodeRestriction
@@ -212,7 +182,7 @@ pub fn add_nodes(dir: &Path, nodes: &[VmId]) -> Result<Overlay, PkiError> {
     let pki = root.join(PKI_DIR.trim_start_matches('/'));
     let read = |name: &str| {
         let path = pki.join(name);
-        fs::read_to_string(&path).map_err(|source| PkiError::Io { path, source })
+        fs::read_to_string(&path).map_err(|source| PkiError::Io(IoError::new(path, source)))
     };
     let ca_pem = read("ca.crt")?;
     let key = KeyPair::from_pem(&read("ca.key")?).map_err(cert_err("CA"))?;
@@ -264,10 +234,8 @@ pub fn generate(
     let out = dir.join(OVERLAY_NAME);
     for d in [&tmp, &out] {
         if d.exists() {
-            fs::remove_dir_all(d).map_err(|source| PkiError::Io {
-                path: d.clone(),
-                source,
-            })?;
+            fs::remove_dir_all(d)
+                .map_err(|source| PkiError::Io(IoError::new(d.clone(), source)))?;
         }
     }
     write(
@@ -337,10 +305,7 @@ pub fn generate(
             write(&dir.join(ADMIN_KUBECONFIG), &host, 0o600)?;
         }
     }
-    fs::rename(&tmp, &out).map_err(|source| PkiError::Io {
-        path: out.clone(),
-        source,
-    })?;
+    fs::rename(&tmp, &out).map_err(|source| PkiError::Io(IoError::new(out.clone(), source)))?;
     Ok(overlay::find(OVERLAY_NAME, &[dir.to_path_buf()])?)
 }
 

@@ -2,6 +2,7 @@
 //! dynamic loader) a set of binaries needs, resolved the way `ld.so` would on this host.
 
 use goblin::elf::Elf;
+use kimg_util::fs::IoError;
 use std::collections::{BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 
@@ -9,13 +10,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
     /// The file could not be read.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The file is not a valid ELF file.
     #[error("{}: not a valid ELF file: {reason}", path.display())]
     Parse {
@@ -305,10 +301,7 @@ fn is_x86_64_elf(path: &Path) -> bool {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ElfError> {
-    std::fs::read(path).map_err(|source| ElfError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| ElfError::Io(IoError::new(path.to_path_buf(), source)))
 }
 
 fn parse_error(path: &Path, e: goblin::error::Error) -> ElfError {

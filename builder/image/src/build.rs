@@ -3,38 +3,24 @@
 //! Every step works in a temporary directory beside the output; the image and its
 //! manifest are renamed into place only when everything succeeded.
 
-use crate::rootfs::{self, RootfsInputs, RootfsManifest};
+use crate::plan::Plan;
+use crate::rootfs::{self, RootfsInputs};
 use kimg_contract::boot;
 use kimg_contract::cmdline::{self, RootSpec};
 use kimg_contract::manifest::{Component, KernelInfo, Manifest, MANIFEST_FORMAT};
+use kimg_contract::Flavour;
 use kimg_formats::disk::{self, DiskSpec};
 use kimg_formats::initramfs::Initramfs;
 use kimg_kernel::{
     self as kernel, config::KernelConfig, modules::ModuleIndex, Kernel, KernelSource,
 };
+use kimg_util::fs::{IoError, PathContext};
 use kimg_util::hash::{file_sha256, sha256};
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Modules kimg-init loads from the root filesystem in stage 2.
-pub const STAGE2_MODULES: &[&str] = &["virtio_net", "virtio_rng"];
-/// Further stage-2 modules of the Kubernetes flavour (the rest, e.g. xt matches,
-/// the kernel loads on demand through modprobe and modules.dep).
-pub const K8S_MODULES: &[&str] = &[
-    "overlay",
-    "br_netfilter",
-    "nf_conntrack",
-    "ipip",
-    "rbd",
-    "veth",
-    "vxlan",
-    "ip_vs",
-    "ip_vs_rr",
-    "ip_vs_wrr",
-    "ip_vs_sh",
-];
 /// systemd-boot (Debian's systemd-boot-efi), copied to the ESP so the image boots
 /// on its own under UEFI with the loader entry below.
 pub const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
@@ -86,20 +72,8 @@ pub enum BuildError {
         hint: String,
     },
     /// A file operation failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// Path.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
-    move |source| BuildError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// Inputs of `kimg build`.
@@ -119,19 +93,16 @@ pub struct BuildOptions {
     pub mtime: u64,
     /// zstd level of the initramfs.
     pub zstd_level: i32,
-    /// The Kubernetes flavour: `Some(release)` with the Kubernetes binaries
-    /// (`Some` of an empty path when `--k8s` was given without a release).
-    pub k8s: Option<PathBuf>,
+    /// What the image is for.
+    pub flavour: Flavour,
+    /// The Kubernetes release (folder or tarball) of the Kubernetes flavour.
+    pub k8s_release: Option<PathBuf>,
 }
 
 impl BuildOptions {
     /// Base name of the outputs: `hd` or `hd-k8s`.
     pub fn name(&self) -> &'static str {
-        if self.k8s.is_some() {
-            "hd-k8s"
-        } else {
-            "hd"
-        }
+        self.flavour.image_stem()
     }
 }
 
@@ -148,13 +119,115 @@ pub struct BuildOutput {
     pub steps: Vec<(&'static str, f64)>,
 }
 
-/// Runs the whole build.
+/// Named steps with their timings, logged as they finish.
+struct Steps<'a> {
+    log: &'a dyn Fn(&str),
+    done: Vec<(&'static str, f64)>,
+}
+
+impl Steps<'_> {
+    /// Runs one step and records how long it took.
+    fn run<T>(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce() -> Result<T, BuildError>,
+    ) -> Result<T, BuildError> {
+        let t = Instant::now();
+        let out = f()?;
+        let secs = t.elapsed().as_secs_f64();
+        (self.log)(&format!("{name:<10} {secs:6.2}s"));
+        self.done.push((name, secs));
+        Ok(out)
+    }
+}
+
+/// The module closures of the two stages (paths relative to the modules dir).
+struct Modules {
+    index: ModuleIndex,
+    stage1: Vec<PathBuf>,
+    stage2: Vec<PathBuf>,
+}
+
+/// The ESP's files (path on the ESP, file) and the manifest's components so far.
+struct Esp {
+    files: Vec<(String, PathBuf)>,
+    components: Vec<Component>,
+}
+
+/// Runs the whole build: inputs checked, the flavour's plan resolved (its release
+/// checked before any work), then kernel, modules, initramfs, rootfs, ESP, disk, and
+/// the outputs put in place.
 pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, BuildError> {
+    check_inputs(opts)?;
+    let plan = Plan::resolve(opts.flavour, opts.k8s_release.as_deref(), &opts.out_dir)?;
+    let mut steps = Steps {
+        log,
+        done: Vec::new(),
+    };
+    let (kernel, config_sha256) = steps.run("kernel", || prepare_kernel(opts, &plan))?;
+    let modules = steps.run("modules", || module_closures(&kernel, &plan))?;
+    fs::create_dir_all(&opts.out_dir).with_path(&opts.out_dir)?;
+    // Everything is written under this hidden directory, removed when dropped.
+    let tmp = tempfile::Builder::new()
+        .prefix(".kimg-build-")
+        .tempdir_in(&opts.out_dir)
+        .with_path(&opts.out_dir)?;
+    let initrd = steps.run("initramfs", || {
+        write_initramfs(opts, &kernel, &modules, tmp.path())
+    })?;
+    let root = tmp.path().join("root");
+    let components = steps.run("rootfs", || {
+        stage_rootfs(opts, &plan, &kernel, &modules, &root)
+    })?;
+    let cmdline = cmdline::base_cmdline(&RootSpec::default());
+    let esp = steps.run("esp", || {
+        esp_files(&kernel, &initrd, &cmdline, &tmp.path().join("esp"))
+    })?;
+    let components = [esp.components, components].concat();
+    let img_tmp = tmp.path().join("disk.img");
+    let partitions = steps.run("disk", || {
+        write_disk(
+            opts,
+            &plan,
+            &esp.files,
+            &root,
+            &cmdline,
+            &components,
+            &img_tmp,
+        )
+    })?;
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        kimg_version: env!("CARGO_PKG_VERSION").to_string(),
+        flavour: plan.flavour,
+        kernel: KernelInfo {
+            version: kernel.version.clone(),
+            cmdline,
+            esp_kernel: cmdline::ESP_KERNEL.into(),
+            esp_initrd: cmdline::ESP_INITRD.into(),
+            config_sha256,
+        },
+        disk_size: opts.size,
+        partitions,
+        components,
+        build_time: opts.mtime,
+    };
+    let (image, manifest_path) = install(opts, &img_tmp, &manifest)?;
+    Ok(BuildOutput {
+        image,
+        manifest_path,
+        manifest,
+        steps: steps.done,
+    })
+}
+
+/// kimg-init, busybox and systemd-boot exist (before any work is done).
+fn check_inputs(opts: &BuildOptions) -> Result<(), BuildError> {
     for (what, path, hint) in [
         (
             "kimg-init",
             &opts.init,
-            "build it with scripts/build-init or pass --init",
+            "build it with scripts/build, or pass --init",
         ),
         (
             "busybox",
@@ -175,44 +248,46 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
             });
         }
     }
-    // The Kubernetes binaries are checked before any work is done.
-    let release = match &opts.k8s {
-        None => None,
-        Some(p) if p.as_os_str().is_empty() => return Err(crate::k8s::K8sError::NoRelease.into()),
-        Some(p) => {
-            fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
-            Some(crate::k8s::find_release(p, &opts.out_dir)?)
-        }
-    };
-    let mut steps = Vec::new();
-    let mut t = Instant::now();
-    let mut step = |name: &'static str, log: &dyn Fn(&str)| {
-        let secs = t.elapsed().as_secs_f64();
-        log(&format!("{name:<10} {secs:6.2}s"));
-        steps.push((name, secs));
-        t = Instant::now();
-    };
+    Ok(())
+}
 
+/// The kernel, unpacked from the cache, its config checked against the plan's
+/// fragments; returns it and the config's sha256.
+fn prepare_kernel(opts: &BuildOptions, plan: &Plan) -> Result<(Kernel, String), BuildError> {
     let kernel = kernel::prepare(&opts.kernel, &kimg_util::cache::cache_dir())?;
-    let config_sha256 = check_config(&kernel, release.is_some())?;
-    step("kernel", log);
+    let sha = check_config(&kernel, &plan.kernel_fragments)?;
+    Ok((kernel, sha))
+}
 
+/// The module closures: what stage 1 loads from the initramfs, what stage 2 loads
+/// from the root.
+fn module_closures(kernel: &Kernel, plan: &Plan) -> Result<Modules, BuildError> {
     let index = ModuleIndex::scan(&kernel.modules_dir)?;
-    let stage1 = index.closure(kimg_kernel::modules::STAGE1_MODULES)?;
-    let mut stage2_wanted = STAGE2_MODULES.to_vec();
-    if release.is_some() {
-        stage2_wanted.extend_from_slice(K8S_MODULES);
-    }
-    let stage2 = index.closure(&stage2_wanted)?;
-    step("modules", log);
+    let stage1 = index
+        .closure(kimg_kernel::modules::STAGE1_MODULES)?
+        .iter()
+        .map(|m| m.rel_path.clone())
+        .collect();
+    let stage2 = index
+        .closure(&plan.stage2_modules)?
+        .iter()
+        .map(|m| m.rel_path.clone())
+        .collect();
+    Ok(Modules {
+        index,
+        stage1,
+        stage2,
+    })
+}
 
-    fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".kimg-build-")
-        .tempdir_in(&opts.out_dir)
-        .map_err(io_err(&opts.out_dir))?;
-    let mtime = opts.mtime;
-
+/// The initramfs: kimg-init as /init, the stage-1 marker, busybox, and the stage-1
+/// modules (decompressed: stage 1 loads them with finit_module) with their list.
+fn write_initramfs(
+    opts: &BuildOptions,
+    kernel: &Kernel,
+    modules: &Modules,
+    dir: &Path,
+) -> Result<PathBuf, BuildError> {
     let mut initrd = Initramfs::new();
     initrd
         .file("init", &opts.init, 0o755)
@@ -223,9 +298,9 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
         initrd.dir(d, 0o755);
     }
     let mut load_list = Vec::new();
-    for m in &stage1 {
-        let rel = uncompressed_name(&m.rel_path);
-        let data = module_bytes(&kernel.modules_dir.join(&m.rel_path))?;
+    for m in &modules.stage1 {
+        let rel = uncompressed_name(m);
+        let data = module_bytes(&kernel.modules_dir.join(m))?;
         initrd.bytes(
             &format!("lib/modules/{}/{}", kernel.version, rel),
             data,
@@ -238,56 +313,48 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
         boot::modules_load_text(&load_list),
         0o644,
     );
-    let initrd_path = tmp.path().join("initrd.img");
-    initrd.write(&initrd_path, mtime as u32, opts.zstd_level)?;
-    step("initramfs", log);
+    let path = dir.join("initrd.img");
+    initrd.write(&path, opts.mtime as u32, opts.zstd_level)?;
+    Ok(path)
+}
 
-    let root = tmp.path().join("root");
-    fs::create_dir(&root).map_err(io_err(&root))?;
-    let mut manifests = vec![RootfsManifest::parse(
-        "rootfs/base.toml",
-        rootfs::BASE_TOML,
-    )?];
-    let mut extra_binaries = Vec::new();
-    if let Some(r) = &release {
-        let mut k8s = RootfsManifest::parse("rootfs/k8s.toml", rootfs::K8S_TOML)?;
-        crate::k8s::version::render(&mut k8s, r.kube_version)
-            .map_err(crate::k8s::K8sError::Render)?;
-        manifests.push(k8s);
-        for (name, path) in &r.binaries {
-            extra_binaries.push((
-                path.clone(),
-                format!("/usr/bin/{name}"),
-                Some(r.version.clone()),
-            ));
-        }
-    }
-    let stage2_paths: Vec<PathBuf> = stage2.iter().map(|m| m.rel_path.clone()).collect();
+/// The root filesystem's tree at `root`, every time set to the build's; returns the
+/// components it holds.
+fn stage_rootfs(
+    opts: &BuildOptions,
+    plan: &Plan,
+    kernel: &Kernel,
+    modules: &Modules,
+    root: &Path,
+) -> Result<Vec<Component>, BuildError> {
+    fs::create_dir(root).with_path(root)?;
     let os_release = format!(
         "ID=kimg\nNAME=kimg\nPRETTY_NAME=\"kimg {v}\"\nVERSION_ID={v}\nHOME_URL=\"https://github.com/kimg\"\n",
         v = env!("CARGO_PKG_VERSION")
     );
-    let mut components = rootfs::stage(
-        &root,
+    let components = rootfs::stage(
+        root,
         &RootfsInputs {
             init: &opts.init,
             busybox: &opts.busybox,
             modules_dir: &kernel.modules_dir,
             kernel_version: &kernel.version,
-            modules: &index,
-            stage2_modules: &stage2_paths,
-            manifests: &manifests,
+            modules: &modules.index,
+            stage2_modules: &modules.stage2,
+            manifests: &plan.rootfs,
             os_release: &os_release,
-            extra_binaries: &extra_binaries,
+            extra_binaries: &plan.extra_binaries,
         },
     )?;
-    rootfs::set_times(&root, mtime as i64)?;
-    step("rootfs", log);
+    rootfs::set_times(root, opts.mtime as i64)?;
+    Ok(components)
+}
 
-    let cmdline = cmdline::base_cmdline(&RootSpec::default());
-    let esp_dir = tmp.path().join("esp");
-    fs::create_dir(&esp_dir).map_err(io_err(&esp_dir))?;
-    let entry = esp_dir.join("kimg.conf");
+/// The ESP's files (kernel, initramfs, systemd-boot and its entry for UEFI boots),
+/// written under `dir`, with their components.
+fn esp_files(kernel: &Kernel, initrd: &Path, cmdline: &str, dir: &Path) -> Result<Esp, BuildError> {
+    fs::create_dir(dir).with_path(dir)?;
+    let entry = dir.join("kimg.conf");
     let entry_text = format!(
         "title kimg {v}\nversion {k}\nlinux /{kern}\ninitrd /{init}\noptions {cmdline}\n",
         v = env!("CARGO_PKG_VERSION"),
@@ -295,12 +362,12 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
         kern = cmdline::ESP_KERNEL,
         init = cmdline::ESP_INITRD,
     );
-    fs::write(&entry, entry_text).map_err(io_err(&entry))?;
-    let loader = esp_dir.join("loader.conf");
-    fs::write(&loader, "default kimg.conf\ntimeout 0\n").map_err(io_err(&loader))?;
-    let esp_files = vec![
+    fs::write(&entry, entry_text).with_path(&entry)?;
+    let loader = dir.join("loader.conf");
+    fs::write(&loader, "default kimg.conf\ntimeout 0\n").with_path(&loader)?;
+    let files = vec![
         (cmdline::ESP_KERNEL.to_string(), kernel.vmlinuz.clone()),
-        (cmdline::ESP_INITRD.to_string(), initrd_path.clone()),
+        (cmdline::ESP_INITRD.to_string(), initrd.to_path_buf()),
         ("loader/entries/kimg.conf".to_string(), entry),
         ("loader/loader.conf".to_string(), loader),
         (
@@ -308,8 +375,7 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
             PathBuf::from(SYSTEMD_BOOT),
         ),
     ];
-
-    let mut head = vec![
+    let components = vec![
         component(
             "kernel",
             &kernel.vmlinuz,
@@ -318,90 +384,87 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
         )?,
         component(
             "initramfs",
-            &initrd_path,
+            initrd,
             &format!("esp:/{}", cmdline::ESP_INITRD),
             None,
         )?,
+        component(
+            "systemd-boot",
+            Path::new(SYSTEMD_BOOT),
+            &format!("esp:/{}", cmdline::ESP_BOOTLOADER),
+            deb_version("systemd-boot-efi"),
+        )?,
     ];
-    head.push(component(
-        "systemd-boot",
-        Path::new(SYSTEMD_BOOT),
-        &format!("esp:/{}", cmdline::ESP_BOOTLOADER),
-        deb_version("systemd-boot-efi"),
-    )?);
-    head.append(&mut components);
-    let components = head;
-    // Every id on the disk derives from the inputs: same inputs, same bytes.
+    Ok(Esp { files, components })
+}
+
+/// The qcow2 at `out`; every id on the disk derives from the inputs (same inputs,
+/// same bytes). Returns the partitions for the manifest.
+fn write_disk(
+    opts: &BuildOptions,
+    plan: &Plan,
+    esp_files: &[(String, PathBuf)],
+    root: &Path,
+    cmdline: &str,
+    components: &[Component],
+    out: &Path,
+) -> Result<Vec<kimg_contract::manifest::Partition>, BuildError> {
     let mut seed_input = format!("kimg-disk-v1 {} {}", opts.size, cmdline);
-    for c in &components {
+    for c in components {
         seed_input.push_str(&format!(" {}={}", c.path, c.sha256));
     }
     let seed_hex = sha256(seed_input.as_bytes());
     let mut seed = [0u8; 32];
     hex::decode_to_slice(&seed_hex, &mut seed).unwrap_or_default();
-
-    let img_tmp = tmp.path().join("disk.img");
-    let partitions = disk::build_disk(
+    Ok(disk::build_disk(
         &DiskSpec {
-            esp_files: &esp_files,
-            root_dir: &root,
+            esp_files,
+            root_dir: root,
             size: opts.size,
             esp_size: disk::ESP_MIN_SIZE,
             seed,
-            mtime,
-            // The k8s image is mostly Go binaries: compressed clusters take it from
-            // 736 MB to 234 MB (v1.20.2) for ~10% longer to nodes Ready under TCG.
-            compress: release.is_some(),
+            mtime: opts.mtime,
+            compress: plan.compress,
         },
-        &img_tmp,
-    )?;
-    step("disk", log);
-
-    let manifest = Manifest {
-        format: MANIFEST_FORMAT,
-        kimg_version: env!("CARGO_PKG_VERSION").to_string(),
-        flavour: if release.is_some() { "k8s" } else { "base" }.into(),
-        kernel: KernelInfo {
-            version: kernel.version.clone(),
-            cmdline,
-            esp_kernel: cmdline::ESP_KERNEL.into(),
-            esp_initrd: cmdline::ESP_INITRD.into(),
-            config_sha256,
-        },
-        disk_size: opts.size,
-        partitions,
-        components,
-        build_time: mtime,
-    };
-    let json_tmp = tmp.path().join("manifest.json");
-    let json = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
-    fs::write(&json_tmp, json).map_err(io_err(&json_tmp))?;
-    let image = opts.out_dir.join(format!("{}.img", opts.name()));
-    let manifest_path = opts.out_dir.join(format!("{}.json", opts.name()));
-    fs::rename(&img_tmp, &image).map_err(io_err(&image))?;
-    fs::rename(&json_tmp, &manifest_path).map_err(io_err(&manifest_path))?;
-    Ok(BuildOutput {
-        image,
-        manifest_path,
-        manifest,
-        steps,
-    })
+        out,
+    )?)
 }
 
-/// Checks the kernel's config against the base fragment (and the k8s one); returns
+/// Puts the image and its manifest in place. The old manifest goes first, so that a
+/// crash in between leaves an image without a manifest (which `kimg run` refuses),
+/// never a new image paired with an old manifest.
+fn install(
+    opts: &BuildOptions,
+    img_tmp: &Path,
+    manifest: &Manifest,
+) -> Result<(PathBuf, PathBuf), BuildError> {
+    let image = opts.out_dir.join(format!("{}.img", opts.name()));
+    let manifest_path = opts.out_dir.join(format!("{}.json", opts.name()));
+    match fs::remove_file(&manifest_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(IoError::new(&manifest_path, e).into())
+        }
+        _ => {}
+    }
+    kimg_util::fs::rename(img_tmp, &image)?;
+    let json = serde_json::to_string_pretty(manifest).unwrap_or_default() + "\n";
+    kimg_util::fs::write_atomic(&manifest_path, json)?;
+    Ok((image, manifest_path))
+}
+
+/// Checks the kernel's config against the plan's fragments; returns
 /// the config's sha256 ("" when the kernel came without a config, which is then not
 /// checked).
-fn check_config(kernel: &Kernel, k8s: bool) -> Result<String, BuildError> {
+fn check_config(
+    kernel: &Kernel,
+    fragments: &[(&'static str, &'static str)],
+) -> Result<String, BuildError> {
     let Some(path) = &kernel.config else {
         return Ok(String::new());
     };
     let config = KernelConfig::from_file(path)?;
-    let mut fragments = vec![kernel::config::base_fragment()];
-    if k8s {
-        fragments.push(kernel::config::k8s_fragment());
-    }
     let mut misses = Vec::new();
-    for text in fragments {
+    for (_, text) in fragments {
         let fragment = KernelConfig::parse(text)?;
         misses.extend(
             kernel::config::check(&config, &fragment)
@@ -416,7 +479,7 @@ fn check_config(kernel: &Kernel, k8s: bool) -> Result<String, BuildError> {
             misses,
         });
     }
-    Ok(file_sha256(path).map_err(io_err(path))?.0)
+    Ok(file_sha256(path).with_path(path)?.0)
 }
 
 /// The installed version of a Debian package, if dpkg knows it (for the manifest).
@@ -442,7 +505,7 @@ fn uncompressed_name(rel: &Path) -> String {
 
 /// A module's bytes, decompressed when it is `.ko.xz` or `.ko.zst`.
 fn module_bytes(path: &Path) -> Result<Vec<u8>, BuildError> {
-    let file = fs::File::open(path).map_err(io_err(path))?;
+    let file = fs::File::open(path).with_path(path)?;
     let mut out = Vec::new();
     let name = path.to_string_lossy();
     let read = if name.ends_with(".xz") {
@@ -453,7 +516,7 @@ fn module_bytes(path: &Path) -> Result<Vec<u8>, BuildError> {
         let mut f = file;
         f.read_to_end(&mut out)
     };
-    read.map_err(io_err(path))?;
+    read.with_path(path)?;
     Ok(out)
 }
 
@@ -463,7 +526,7 @@ fn component(
     image_path: &str,
     version: Option<String>,
 ) -> Result<Component, BuildError> {
-    kimg_util::hash::component(name, path, image_path.into(), version).map_err(io_err(path))
+    Ok(kimg_util::hash::component(name, path, image_path.into(), version).with_path(path)?)
 }
 
 /// Where kimg-init is looked for when `--init` is not given: `$KIMG_INIT`, beside

@@ -10,6 +10,7 @@
 use crate::publish::parse_sha256_file;
 use kimg_contract::manifest::Manifest;
 use kimg_util::cache::cache_dir;
+use kimg_util::fs::{IoError, PathContext};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
@@ -20,13 +21,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// A file operation failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// An HTTP request failed.
     #[error("{url}: {why}")]
     Http {
@@ -61,13 +57,6 @@ pub enum FetchError {
         /// What is wrong and what to do.
         why: String,
     },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FetchError + '_ {
-    move |source| FetchError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Inputs of `kimg fetch`.
@@ -208,7 +197,7 @@ fn read_text(src: &str) -> Result<String, FetchError> {
             })?;
         Ok(s)
     } else {
-        fs::read_to_string(src).map_err(io_err(Path::new(src)))
+        Ok(fs::read_to_string(src).with_path(Path::new(src))?)
     }
 }
 
@@ -224,7 +213,7 @@ fn download(url: &str, part: &Path, progress: Progress) -> Result<(), FetchError
         Ok(r) => r,
         // The part is already whole (or the file shrank): start over.
         Err(ureq::Error::Status(416, _)) => {
-            fs::remove_file(part).map_err(io_err(part))?;
+            fs::remove_file(part).with_path(part)?;
             return download(url, part, progress);
         }
         Err(e) => return Err(http_err(url, e)),
@@ -244,7 +233,7 @@ fn download(url: &str, part: &Path, progress: Progress) -> Result<(), FetchError
         .append(resumed)
         .truncate(!resumed)
         .open(part)
-        .map_err(io_err(part))?;
+        .with_path(part)?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut body = resp.into_reader();
     let mut buf = vec![0u8; 1 << 16];
@@ -261,11 +250,11 @@ fn download(url: &str, part: &Path, progress: Progress) -> Result<(), FetchError
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n]).map_err(io_err(part))?;
+        out.write_all(&buf[..n]).with_path(part)?;
         done += n as u64;
         progress("download", done, total);
     }
-    out.flush().map_err(io_err(part))?;
+    out.flush().with_path(part)?;
     if let Some(t) = total.filter(|&t| t != done) {
         return Err(FetchError::Http {
             url: url.into(),
@@ -301,16 +290,16 @@ pub fn verify_decompress(
     out: &Path,
     progress: Progress,
 ) -> Result<String, FetchError> {
-    let mut file = File::open(archive).map_err(io_err(archive))?;
-    let total = file.metadata().map_err(io_err(archive))?.len();
+    let mut file = File::open(archive).with_path(archive)?;
+    let total = file.metadata().with_path(archive)?.len();
     let mut magic = [0u8; 6];
-    let n = file.read(&mut magic).map_err(io_err(archive))?;
+    let n = file.read(&mut magic).with_path(archive)?;
     let reader = HashingReader {
         inner: io::Cursor::new(magic[..n].to_vec()).chain(file),
         hash: Sha256::new(),
         count: 0,
     };
-    let dst = File::create(out).map_err(io_err(out))?;
+    let dst = File::create(out).with_path(out)?;
     let mut dst = BufWriter::with_capacity(1 << 20, dst);
     let bad = |why: String| FetchError::Bad {
         src: archive.display().to_string(),
@@ -351,13 +340,12 @@ pub fn verify_decompress(
         return Err(bad("neither xz nor zstd data".into()));
     };
     // Whatever follows the compressed stream is part of the file's digest too.
-    io::copy(&mut reader, &mut io::sink()).map_err(io_err(archive))?;
+    io::copy(&mut reader, &mut io::sink()).with_path(archive)?;
     progress("verify", reader.count, Some(total));
-    let inner = dst.into_inner().map_err(|e| FetchError::Io {
-        path: out.to_path_buf(),
-        source: e.into_error(),
-    })?;
-    inner.sync_all().map_err(io_err(out))?;
+    let inner = dst
+        .into_inner()
+        .map_err(|e| FetchError::Io(IoError::new(out.to_path_buf(), e.into_error())))?;
+    inner.sync_all().with_path(out)?;
     Ok(hex::encode(reader.hash.finalize()))
 }
 
@@ -377,7 +365,8 @@ fn copy<D: Read>(
         if n == 0 {
             return Ok(());
         }
-        dst.write_all(&buf[..n]).map_err(|e| Ok(io_err(out)(e)))?;
+        dst.write_all(&buf[..n])
+            .map_err(|e| Ok(IoError::new(out, e).into()))?;
         progress("verify", count(dec), Some(total));
     }
 }
@@ -418,10 +407,10 @@ pub fn fetch(opts: &FetchOptions, progress: Progress) -> Result<CachedImage, Fet
     })?;
 
     let images = images_dir(&opts.cache);
-    fs::create_dir_all(&images).map_err(io_err(&images))?;
+    fs::create_dir_all(&images).with_path(&images)?;
     let (archive, part) = if is_url(src) {
         let downloads = opts.cache.join("downloads");
-        fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
+        fs::create_dir_all(&downloads).with_path(&downloads)?;
         let key = &kimg_util::hash::sha256(src.as_bytes())[..16];
         let part = downloads.join(format!("{key}-{name}.part"));
         download(src, &part, progress)?;
@@ -433,7 +422,7 @@ pub fn fetch(opts: &FetchOptions, progress: Progress) -> Result<CachedImage, Fet
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".fetch-{name}-"))
         .tempdir_in(&images)
-        .map_err(io_err(&images))?;
+        .with_path(&images)?;
     let img_tmp = tmp.path().join(format!("{name}.img"));
     let result = verify_decompress(&archive, &img_tmp, progress);
     let remove_part = || {
@@ -465,10 +454,10 @@ pub fn fetch(opts: &FetchOptions, progress: Progress) -> Result<CachedImage, Fet
             .map_or(0, |d| d.as_secs()),
     };
     let json = tmp.path().join(format!("{name}.json"));
-    fs::write(&json, manifest_text).map_err(io_err(&json))?;
+    fs::write(&json, manifest_text).with_path(&json)?;
     let rec = tmp.path().join("fetch.json");
     let text = serde_json::to_string_pretty(&record).unwrap_or_default() + "\n";
-    fs::write(&rec, text).map_err(io_err(&rec))?;
+    fs::write(&rec, text).with_path(&rec)?;
 
     let dest = images.join(&name);
     if dest.exists() {
@@ -476,14 +465,14 @@ pub fn fetch(opts: &FetchOptions, progress: Progress) -> Result<CachedImage, Fet
         let old = tempfile::Builder::new()
             .prefix(&format!(".old-{name}-"))
             .tempdir_in(&images)
-            .map_err(io_err(&images))?;
+            .with_path(&images)?;
         let aside = old.path().join(&name);
-        fs::rename(&dest, &aside).map_err(io_err(&dest))?;
+        fs::rename(&dest, &aside).with_path(&dest)?;
     }
     let kept = tmp.keep();
     fs::rename(&kept, &dest).map_err(|e| {
         let _ = fs::remove_dir_all(&kept);
-        io_err(&dest)(e)
+        IoError::new(&dest, e)
     })?;
     remove_part();
     let size = fs::metadata(dest.join(format!("{name}.img"))).map_or(0, |m| m.len());
@@ -504,11 +493,11 @@ pub fn list(cache: &Path) -> Result<Vec<CachedImage>, FetchError> {
     let rd = match fs::read_dir(&dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(&dir)(e)),
+        Err(e) => return Err(IoError::new(&dir, e).into()),
     };
     let mut out = Vec::new();
     for entry in rd {
-        let entry = entry.map_err(io_err(&dir))?;
+        let entry = entry.with_path(&dir)?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') {
             continue;

@@ -5,6 +5,7 @@ pub mod build;
 pub mod fetch;
 pub mod k8s;
 pub mod overlay;
+pub mod plan;
 pub mod publish;
 pub mod rootfs;
 

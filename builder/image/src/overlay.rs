@@ -7,6 +7,7 @@
 //! script, or a ready archive given by path (`.tar`, `.tar.gz`, `.tar.xz`, `.tar.zst`).
 
 use kimg_formats::iso::{self, IsoImage, IsoSource};
+use kimg_util::fs::IoError;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -43,13 +44,8 @@ pub enum OverlayError {
         why: String,
     },
     /// Reading an overlay failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// What was read.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// Writing the ISO failed.
     #[error(transparent)]
     Iso(#[from] iso::IsoError),
@@ -131,10 +127,8 @@ pub fn find(arg: &str, path: &[PathBuf]) -> Result<Overlay, OverlayError> {
         let toml = d.join("overlay.toml");
         let script = d.join("tar");
         if toml.is_file() {
-            let text = fs::read_to_string(&toml).map_err(|source| OverlayError::Io {
-                path: toml.clone(),
-                source,
-            })?;
+            let text = fs::read_to_string(&toml)
+                .map_err(|source| OverlayError::Io(IoError::new(toml.clone(), source)))?;
             let m: OverlayToml = toml::from_str(&text).map_err(|e| OverlayError::Manifest {
                 path: toml.clone(),
                 why: e.to_string(),
@@ -330,10 +324,7 @@ pub fn mkcdrom(out: &Path, overlays: &[Overlay]) -> Result<IsoImage, OverlayErro
     let tmp = tempfile::Builder::new()
         .prefix("kimg-mkcdrom-")
         .tempdir()
-        .map_err(|source| OverlayError::Io {
-            path: std::env::temp_dir(),
-            source,
-        })?;
+        .map_err(|source| OverlayError::Io(IoError::new(std::env::temp_dir(), source)))?;
     let files: Vec<IsoSource> = overlays
         .iter()
         .enumerate()

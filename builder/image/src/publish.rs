@@ -9,6 +9,7 @@
 //! archive behind.
 
 use kimg_contract::manifest::Manifest;
+use kimg_util::fs::{IoError, PathContext};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
@@ -19,13 +20,8 @@ use std::time::Instant;
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     /// A file operation failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The image's manifest is missing or not a kimg manifest.
     #[error("{}: {why} (publish images made by `kimg build`, with NAME.json beside NAME.img)", path.display())]
     Manifest {
@@ -37,13 +33,6 @@ pub enum PublishError {
     /// The encoder could not be set up.
     #[error("xz encoder: {0}")]
     Encoder(String),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PublishError + '_ {
-    move |source| PublishError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// How the image is compressed.
@@ -158,15 +147,15 @@ pub fn compress(
     threads: u32,
     progress: &dyn Fn(u64),
 ) -> Result<(String, u64), PublishError> {
-    let mut src = File::open(input).map_err(io_err(input))?;
-    let file = File::create(out).map_err(io_err(out))?;
+    let mut src = File::open(input).with_path(input)?;
+    let file = File::create(out).with_path(out)?;
     let sink = HashingWriter {
         inner: BufWriter::with_capacity(1 << 20, file),
         hash: Sha256::new(),
         count: 0,
     };
     let threads = threads.max(1);
-    let size = src.metadata().map_err(io_err(input))?.len();
+    let size = src.metadata().with_path(input)?.len();
     let sink = match codec {
         Codec::Xz => {
             let stream = liblzma::stream::MtStreamBuilder::new()
@@ -178,7 +167,7 @@ pub fn compress(
                 .map_err(|e| PublishError::Encoder(e.to_string()))?;
             let mut enc = liblzma::write::XzEncoder::new_stream(sink, stream);
             pump(&mut src, &mut enc, input, out, progress)?;
-            enc.finish().map_err(io_err(out))?
+            enc.finish().with_path(out)?
         }
         Codec::Zstd => {
             let mut enc = zstd::Encoder::new(sink, level.clamp(1, 19) as i32)
@@ -187,19 +176,18 @@ pub fn compress(
                     e.include_checksum(true)?;
                     Ok(e)
                 })
-                .map_err(io_err(out))?;
+                .with_path(out)?;
             pump(&mut src, &mut enc, input, out, progress)?;
-            enc.finish().map_err(io_err(out))?
+            enc.finish().with_path(out)?
         }
     };
     let HashingWriter {
         inner, hash, count, ..
     } = sink;
-    let file = inner.into_inner().map_err(|e| PublishError::Io {
-        path: out.to_path_buf(),
-        source: e.into_error(),
-    })?;
-    file.sync_all().map_err(io_err(out))?;
+    let file = inner
+        .into_inner()
+        .map_err(|e| PublishError::Io(IoError::new(out.to_path_buf(), e.into_error())))?;
+    file.sync_all().with_path(out)?;
     Ok((hex::encode(hash.finalize()), count))
 }
 
@@ -224,11 +212,11 @@ fn pump(
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
     loop {
-        let n = src.read(&mut buf).map_err(io_err(input))?;
+        let n = src.read(&mut buf).with_path(input)?;
         if n == 0 {
             return Ok(());
         }
-        dst.write_all(&buf[..n]).map_err(io_err(out))?;
+        dst.write_all(&buf[..n]).with_path(out)?;
         done += n as u64;
         progress(done);
     }
@@ -240,17 +228,15 @@ pub fn publish(
     progress: &dyn Fn(u64, u64),
 ) -> Result<Published, PublishError> {
     let manifest = read_manifest(&opts.image)?;
-    let total = fs::metadata(&opts.image)
-        .map_err(io_err(&opts.image))?
-        .len();
+    let total = fs::metadata(&opts.image).with_path(&opts.image)?.len();
     let name = image_name(&opts.image);
-    fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
+    fs::create_dir_all(&opts.out_dir).with_path(&opts.out_dir)?;
     // Hidden temporaries in the output directory: same filesystem, so rename is atomic;
     // dropped (removed) on any error.
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}.publish-"))
         .tempdir_in(&opts.out_dir)
-        .map_err(io_err(&opts.out_dir))?;
+        .with_path(&opts.out_dir)?;
     let file_name = format!("{name}{}", opts.codec.suffix());
     let archive_tmp = tmp.path().join(&file_name);
     let t = Instant::now();
@@ -266,21 +252,23 @@ pub fn publish(
 
     let json_tmp = tmp.path().join(format!("{name}.json"));
     let json = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
-    fs::write(&json_tmp, json).map_err(io_err(&json_tmp))?;
+    fs::write(&json_tmp, json).with_path(&json_tmp)?;
     let sum_tmp = tmp.path().join(format!("{file_name}.sha256"));
-    fs::write(&sum_tmp, format!("{digest}  {file_name}\n")).map_err(io_err(&sum_tmp))?;
+    fs::write(&sum_tmp, format!("{digest}  {file_name}\n")).with_path(&sum_tmp)?;
 
     let archive = opts.out_dir.join(&file_name);
     let sha256_file = opts.out_dir.join(format!("{file_name}.sha256"));
     let manifest_path = opts.out_dir.join(format!("{name}.json"));
     // An old checksum must not vouch for the new archive while it is being renamed.
     match fs::remove_file(&sha256_file) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&sha256_file)(e)),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(IoError::new(&sha256_file, e).into())
+        }
         _ => {}
     }
-    fs::rename(&json_tmp, &manifest_path).map_err(io_err(&manifest_path))?;
-    fs::rename(&archive_tmp, &archive).map_err(io_err(&archive))?;
-    fs::rename(&sum_tmp, &sha256_file).map_err(io_err(&sha256_file))?;
+    fs::rename(&json_tmp, &manifest_path).with_path(&manifest_path)?;
+    fs::rename(&archive_tmp, &archive).with_path(&archive)?;
+    fs::rename(&sum_tmp, &sha256_file).with_path(&sha256_file)?;
     Ok(Published {
         archive,
         sha256_file,

@@ -8,9 +8,9 @@
 use kimg_contract::manifest::Component;
 use kimg_formats::elf;
 use kimg_kernel::modules::ModuleIndex;
+use kimg_util::fs::{IoError, PathContext};
 use serde::Deserialize;
 use std::fs;
-use std::io;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -81,20 +81,8 @@ pub enum RootfsError {
     #[error("rootfs: {0}")]
     Busybox(#[from] kimg_util::cmd::CmdError),
     /// A file could not be written or copied.
-    #[error("rootfs: {path}: {source}")]
-    Io {
-        /// The path involved.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RootfsError + '_ {
-    move |source| RootfsError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// A rootfs manifest (`rootfs/*.toml`).
@@ -175,7 +163,7 @@ pub struct RootfsInputs<'a> {
 /// the components it copied from the host, with their digests.
 pub fn stage(dir: &Path, inp: &RootfsInputs) -> Result<Vec<Component>, RootfsError> {
     for (link, target) in USR_LINKS {
-        symlink(target, dir.join(link)).map_err(io_err(&dir.join(link)))?;
+        symlink(target, dir.join(link)).with_path(dir.join(link))?;
     }
     for (d, mode) in DIRS {
         mkdir_mode(&dir.join(d), *mode)?;
@@ -200,7 +188,7 @@ pub fn stage(dir: &Path, inp: &RootfsInputs) -> Result<Vec<Component>, RootfsErr
         }
         let link = dir.join(&rel);
         if link.symlink_metadata().is_err() {
-            symlink("/usr/bin/busybox", &link).map_err(io_err(&link))?;
+            symlink("/usr/bin/busybox", &link).with_path(&link)?;
         }
     }
 
@@ -222,7 +210,7 @@ pub fn stage(dir: &Path, inp: &RootfsInputs) -> Result<Vec<Component>, RootfsErr
         for d in &m.binary_dirs {
             let dir_path = Path::new(d);
             let mut files: Vec<PathBuf> = fs::read_dir(dir_path)
-                .map_err(io_err(dir_path))?
+                .with_path(dir_path)?
                 .flatten()
                 .map(|e| e.path())
                 .filter(|p| p.is_file())
@@ -239,7 +227,7 @@ pub fn stage(dir: &Path, inp: &RootfsInputs) -> Result<Vec<Component>, RootfsErr
         for l in &m.links {
             let link = dir.join(l.path.trim_start_matches('/'));
             if let Some(parent) = link.parent() {
-                fs::create_dir_all(parent).map_err(io_err(parent))?;
+                fs::create_dir_all(parent).with_path(parent)?;
             }
             replace_with_symlink(&link, &l.target)?;
         }
@@ -247,10 +235,10 @@ pub fn stage(dir: &Path, inp: &RootfsInputs) -> Result<Vec<Component>, RootfsErr
             let mode = parse_mode(f)?;
             let dest = dir.join(f.path.trim_start_matches('/'));
             if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent).map_err(io_err(parent))?;
+                fs::create_dir_all(parent).with_path(parent)?;
             }
             let _ = fs::remove_file(&dest);
-            fs::write(&dest, &f.content).map_err(io_err(&dest))?;
+            fs::write(&dest, &f.content).with_path(&dest)?;
             set_mode(&dest, mode)?;
         }
     }
@@ -309,10 +297,10 @@ fn stage_binaries(
         let rel = image_path.trim_start_matches('/');
         let dest = dir.join(rel);
         if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
+            fs::create_dir_all(parent).with_path(parent)?;
         }
         let _ = fs::remove_file(&dest);
-        fs::copy(&host, &dest).map_err(io_err(&host))?;
+        fs::copy(&host, &dest).with_path(&host)?;
         let name = Path::new(rel)
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
@@ -411,7 +399,7 @@ fn component(
     version: Option<String>,
 ) -> Result<Component, RootfsError> {
     let path = format!("/{}", image_path.trim_start_matches('/'));
-    kimg_util::hash::component(name, host, path, version).map_err(io_err(host))
+    Ok(kimg_util::hash::component(name, host, path, version).with_path(host)?)
 }
 
 fn parse_mode(f: &FileSpec) -> Result<u32, RootfsError> {
@@ -430,46 +418,46 @@ fn parse_mode(f: &FileSpec) -> Result<u32, RootfsError> {
 fn write(dir: &Path, rel: &str, content: &str, mode: u32) -> Result<(), RootfsError> {
     let dest = dir.join(rel);
     if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        fs::create_dir_all(parent).with_path(parent)?;
     }
-    fs::write(&dest, content).map_err(io_err(&dest))?;
+    fs::write(&dest, content).with_path(&dest)?;
     set_mode(&dest, mode)
 }
 
 fn mkdir_mode(path: &Path, mode: u32) -> Result<(), RootfsError> {
-    fs::create_dir_all(path).map_err(io_err(path))?;
+    fs::create_dir_all(path).with_path(path)?;
     set_mode(path, mode)
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), RootfsError> {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+    Ok(fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_path(path)?)
 }
 
 fn copy_file(src: &Path, dest: &Path, mode: u32) -> Result<(), RootfsError> {
     if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        fs::create_dir_all(parent).with_path(parent)?;
     }
-    fs::copy(src, dest).map_err(io_err(src))?;
+    fs::copy(src, dest).with_path(src)?;
     set_mode(dest, mode)
 }
 
 fn replace_with_symlink(link: &Path, target: &str) -> Result<(), RootfsError> {
     let _ = fs::remove_file(link);
-    symlink(target, link).map_err(io_err(link))
+    Ok(symlink(target, link).with_path(link)?)
 }
 
 /// Copies a directory tree of regular files and directories; hard links when the
 /// source is on the same filesystem (the kernel cache), else copies.
 fn copy_tree(src: &Path, dest: &Path) -> Result<(), RootfsError> {
-    fs::create_dir_all(dest).map_err(io_err(dest))?;
-    for entry in fs::read_dir(src).map_err(io_err(src))? {
-        let entry = entry.map_err(io_err(src))?;
+    fs::create_dir_all(dest).with_path(dest)?;
+    for entry in fs::read_dir(src).with_path(src)? {
+        let entry = entry.with_path(src)?;
         let (from, to) = (entry.path(), dest.join(entry.file_name()));
-        let ty = entry.file_type().map_err(io_err(&from))?;
+        let ty = entry.file_type().with_path(&from)?;
         if ty.is_dir() {
             copy_tree(&from, &to)?;
         } else if ty.is_file() && fs::hard_link(&from, &to).is_err() {
-            fs::copy(&from, &to).map_err(io_err(&from))?;
+            fs::copy(&from, &to).with_path(&from)?;
         }
     }
     Ok(())
@@ -483,10 +471,10 @@ pub fn set_times(dir: &Path, mtime: i64) -> Result<(), RootfsError> {
     let t = TimeSpec::new(mtime, 0);
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).map_err(io_err(&d))? {
-            let entry = entry.map_err(io_err(&d))?;
+        for entry in fs::read_dir(&d).with_path(&d)? {
+            let entry = entry.with_path(&d)?;
             let p = entry.path();
-            if entry.file_type().map_err(io_err(&p))?.is_dir() {
+            if entry.file_type().with_path(&p)?.is_dir() {
                 stack.push(p.clone());
             }
             utimensat(
@@ -496,10 +484,7 @@ pub fn set_times(dir: &Path, mtime: i64) -> Result<(), RootfsError> {
                 &t,
                 UtimensatFlags::NoFollowSymlink,
             )
-            .map_err(|e| RootfsError::Io {
-                path: p.clone(),
-                source: e.into(),
-            })?;
+            .map_err(|e| RootfsError::Io(IoError::new(p.clone(), e.into())))?;
         }
     }
     utimensat(
@@ -509,10 +494,7 @@ pub fn set_times(dir: &Path, mtime: i64) -> Result<(), RootfsError> {
         &t,
         UtimensatFlags::NoFollowSymlink,
     )
-    .map_err(|e| RootfsError::Io {
-        path: dir.to_path_buf(),
-        source: e.into(),
-    })
+    .map_err(|e| RootfsError::Io(IoError::new(dir.to_path_buf(), e.into())))
 }
 
 #[cfg(test)]

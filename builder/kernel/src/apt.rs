@@ -6,6 +6,7 @@
 
 use super::KernelError;
 use kimg_util::cmd;
+use kimg_util::fs::IoError;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -77,7 +78,7 @@ fn download_exact(cache: &Path, package: &str, version: &str) -> Result<Download
     };
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| KernelError::Io { path, source }
+        move |source| KernelError::Io(IoError::new(path, source))
     };
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs).map_err(io_err(&debs))?;

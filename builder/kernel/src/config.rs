@@ -5,6 +5,8 @@
 //! One kimg extension, invisible to Kconfig and merge_config.sh: a `=y` line ending in
 //! the comment [`BUILTIN_MARKER`] asks for built in only (a module is not enough).
 
+use kimg_contract::Flavour;
+use kimg_util::fs::IoError;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Read;
@@ -14,13 +16,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file could not be read or decompressed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// A line is not valid config syntax.
     #[error("line {line}: {reason}: {text:?}")]
     Syntax {
@@ -165,10 +162,7 @@ impl KernelConfig {
 
     /// Reads and parses a config file, plain or gzip-compressed (`/proc/config.gz`).
     pub fn from_file(path: &Path) -> Result<KernelConfig, ConfigError> {
-        let io_err = |source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io_err = |source| ConfigError::Io(IoError::new(path.to_path_buf(), source));
         let bytes = std::fs::read(path).map_err(io_err)?;
         let text = if bytes.starts_with(&[0x1f, 0x8b]) {
             let mut s = String::new();
@@ -378,10 +372,11 @@ pub fn k8s_fragment() -> &'static str {
     include_str!("../../../kernel-configs/k8s.config")
 }
 
-/// The embedded fragments for a run: base, then k8s when asked, each with its name.
-pub fn builtin_fragments(k8s: bool) -> Vec<(&'static str, &'static str)> {
+/// The embedded fragments a flavour's kernel must satisfy: base, then k8s for the
+/// Kubernetes flavour, each with its name.
+pub fn builtin_fragments(flavour: Flavour) -> Vec<(&'static str, &'static str)> {
     let mut v = vec![("base.config", base_fragment())];
-    if k8s {
+    if flavour == Flavour::K8s {
         v.push(("k8s.config", k8s_fragment()));
     }
     v
@@ -517,7 +512,7 @@ mod tests {
             return;
         }
         let config = KernelConfig::from_file(path).unwrap();
-        for (name, text) in builtin_fragments(true) {
+        for (name, text) in builtin_fragments(kimg_contract::Flavour::K8s) {
             let misses = check(&config, &KernelConfig::parse(text).unwrap());
             assert!(misses.is_empty(), "{name}: {misses:#?}");
         }
@@ -586,7 +581,7 @@ mod tests {
 
     #[test]
     fn k8s_fragment_parses_and_only_asks_for_y_or_m() {
-        for (name, text) in builtin_fragments(true) {
+        for (name, text) in builtin_fragments(kimg_contract::Flavour::K8s) {
             let f = KernelConfig::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(
                 f.symbols

@@ -13,6 +13,7 @@ pub mod modules;
 pub mod source;
 
 use kimg_util::cmd::CmdError;
+use kimg_util::fs::{IoError, PathContext};
 use std::path::{Path, PathBuf};
 
 /// Getting a kernel failed.
@@ -39,13 +40,8 @@ pub enum KernelError {
         reason: String,
     },
     /// Reading or writing a file in the cache failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// A downloaded package does not match the archive's checksum.
     #[error("{}: sha256 {actual} does not match the archive's {expected}", path.display())]
     Checksum {
@@ -119,11 +115,11 @@ pub fn prepare(src: &KernelSource, cache: &Path) -> Result<Kernel, KernelError> 
 fn from_deb(deb: &Path, sha256: Option<&str>, cache: &Path) -> Result<Kernel, KernelError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| KernelError::Io { path, source }
+        move |source| KernelError::Io(IoError::new(path, source))
     };
     let digest = match sha256 {
         Some(d) => d.to_string(),
-        None => kimg_util::hash::file_sha256(deb).map_err(io_err(deb))?.0,
+        None => kimg_util::hash::file_sha256(deb).with_path(deb)?.0,
     };
     // The digest names a directory: never let a corrupt marker file point elsewhere.
     if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -135,13 +131,13 @@ fn from_deb(deb: &Path, sha256: Option<&str>, cache: &Path) -> Result<Kernel, Ke
     let kernels = cache.join("kernels");
     let root = kernels.join(&digest);
     if !root.is_dir() {
-        std::fs::create_dir_all(&kernels).map_err(io_err(&kernels))?;
+        std::fs::create_dir_all(&kernels).with_path(&kernels)?;
         // Unpack beside the final place and rename, so an interrupted unpack never
         // looks complete.
         let tmp = tempfile::Builder::new()
             .prefix(".unpack-")
             .tempdir_in(&kernels)
-            .map_err(io_err(&kernels))?;
+            .with_path(&kernels)?;
         deb::unpack_data(deb, tmp.path())?;
         if let Err(e) = std::fs::rename(tmp.path(), &root) {
             // Another kimg may have finished the same unpack first; theirs is as good.
@@ -175,10 +171,7 @@ fn find_in_root(root: &Path) -> Result<Kernel, KernelError> {
         reason: reason.to_string(),
     };
     let mut versions: Vec<String> = std::fs::read_dir(&boot)
-        .map_err(|source| KernelError::Io {
-            path: boot.clone(),
-            source,
-        })?
+        .map_err(|source| KernelError::Io(IoError::new(boot.clone(), source)))?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             e.file_name()
@@ -414,7 +407,7 @@ mod tests {
         eprintln!("{}", pci_line.unwrap_or("virtio_pci is built in"));
 
         let config = KernelConfig::from_file(kernel.config.as_ref().unwrap()).unwrap();
-        for (name, text) in builtin_fragments(true) {
+        for (name, text) in builtin_fragments(kimg_contract::Flavour::K8s) {
             let misses = check(&config, &KernelConfig::parse(text).unwrap());
             assert!(misses.is_empty(), "{name}: {misses:#?}");
         }

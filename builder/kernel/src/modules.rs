@@ -4,6 +4,7 @@
 //! Module files come from a package kimg did not build, so `.modinfo` parsing is a pure,
 //! panic-free function ([`parse_modinfo`]) and ELF offsets are bounds-checked.
 
+use kimg_util::fs::IoError;
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
@@ -24,13 +25,8 @@ pub const STAGE1_MODULES: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
     /// A file or directory could not be read.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// A module file is not a usable ELF object.
     #[error("{}: {reason}", path.display())]
     BadModule {
@@ -157,12 +153,7 @@ impl ModuleIndex {
                 .filter_map(|l| module_name_of(Path::new(l)))
                 .collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
-            Err(source) => {
-                return Err(ModuleError::Io {
-                    path: builtin_path,
-                    source,
-                })
-            }
+            Err(source) => return Err(ModuleError::Io(IoError::new(builtin_path, source))),
         };
         Ok(ModuleIndex {
             dir: modules_dir.to_path_buf(),
@@ -314,10 +305,7 @@ impl<'a> Walk<'a> {
 /// Collects module files below `dir`; symlinks (such as `build` and `source`) are not
 /// followed.
 fn find_modules(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ModuleError> {
-    let io_err = |source| ModuleError::Io {
-        path: dir.to_path_buf(),
-        source,
-    };
+    let io_err = |source| ModuleError::Io(IoError::new(dir.to_path_buf(), source));
     for entry in std::fs::read_dir(dir).map_err(io_err)? {
         let entry = entry.map_err(io_err)?;
         let ty = entry.file_type().map_err(io_err)?;
@@ -345,10 +333,8 @@ fn read_module(modules_dir: &Path, path: &Path) -> Result<Module, ModuleError> {
         path: path.to_path_buf(),
         reason,
     };
-    let raw = std::fs::read(path).map_err(|source| ModuleError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let raw = std::fs::read(path)
+        .map_err(|source| ModuleError::Io(IoError::new(path.to_path_buf(), source)))?;
     let name = path.to_string_lossy();
     let bytes = if name.ends_with(".xz") {
         decompress(liblzma::read::XzDecoder::new(&raw[..])).map_err(|e| bad(format!("xz: {e}")))?

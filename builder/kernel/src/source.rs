@@ -8,6 +8,7 @@ use super::config::{self, ConfigError, ConfigMiss, ConfigValue, KernelConfig};
 use super::kconfig::{KconfigIndex, UnmetDependency};
 use super::{apt, deb, KernelError};
 use kimg_util::cmd::{self, CmdError};
+use kimg_util::fs::{IoError, PathContext};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,13 +33,8 @@ pub enum SourceError {
     #[error(transparent)]
     Deb(#[from] deb::DebError),
     /// Reading or writing a file failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// A config (base, fragment or result) did not parse.
     #[error("{name}: {source}")]
     Config {
@@ -79,7 +75,7 @@ pub enum SourceError {
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError {
     let path = path.to_path_buf();
-    move |source| SourceError::Io { path, source }
+    move |source| SourceError::Io(IoError::new(path, source))
 }
 
 /// Downloads Debian's [`SOURCE_PACKAGE`] with apt-get into `<cache>/debs` and unpacks its
@@ -89,7 +85,7 @@ pub fn fetch(cache: &Path, log: &dyn Fn(&str)) -> Result<PathBuf, SourceError> {
     let sources = cache.join("sources");
     let root = sources.join(&download.sha256);
     if !root.is_dir() {
-        std::fs::create_dir_all(&sources).map_err(io_err(&sources))?;
+        std::fs::create_dir_all(&sources).with_path(&sources)?;
         log(&format!(
             "unpacking {} (about 20 s)",
             download.deb.display()
@@ -99,12 +95,12 @@ pub fn fetch(cache: &Path, log: &dyn Fn(&str)) -> Result<PathBuf, SourceError> {
         let tmp = tempfile::Builder::new()
             .prefix(".unpack-")
             .tempdir_in(&sources)
-            .map_err(io_err(&sources))?;
+            .with_path(&sources)?;
         let deb_dir = tmp.path().join("deb");
         deb::unpack_data(&download.deb, &deb_dir)?;
         let usr_src = deb_dir.join("usr/src");
         let tarball = std::fs::read_dir(&usr_src)
-            .map_err(io_err(&usr_src))?
+            .with_path(&usr_src)?
             .filter_map(Result::ok)
             .map(|e| e.path())
             .find(|p| p.to_string_lossy().ends_with(".tar.xz"))
@@ -113,7 +109,7 @@ pub fn fetch(cache: &Path, log: &dyn Fn(&str)) -> Result<PathBuf, SourceError> {
                 reason: "no linux-source-*.tar.xz in the package".into(),
             })?;
         let tree_dir = tmp.path().join("tree");
-        std::fs::create_dir_all(&tree_dir).map_err(io_err(&tree_dir))?;
+        std::fs::create_dir_all(&tree_dir).with_path(&tree_dir)?;
         cmd::run(
             Command::new("tar")
                 .arg("-xJf")
@@ -121,7 +117,7 @@ pub fn fetch(cache: &Path, log: &dyn Fn(&str)) -> Result<PathBuf, SourceError> {
                 .arg("-C")
                 .arg(&tree_dir),
         )?;
-        std::fs::remove_dir_all(&deb_dir).map_err(io_err(&deb_dir))?;
+        std::fs::remove_dir_all(&deb_dir).with_path(&deb_dir)?;
         let tree_dir = tmp.keep();
         if let Err(e) = std::fs::rename(&tree_dir, &root) {
             let _ = std::fs::remove_dir_all(&tree_dir);
@@ -137,7 +133,7 @@ pub fn fetch(cache: &Path, log: &dyn Fn(&str)) -> Result<PathBuf, SourceError> {
 /// The one directory inside `dir` (a source tarball's top directory).
 fn single_subdir(dir: &Path) -> Result<PathBuf, SourceError> {
     let dirs: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io_err(dir))?
+        .with_path(dir)?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.is_dir())
@@ -170,9 +166,9 @@ pub struct Fragment {
 }
 
 impl Fragment {
-    /// kimg's embedded fragments: base, and k8s when asked.
-    pub fn embedded(k8s: bool) -> Result<Vec<Fragment>, SourceError> {
-        config::builtin_fragments(k8s)
+    /// kimg's embedded fragments for `flavour`: base, and k8s for Kubernetes.
+    pub fn embedded(flavour: kimg_contract::Flavour) -> Result<Vec<Fragment>, SourceError> {
+        config::builtin_fragments(flavour)
             .into_iter()
             .map(|(name, text)| {
                 Ok(Fragment {
@@ -280,7 +276,7 @@ pub fn assemble(
     log: &dyn Fn(&str),
 ) -> Result<Assembled, SourceError> {
     check_tree(tree)?;
-    std::fs::create_dir_all(build_dir).map_err(io_err(build_dir))?;
+    std::fs::create_dir_all(build_dir).with_path(build_dir)?;
     let base_config = match base {
         Base::Defconfig => {
             log("make defconfig");
@@ -297,7 +293,7 @@ pub fn assemble(
     let requested = KernelConfig::merge(fragments.iter().map(|f| &f.config));
     let merged = KernelConfig::merge([&base_config, &requested]);
     let kconfig = build_dir.join("kimg.config");
-    std::fs::write(&kconfig, merged.to_text()).map_err(io_err(&kconfig))?;
+    std::fs::write(&kconfig, merged.to_text()).with_path(&kconfig)?;
     log("make olddefconfig");
     cmd::run(
         make(tree, build_dir)
@@ -306,7 +302,7 @@ pub fn assemble(
     )?;
     // The out-of-tree promise, checked rather than assumed.
     check_tree(tree)?;
-    let text = std::fs::read_to_string(&kconfig).map_err(io_err(&kconfig))?;
+    let text = std::fs::read_to_string(&kconfig).with_path(&kconfig)?;
     let config = KernelConfig::parse(&text).map_err(|source| SourceError::Config {
         name: kconfig.display().to_string(),
         source,
@@ -390,11 +386,11 @@ pub fn build(
         return Ok(Built { cached: true, ..b });
     }
     let build_dir = builds.join(format!(".build-{}", &key[..16]));
-    std::fs::create_dir_all(&build_dir).map_err(io_err(&build_dir))?;
+    std::fs::create_dir_all(&build_dir).with_path(&build_dir)?;
     let dot_config = build_dir.join(".config");
     // An unchanged .config keeps its mtime, so an interrupted build resumes where it was.
     if std::fs::read_to_string(&dot_config).ok().as_deref() != Some(assembled.text.as_str()) {
-        std::fs::write(&dot_config, &assembled.text).map_err(io_err(&dot_config))?;
+        std::fs::write(&dot_config, &assembled.text).with_path(&dot_config)?;
     }
     cmd::run(make(tree, &build_dir).arg("olddefconfig"))?;
     let modules = assembled.config.get("CONFIG_MODULES") == Some(&ConfigValue::Yes);
@@ -440,18 +436,18 @@ pub fn build(
             reason: format!("bad kernelrelease {release:?}"),
         });
     }
-    std::fs::create_dir_all(&builds).map_err(io_err(&builds))?;
+    std::fs::create_dir_all(&builds).with_path(&builds)?;
     let stage = tempfile::Builder::new()
         .prefix(".stage-")
         .tempdir_in(&builds)
-        .map_err(io_err(&builds))?;
+        .with_path(&builds)?;
     let boot = stage.path().join("boot");
-    std::fs::create_dir_all(&boot).map_err(io_err(&boot))?;
+    std::fs::create_dir_all(&boot).with_path(&boot)?;
     let bz = build_dir.join("arch/x86/boot/bzImage");
     let vmlinuz = boot.join(format!("vmlinuz-{release}"));
-    std::fs::copy(&bz, &vmlinuz).map_err(io_err(&bz))?;
+    std::fs::copy(&bz, &vmlinuz).with_path(&bz)?;
     let cfg = boot.join(format!("config-{release}"));
-    std::fs::write(&cfg, &assembled.text).map_err(io_err(&cfg))?;
+    std::fs::write(&cfg, &assembled.text).with_path(&cfg)?;
     if modules {
         log("make modules_install");
         let mut c = make(tree, &build_dir);
@@ -464,12 +460,12 @@ pub fn build(
         cmd::run(c.arg("modules_install"))?;
     }
     let mods = stage.path().join("lib/modules").join(&release);
-    std::fs::create_dir_all(&mods).map_err(io_err(&mods))?;
+    std::fs::create_dir_all(&mods).with_path(&mods)?;
     let builtin = mods.join("modules.builtin");
     if !builtin.exists() {
         let src = build_dir.join("modules.builtin");
         let text = std::fs::read_to_string(&src).unwrap_or_default();
-        std::fs::write(&builtin, text).map_err(io_err(&builtin))?;
+        std::fs::write(&builtin, text).with_path(&builtin)?;
     }
     // The tree's build symlink would point into the build dir, which is removed.
     let _ = std::fs::remove_file(mods.join("build"));
@@ -505,7 +501,7 @@ pub fn assemble_and_build(
     let scratch = tempfile::Builder::new()
         .prefix("kimg-kconfig-")
         .tempdir()
-        .map_err(io_err(&std::env::temp_dir()))?;
+        .with_path(std::env::temp_dir())?;
     let assembled = assemble(tree, base, fragments, scratch.path(), log)?;
     if !assembled.dropped.is_empty() {
         return Err(SourceError::Dropped {
@@ -524,7 +520,7 @@ pub fn default_jobs() -> usize {
 fn find_built(dir: &Path) -> Result<Built, SourceError> {
     let boot = dir.join("boot");
     let release = std::fs::read_dir(&boot)
-        .map_err(io_err(&boot))?
+        .with_path(&boot)?
         .filter_map(Result::ok)
         .find_map(|e| {
             e.file_name()
@@ -618,7 +614,7 @@ mod tests {
         let work = tempfile::tempdir().unwrap();
 
         let t = Instant::now();
-        let fragments = Fragment::embedded(true).unwrap();
+        let fragments = Fragment::embedded(kimg_contract::Flavour::K8s).unwrap();
         let a = assemble(
             &tree,
             &Base::Defconfig,
@@ -692,7 +688,7 @@ mod tests {
     fn full_kernel_build() {
         let tree = fetch(&kimg_util::cache::cache_dir(), &|l| eprintln!("{l}")).unwrap();
         let cache = tempfile::tempdir().unwrap();
-        let fragments = Fragment::embedded(true).unwrap();
+        let fragments = Fragment::embedded(kimg_contract::Flavour::K8s).unwrap();
         let log = |l: &str| eprintln!("{l}");
         let b = assemble_and_build(
             &tree,

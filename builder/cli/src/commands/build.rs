@@ -1,6 +1,7 @@
 //! `kimg build`: arguments and output.
 
 use anyhow::Context;
+use kimg_contract::Flavour;
 use kimg_image::{self as image, BuildOptions};
 use kimg_kernel::KernelSource;
 use std::path::PathBuf;
@@ -55,13 +56,14 @@ pub struct Args {
 
 /// Runs `kimg build`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let k8s = a.k8s.then(|| a.k8s_release.clone().unwrap_or_default());
+    let flavour = super::kernel::flavour(a.k8s);
+    let k8s = (flavour, a.k8s_release.clone());
     if let Some(tree) = &a.kernel_source {
         use kimg_kernel::source::{self, Base, Fragment};
         let built = source::assemble_and_build(
             tree,
             &Base::Defconfig,
-            &Fragment::embedded(a.k8s)?,
+            &Fragment::embedded(flavour)?,
             source::default_jobs(),
             &kimg_util::cache::cache_dir(),
             &|l| eprintln!("kimg build: kernel: {l}"),
@@ -87,7 +89,7 @@ fn build_with(
     size: u64,
     init: Option<PathBuf>,
     busybox: PathBuf,
-    k8s: Option<PathBuf>,
+    (flavour, k8s_release): (Flavour, Option<PathBuf>),
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let opts = BuildOptions {
@@ -98,7 +100,8 @@ fn build_with(
         busybox,
         mtime: image::source_date_epoch(),
         zstd_level: 9,
-        k8s,
+        flavour,
+        k8s_release,
     };
     let start = std::time::Instant::now();
     let out = image::build(&opts, &|line| eprintln!("kimg build: {line}"))

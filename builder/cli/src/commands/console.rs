@@ -1,7 +1,7 @@
 //! `kimg console`: the interactive serial console of a VM.
 
 use anyhow::Context;
-use kimg_cluster::cluster;
+use kimg_cluster as cluster;
 use kimg_contract::VmId;
 use nix::sys::termios::{self, SetArg};
 use std::io::{Read, Write};

@@ -1,6 +1,6 @@
 //! `kimg exec`: run a command in a VM.
 
-use kimg_cluster::cluster;
+use kimg_cluster as cluster;
 use kimg_contract::VmId;
 use std::io::Write;
 use std::process::ExitCode;

@@ -2,9 +2,10 @@
 //! from source, fetch Debian's source tree.
 
 use anyhow::Context;
+use kimg_contract::Flavour;
 use kimg_kernel::config::{self, KernelConfig};
 use kimg_kernel::source::{self, Base, Fragment};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Kernel configs and kernels from source.
@@ -99,7 +100,7 @@ impl AssembleArgs {
     }
 
     fn fragments(&self) -> anyhow::Result<Vec<Fragment>> {
-        let mut v = Fragment::embedded(self.k8s)?;
+        let mut v = Fragment::embedded(flavour(self.k8s))?;
         for f in &self.fragment {
             v.push(Fragment::from_file(f)?);
         }
@@ -153,7 +154,7 @@ fn log(line: &str) {
 fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     let cfg = KernelConfig::from_file(&a.config)?;
     let mut fragments: Vec<(String, KernelConfig)> = Vec::new();
-    for (name, text) in config::builtin_fragments(a.k8s) {
+    for (name, text) in config::builtin_fragments(flavour(a.k8s)) {
         fragments.push((name.into(), KernelConfig::parse(text)?));
     }
     for f in &a.fragment {
@@ -242,7 +243,7 @@ fn config_cmd(a: ConfigArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::from(super::EXIT_FAILURE));
     }
-    write_atomic(&a.out, assembled.text.as_bytes())?;
+    kimg_util::fs::write_atomic(&a.out, assembled.text.as_bytes())?;
     if !a.json {
         println!(
             "{} ({} symbols; every fragment symbol as requested)",
@@ -287,16 +288,11 @@ fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes `path` through a temp file in the same directory and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    std::io::Write::write_all(&mut tmp, bytes)?;
-    tmp.persist(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+/// The flavour `--k8s` selects.
+pub fn flavour(k8s: bool) -> Flavour {
+    if k8s {
+        Flavour::K8s
+    } else {
+        Flavour::Base
+    }
 }

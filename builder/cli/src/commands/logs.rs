@@ -1,6 +1,6 @@
 //! `kimg logs`: a VM's console log, or one of its services' logs.
 
-use kimg_cluster::cluster;
+use kimg_cluster as cluster;
 use kimg_contract::VmId;
 use std::io::Write;
 use std::process::ExitCode;

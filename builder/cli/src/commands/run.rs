@@ -2,8 +2,8 @@
 
 use anyhow::Context;
 use kimg_cluster::accel::AccelChoice;
-use kimg_cluster::cluster::{self, RunEvent, RunOptions};
 use kimg_cluster::network::NetBackend;
+use kimg_cluster::{self as cluster, RunEvent, RunOptions};
 use kimg_contract::VmId;
 use std::path::PathBuf;
 use std::process::ExitCode;

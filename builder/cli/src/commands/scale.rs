@@ -1,6 +1,6 @@
 //! `kimg scaleout` and `kimg scalein`: add or remove VMs of a running cluster.
 
-use kimg_cluster::cluster::{self, RunEvent};
+use kimg_cluster::{self as cluster, RunEvent};
 use kimg_contract::VmId;
 use std::process::ExitCode;
 use std::time::Duration;

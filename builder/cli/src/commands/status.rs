@@ -1,6 +1,6 @@
 //! `kimg status`: a table (or JSON) of a cluster's VMs.
 
-use kimg_cluster::cluster;
+use kimg_cluster as cluster;
 use std::process::ExitCode;
 
 /// Show each VM of a cluster: role, state (booting, ready, degraded, dead),

@@ -1,6 +1,6 @@
 //! `kimg stop`: stop a cluster.
 
-use kimg_cluster::cluster;
+use kimg_cluster as cluster;
 use std::process::ExitCode;
 use std::time::Duration;
 

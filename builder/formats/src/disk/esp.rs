@@ -2,6 +2,7 @@
 
 use super::DiskError;
 use fatfs::{FatType, FileSystem, FormatVolumeOptions, FsOptions};
+use kimg_util::fs::IoError;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
@@ -43,10 +44,8 @@ pub fn build(
                 root.create_dir(&comps[..i].join("/"))
                     .map_err(fat_err(esp_path))?;
             }
-            let mut src = File::open(host).map_err(|source| DiskError::Io {
-                path: host.clone(),
-                source,
-            })?;
+            let mut src = File::open(host)
+                .map_err(|source| DiskError::Io(IoError::new(host.clone(), source)))?;
             let mut dst = root.create_file(esp_path).map_err(fat_err(esp_path))?;
             // create_file opens an existing file as is: a repeated path is replaced.
             dst.truncate().map_err(fat_err(esp_path))?;
@@ -82,7 +81,7 @@ pub fn read_files(
 ) -> Result<Vec<PathBuf>, DiskError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| DiskError::Io { path, source }
+        move |source| DiskError::Io(IoError::new(path, source))
     };
     // fatfs wants a writable device even to read; this is a private temp copy.
     let dev = OpenOptions::new()

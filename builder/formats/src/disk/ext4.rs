@@ -5,6 +5,7 @@ use super::guid::Guid;
 use super::DiskError;
 use kimg_contract::cmdline::ROOT_PARTLABEL;
 use kimg_util::cmd;
+use kimg_util::fs::IoError;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -40,7 +41,7 @@ pub struct Staging {
 pub fn walk(root_dir: &Path) -> Result<Staging, DiskError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| DiskError::Io { path, source }
+        move |source| DiskError::Io(IoError::new(path, source))
     };
     let meta = fs::metadata(root_dir).map_err(io_err(root_dir))?;
     if !meta.is_dir() {
@@ -187,10 +188,8 @@ pub fn build(
     )?;
 
     let script = work.join("fixup.debugfs");
-    fs::write(&script, fixup_script(staging, params.mtime)).map_err(|source| DiskError::Io {
-        path: script.clone(),
-        source,
-    })?;
+    fs::write(&script, fixup_script(staging, params.mtime))
+        .map_err(|source| DiskError::Io(IoError::new(script.clone(), source)))?;
     // The `?` introduces I/O options, so name the disk relative to its directory,
     // whose path may contain anything.
     let (dir, name) = match (disk.parent(), disk.file_name()) {

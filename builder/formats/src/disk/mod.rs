@@ -16,6 +16,7 @@ use guid::Guid;
 use kimg_contract::cmdline::{ESP_PARTLABEL, ROOT_PARTLABEL};
 use kimg_contract::manifest::Partition;
 use kimg_util::cmd::CmdError;
+use kimg_util::fs::{IoError, PathContext};
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -51,13 +52,8 @@ pub struct DiskSpec<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     /// A file operation failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// An external program (mkfs.ext4, debugfs, qemu-img) failed.
     #[error(transparent)]
     Command(#[from] CmdError),
@@ -112,13 +108,6 @@ pub enum DiskError {
         /// The ESP path asked for.
         path: String,
     },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DiskError + '_ {
-    move |source| DiskError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// True when `x` is a multiple of `to` (written so as not to need Rust 1.87's
@@ -215,7 +204,7 @@ pub fn build_disk(spec: &DiskSpec, out: &Path) -> Result<Vec<Partition>, DiskErr
     let mut esp_bytes = 0;
     for (esp_path, host) in spec.esp_files {
         esp::esp_components(esp_path)?;
-        esp_bytes += fs::metadata(host).map_err(io_err(host))?.len();
+        esp_bytes += fs::metadata(host).with_path(host)?.len();
     }
     if esp_bytes > layout.esp_size {
         return Err(DiskError::TooSmall {
@@ -232,11 +221,11 @@ pub fn build_disk(spec: &DiskSpec, out: &Path) -> Result<Vec<Partition>, DiskErr
     let tmp = tempfile::Builder::new()
         .prefix(".kimg-disk-")
         .tempdir_in(parent)
-        .map_err(io_err(parent))?;
+        .with_path(parent)?;
 
     let raw_path = tmp.path().join("disk.raw");
-    let raw = File::create(&raw_path).map_err(io_err(&raw_path))?;
-    raw.set_len(spec.size).map_err(io_err(&raw_path))?;
+    let raw = File::create(&raw_path).with_path(&raw_path)?;
+    raw.set_len(spec.size).with_path(&raw_path)?;
 
     // The FAT image is built in memory while mkfs.ext4 runs (2 cores, both CPU bound).
     let (esp, ext) = std::thread::scope(|s| {
@@ -298,8 +287,8 @@ pub fn build_disk(spec: &DiskSpec, out: &Path) -> Result<Vec<Partition>, DiskErr
 
     let qcow = tmp.path().join("disk.qcow2");
     qcow2::from_raw(&raw_path, &qcow, spec.compress)?;
-    fs::remove_file(&raw_path).map_err(io_err(&raw_path))?;
-    fs::rename(&qcow, out).map_err(io_err(out))?;
+    fs::remove_file(&raw_path).with_path(&raw_path)?;
+    fs::rename(&qcow, out).with_path(out)?;
 
     Ok(vec![
         Partition {
@@ -330,11 +319,11 @@ pub fn extract_esp_files(
     esp_paths: &[&str],
     dest_dir: &Path,
 ) -> Result<Vec<PathBuf>, DiskError> {
-    fs::create_dir_all(dest_dir).map_err(io_err(dest_dir))?;
+    fs::create_dir_all(dest_dir).with_path(dest_dir)?;
     let tmp = tempfile::Builder::new()
         .prefix(".kimg-esp-")
         .tempdir_in(dest_dir)
-        .map_err(io_err(dest_dir))?;
+        .with_path(dest_dir)?;
     let bad = |reason: String| DiskError::BadImage {
         image: image.to_path_buf(),
         reason,
@@ -342,7 +331,7 @@ pub fn extract_esp_files(
 
     let head = tmp.path().join("gpt.raw");
     qcow2::read_range(image, &head, gpt::SECTOR, 0, gpt::first_usable_lba())?;
-    let bytes = fs::read(&head).map_err(io_err(&head))?;
+    let bytes = fs::read(&head).with_path(&head)?;
     let parts = gpt::parse(&bytes).map_err(|e| bad(e.to_string()))?;
     let esp = parts
         .iter()

@@ -1,6 +1,7 @@
 //! Writing into the sparse raw disk file without filling its holes.
 
 use super::DiskError;
+use kimg_util::fs::IoError;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -24,10 +25,7 @@ pub fn write_nonzero(dst: &File, path: &Path, offset: u64, data: &[u8]) -> Resul
         }
         if i > start {
             dst.write_all_at(&data[start..i], offset + start as u64)
-                .map_err(|source| DiskError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+                .map_err(|source| DiskError::Io(IoError::new(path.to_path_buf(), source)))?;
         } else {
             i = (i + BLOCK).min(data.len());
         }

@@ -5,6 +5,7 @@
 pub mod version;
 
 use kimg_formats::elf::{elf_kind, ElfKind};
+use kimg_util::fs::{IoError, PathContext};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -56,13 +57,8 @@ pub enum K8sError {
     #[error("rootfs/k8s.toml: {0}")]
     Render(String),
     /// The release could not be read or unpacked.
-    #[error("{path}: {source}")]
-    Io {
-        /// Path.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// A checked set of Kubernetes binaries.
@@ -81,18 +77,14 @@ pub struct Release {
 /// Finds and checks the binaries in `release` (a folder or a .tar.gz); `scratch` is
 /// where a tarball is unpacked.
 pub fn find_release(release: &Path, scratch: &Path) -> Result<Release, K8sError> {
-    let io_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| K8sError::Io { path, source }
-    };
     let (root, unpacked) = if release.is_dir() {
         (release.to_path_buf(), None)
     } else {
         let tmp = tempfile::Builder::new()
             .prefix(".kimg-k8s-")
             .tempdir_in(scratch)
-            .map_err(io_err(scratch))?;
-        unpack_binaries(release, tmp.path()).map_err(io_err(release))?;
+            .with_path(scratch)?;
+        unpack_binaries(release, tmp.path()).with_path(release)?;
         (tmp.path().to_path_buf(), Some(std::sync::Arc::new(tmp)))
     };
     let mut binaries = Vec::new();

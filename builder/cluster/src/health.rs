@@ -1,0 +1,136 @@
+//! Is a VM up: its QEMU process, its console, and its agent's status; `kimg status`
+//! and the wait for ready.
+
+use crate::agent::{self, AgentError};
+use crate::error::ClusterError;
+use crate::launch::RunEvent;
+use crate::process::qemu_pid;
+use crate::qemu::VmPaths;
+use crate::state::{load, ClusterState};
+use kimg_contract::agent::{BootState, Op, Reply, Status};
+use kimg_contract::{Role, VmId};
+use serde::Serialize;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The last `n` lines of a VM's console log.
+pub fn console_tail(paths: &VmPaths, n: usize) -> Vec<String> {
+    let text = fs::read(paths.console_log()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
+}
+
+pub(crate) fn wait_ready(
+    dir: &Path,
+    state: &ClusterState,
+    limit: Duration,
+    on_event: &(dyn Fn(RunEvent) + Sync),
+) -> Result<(), ClusterError> {
+    let start = Instant::now();
+    let deadline = start + limit;
+    let failures: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = state
+            .vms
+            .iter()
+            .map(|rec| {
+                s.spawn(move || {
+                    let paths = VmPaths::new(dir, rec.vm);
+                    match poll_ready(&paths, deadline) {
+                        Ok(st) => {
+                            on_event(RunEvent::Ready(rec.vm, st, start.elapsed()));
+                            None
+                        }
+                        Err(why) => Some((rec.vm, why, console_tail(&paths, 15))),
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap_or(None))
+            .collect()
+    });
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(ClusterError::NotReady(failures))
+    }
+}
+
+/// Asks the agent for its status until it reports ready/degraded or time runs out.
+fn poll_ready(paths: &VmPaths, deadline: Instant) -> Result<BootState, String> {
+    loop {
+        if qemu_pid(paths).is_none() {
+            return Err("QEMU exited".into());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("no ready report before the timeout".into());
+        }
+        match agent::request(&paths.agent(), Op::Status, left.min(Duration::from_secs(2))) {
+            Ok(Reply::Status(st)) if st.state != BootState::Booting => return Ok(st.state),
+            Ok(_) | Err(AgentError::Timeout(_)) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// State of one VM as `kimg status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    /// The VM.
+    pub vm: VmId,
+    /// Its role.
+    pub role: Role,
+    /// booting, ready, degraded or dead.
+    pub state: String,
+    /// What the agent reported, when it answered.
+    pub agent: Option<Status>,
+    /// Last console lines of a dead VM.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub last_console: Vec<String>,
+}
+
+/// Queries every VM of a cluster.
+pub fn status(name: &str) -> Result<(ClusterState, Vec<VmStatus>), ClusterError> {
+    let (dir, state) = load(name)?;
+    let list = std::thread::scope(|s| {
+        let handles: Vec<_> = state
+            .vms
+            .iter()
+            .map(|rec| {
+                let dir = &dir;
+                s.spawn(move || {
+                    let paths = VmPaths::new(dir, rec.vm);
+                    let mut st = VmStatus {
+                        vm: rec.vm,
+                        role: rec.vm.role(),
+                        state: "booting".into(),
+                        agent: None,
+                        last_console: Vec::new(),
+                    };
+                    if qemu_pid(&paths).is_none() {
+                        st.state = "dead".into();
+                        st.last_console = console_tail(&paths, 10);
+                    } else if let Ok(Reply::Status(a)) =
+                        agent::request(&paths.agent(), Op::Status, Duration::from_secs(3))
+                    {
+                        st.state = serde_json::to_value(a.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default();
+                        st.agent = Some(a);
+                    }
+                    st
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    Ok((state, list))
+}

@@ -1,0 +1,79 @@
+//! The Kubernetes flavour's add-on: the cluster's PKI first on the cdrom (and kubelet
+//! credentials for nodes added later), and vm-001's extra NIC that forwards a host
+//! port on 127.0.0.1 to the apiserver.
+
+use crate::addon::Addon;
+use crate::error::ClusterError;
+use crate::pki;
+use crate::state::ClusterState;
+use kimg_contract::k8s::{self, APISERVER_PORT};
+use kimg_contract::{Role, VmId};
+use kimg_image::overlay::Overlay;
+use kimg_util::fs::PathContext;
+use std::io;
+use std::path::Path;
+
+/// The Kubernetes add-on.
+pub struct K8s;
+
+impl Addon for K8s {
+    fn takes_ready_cdrom(&self) -> bool {
+        false
+    }
+
+    fn prepare(&self, state: &mut ClusterState) -> Result<(), ClusterError> {
+        let port = free_port().with_path("127.0.0.1:0")?;
+        state.api_port = Some(port);
+        Ok(())
+    }
+
+    fn first_overlay(
+        &self,
+        dir: &Path,
+        state: &ClusterState,
+    ) -> Result<Option<Overlay>, ClusterError> {
+        Ok(Some(pki::generate(dir, &state.size, state.api_port)?))
+    }
+
+    fn scaleout_overlay(
+        &self,
+        dir: &Path,
+        added: &[VmId],
+    ) -> Result<Option<Overlay>, ClusterError> {
+        let nodes: Vec<VmId> = added
+            .iter()
+            .copied()
+            .filter(|vm| vm.role() == Role::Node)
+            .collect();
+        Ok(Some(pki::add_nodes(dir, &nodes)?))
+    }
+
+    fn qemu_args(&self, vm: VmId, state: &ClusterState) -> Vec<String> {
+        match state.api_port {
+            Some(port) if vm.number() == 1 => api_forward_args(port),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 for the apiserver forward (the kernel picks it).
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// QEMU arguments of vm-001's extra NIC: user-mode networking with no route out
+/// (`restrict=on`) whose only use is `127.0.0.1:port` on the host forwarded to the
+/// apiserver's port on the NIC's fixed guest address.
+pub fn api_forward_args(port: u16) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        format!(
+            "user,id=api,restrict=on,hostfwd=tcp:127.0.0.1:{port}-{}:{APISERVER_PORT}",
+            k8s::API_FORWARD_ADDR4
+        ),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=api,mac={}", k8s::API_FORWARD_MAC),
+    ]
+}

@@ -1,0 +1,317 @@
+//! `kimg run`: a cluster's directory, cdrom and networks, then one QEMU per VM, all
+//! started in parallel; optionally waits until every VM reports ready.
+
+use crate::accel::{self, Accel, AccelChoice};
+use crate::addon::{self, Addon};
+use crate::bootfiles::boot_files;
+use crate::error::ClusterError;
+use crate::health::wait_ready;
+use crate::network::{self, NetBackend};
+use crate::ops::stop_locked;
+use crate::qemu::{self, VmPaths, VmSpec};
+use crate::state::{cluster_dir, lock, read_manifest, save, vm_ids, ClusterState, VmRecord};
+use kimg_contract::agent::BootState;
+use kimg_contract::cmdline::{with_cdrom, with_hostname, with_size};
+use kimg_contract::manifest::Manifest;
+use kimg_contract::net::ClusterSize;
+use kimg_contract::VmId;
+use kimg_util::cmd;
+use kimg_util::fs::{IoError, PathContext};
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Options of `kimg run` (`Default` is an empty cluster with no name: set what
+/// matters and take the rest).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Cluster name.
+    pub name: String,
+    /// Base image (qcow2 with its manifest beside it).
+    pub image: PathBuf,
+    /// Number of nodes (vm-001..).
+    pub nodes: u16,
+    /// Number of routers (vm-201..).
+    pub routers: u16,
+    /// Number of testers (vm-221..).
+    pub testers: u16,
+    /// Memory per VM in MiB.
+    pub mem_mb: u32,
+    /// Memory of particular VMs in MiB (`--mem vm-001=1024`).
+    pub mem_overrides: Vec<(VmId, u32)>,
+    /// vCPUs of particular VMs (`--cpus vm-201=2`).
+    pub cpus_overrides: Vec<(VmId, u32)>,
+    /// Network backend.
+    pub net: NetBackend,
+    /// vCPUs per VM.
+    pub cpus: u32,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// Wait for every VM to report ready, at most this long.
+    pub wait: Option<Duration>,
+    /// Boot through UEFI (OVMF) from the image's ESP instead of direct kernel boot.
+    pub uefi: bool,
+    /// A ready overlay cdrom for every VM.
+    pub cdrom: Option<PathBuf>,
+    /// Overlays to put on a cdrom made for this cluster (`kimg mkcdrom`).
+    pub overlays: Vec<String>,
+    /// Extra overlay search directories.
+    pub ovlpath: Vec<PathBuf>,
+    /// Extra kernel command line of every VM, after kimg's own words (direct kernel
+    /// boot only).
+    pub append: String,
+}
+
+/// Progress events of `run`, for the CLI to print.
+#[derive(Debug, Clone)]
+pub enum RunEvent {
+    /// An old cluster of the same name was stopped first.
+    Replaced,
+    /// The accelerator was chosen.
+    Accel(Accel),
+    /// A VM's QEMU was started.
+    Started(VmId),
+    /// A VM answered ready (or degraded) after this long.
+    Ready(VmId, BootState, Duration),
+}
+
+/// Starts a cluster (stopping a running one of the same name first).
+pub fn run(
+    opts: &RunOptions,
+    on_event: &(dyn Fn(RunEvent) + Sync),
+) -> Result<ClusterState, ClusterError> {
+    let dir = cluster_dir(&opts.name)?;
+    let size = ClusterSize {
+        nodes: opts.nodes,
+        routers: opts.routers,
+        testers: opts.testers,
+    };
+    let ids = vm_ids(&size).map_err(|why| ClusterError::Image {
+        path: opts.image.clone(),
+        why,
+    })?;
+    let image = fs::canonicalize(&opts.image).map_err(|e| ClusterError::Image {
+        path: opts.image.clone(),
+        why: format!("{e} (build one with `kimg build`)"),
+    })?;
+    let manifest = read_manifest(&image)?;
+    let _lock = lock(&opts.name)?;
+    if dir.exists() {
+        stop_locked(&opts.name, &dir, Duration::from_secs(10))?;
+        on_event(RunEvent::Replaced);
+    }
+    // Sockets and files of the cluster are the user's alone (agent socket 0600).
+    let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let result = start(opts, &dir, &image, &manifest, &ids, size, on_event);
+    nix::sys::stat::umask(old_umask);
+    let state = match result {
+        Ok(state) => state,
+        Err(e) => {
+            // Leave nothing half-started behind.
+            let _ = stop_locked(&opts.name, &dir, Duration::from_secs(2));
+            return Err(e);
+        }
+    };
+    if let Some(limit) = opts.wait {
+        wait_ready(&dir, &state, limit, on_event)?;
+    }
+    Ok(state)
+}
+
+fn start(
+    opts: &RunOptions,
+    dir: &Path,
+    image: &Path,
+    manifest: &Manifest,
+    ids: &[VmId],
+    size: ClusterSize,
+    on_event: &(dyn Fn(RunEvent) + Sync),
+) -> Result<ClusterState, ClusterError> {
+    fs::create_dir_all(dir).with_path(dir)?;
+    let files = boot_files(image, manifest, dir)?;
+    let addon = addon::of(manifest.flavour);
+    let accel = accel::choose(opts.accel, qemu::QEMU, dir).map_err(ClusterError::Accel)?;
+    on_event(RunEvent::Accel(accel));
+    let mut state = ClusterState {
+        name: opts.name.clone(),
+        image: image.to_path_buf(),
+        accel,
+        uefi: opts.uefi,
+        cdrom: None,
+        append: opts.append.clone(),
+        overlays: opts.overlays.clone(),
+        ovlpath: opts.ovlpath.clone(),
+        started: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        vms: ids.iter().map(|&vm| vm_record(opts, vm)).collect(),
+        size,
+        net: opts.net,
+        api_port: None,
+    };
+    addon.prepare(&mut state)?;
+    state.cdrom = cluster_cdrom(opts, dir, addon, &state)?;
+    save(dir, &state)?;
+    network::create(state.net, &state.name, dir)?;
+    start_vms(dir, &state, &state.vms, &files, manifest, on_event)?;
+    Ok(state)
+}
+
+/// A VM's memory and vCPUs: the last `--mem`/`--cpus` naming it, else the default.
+fn vm_record(opts: &RunOptions, vm: VmId) -> VmRecord {
+    let pick = |overrides: &[(VmId, u32)], default: u32| {
+        overrides
+            .iter()
+            .rev()
+            .find(|(v, _)| *v == vm)
+            .map_or(default, |(_, x)| *x)
+    };
+    VmRecord {
+        vm,
+        mem_mb: pick(&opts.mem_overrides, opts.mem_mb),
+        cpus: pick(&opts.cpus_overrides, opts.cpus),
+    }
+}
+
+/// Starts `vms` of the cluster in parallel; the first failure is reported.
+pub(crate) fn start_vms(
+    dir: &Path,
+    state: &ClusterState,
+    vms: &[VmRecord],
+    files: &[PathBuf],
+    manifest: &Manifest,
+    on_event: &(dyn Fn(RunEvent) + Sync),
+) -> Result<(), ClusterError> {
+    let image = state.image.as_path();
+    let accel = state.accel;
+    let addon = addon::of(manifest.flavour);
+    let base_cmdline = manifest.kernel.cmdline.as_str();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = vms
+            .iter()
+            .map(|rec| {
+                let spec = VmSpec {
+                    vm: rec.vm,
+                    mem_mb: rec.mem_mb,
+                    cpus: rec.cpus,
+                    accel,
+                    kernel: files[0].clone(),
+                    initrd: files[1].clone(),
+                    cmdline: vm_cmdline(base_cmdline, rec.vm, state),
+                    cdrom: state.cdrom.clone(),
+                    uefi: state.uefi,
+                };
+                s.spawn(move || {
+                    start_vm(dir, image, &spec, state, addon)
+                        .map(|()| on_event(RunEvent::Started(spec.vm)))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or(Err(ClusterError::Panicked("a VM's start thread")))
+            })
+            .collect::<Result<Vec<()>, _>>()
+    })?;
+    Ok(())
+}
+
+/// The cdrom every VM gets: the given one, or one made from the add-on's first
+/// overlay (it goes first, so any later overlay may replace a file of it) and the
+/// named overlays.
+fn cluster_cdrom(
+    opts: &RunOptions,
+    dir: &Path,
+    addon: &dyn Addon,
+    state: &ClusterState,
+) -> Result<Option<PathBuf>, ClusterError> {
+    if let Some(c) = &opts.cdrom {
+        if !addon.takes_ready_cdrom() {
+            return Err(ClusterError::Usage(
+                "a k8s image gets its per-cluster PKI on the cdrom kimg makes: name the overlays instead of --cdrom".into(),
+            ));
+        }
+        return Ok(Some(fs::canonicalize(c).with_path(c)?));
+    }
+    let first = addon.first_overlay(dir, state)?;
+    if opts.overlays.is_empty() && first.is_none() {
+        return Ok(None);
+    }
+    let out = dir.join("cdrom.iso");
+    make_cdrom(&out, first, &opts.overlays, &opts.ovlpath)?;
+    Ok(Some(out))
+}
+
+/// Writes a cdrom at `out`: `first` (an add-on's), then the named overlays.
+pub(crate) fn make_cdrom(
+    out: &Path,
+    first: Option<kimg_image::overlay::Overlay>,
+    overlays: &[String],
+    ovlpath: &[PathBuf],
+) -> Result<(), ClusterError> {
+    let path = kimg_image::overlay::search_path(ovlpath);
+    let ovs = kimg_image::overlay::resolve(overlays, &path)?;
+    let all: Vec<_> = first.into_iter().chain(ovs).collect();
+    kimg_image::overlay::mkcdrom(out, &all)?;
+    Ok(())
+}
+
+/// A VM's kernel command line: the image's, what the launcher tells the VM, then
+/// the user's `--append` (last, so that it wins).
+fn vm_cmdline(base: &str, vm: VmId, state: &ClusterState) -> String {
+    // no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check can
+    // miss ticks and panic ("IO-APIC + timer doesn't work!"), seen when many VMs
+    // boot at once on 2 cores.
+    let mut line = with_size(&with_hostname(base, &vm.hostname()), &state.size) + " no_timer_check";
+    if state.cdrom.is_some() {
+        line = with_cdrom(&line);
+    }
+    match state.append.trim() {
+        "" => line,
+        extra => format!("{line} {extra}"),
+    }
+}
+
+fn start_vm(
+    dir: &Path,
+    image: &Path,
+    spec: &VmSpec,
+    state: &ClusterState,
+    addon: &dyn Addon,
+) -> Result<(), ClusterError> {
+    let paths = VmPaths::new(dir, spec.vm);
+    fs::create_dir_all(&paths.dir).with_path(&paths.dir)?;
+    cmd::run(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(image)
+            .arg(paths.disk()),
+    )?;
+    if spec.uefi {
+        // UEFI writes its variables: every VM gets its own store.
+        let vars = paths.efi_vars();
+        fs::copy(qemu::OVMF_VARS, &vars).map_err(|source| {
+            IoError::new(
+                PathBuf::from(qemu::OVMF_VARS),
+                io::Error::new(
+                    source.kind(),
+                    format!("{source} (--uefi needs OVMF: apt-get install ovmf)"),
+                ),
+            )
+        })?;
+    }
+    let mut qemu = qemu::command(spec, &paths);
+    qemu.args(network::attach(state.net, &state.name, dir, spec.vm)?);
+    qemu.args(addon.qemu_args(spec.vm, state));
+    cmd::run(&mut network::wrap(state.net, &state.name, qemu))?;
+    // QEMU's -daemonize sets umask 027 before creating the sockets: tighten them.
+    for sock in [paths.agent(), paths.console()] {
+        fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).with_path(&sock)?;
+    }
+    Ok(())
+}
