@@ -31,6 +31,10 @@ pub const API_FORWARD_PREFIX4: u8 = 24;
 pub const SERVICE_RANGE4: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 16);
 /// IPv6 service range: network and prefix length.
 pub const SERVICE_RANGE6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0), 112);
+/// Every node's IPv4 pod range together (kube-proxy's `clusterCIDR`).
+pub const POD_SUPERNET4: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 244, 0, 0), 16);
+/// Every node's IPv6 pod range together.
+pub const POD_SUPERNET6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0), 48);
 /// Prefix length of a node's IPv4 pod range.
 pub const POD_PREFIX4: u8 = 24;
 /// Prefix length of a node's IPv6 pod range.
@@ -47,6 +51,19 @@ pub fn first_service_ip4() -> Ipv4Addr {
 pub fn first_service_ip6() -> Ipv6Addr {
     let mut s = SERVICE_RANGE6.0.segments();
     s[7] += 1;
+    Ipv6Addr::from(s)
+}
+
+/// The cluster DNS service's IPv4 address (the tenth of the range, as kubeadm does).
+pub fn cluster_dns4() -> Ipv4Addr {
+    let [a, b, c, d] = SERVICE_RANGE4.0.octets();
+    Ipv4Addr::new(a, b, c, d + 10)
+}
+
+/// The cluster DNS service's IPv6 address.
+pub fn cluster_dns6() -> Ipv6Addr {
+    let mut s = SERVICE_RANGE6.0.segments();
+    s[7] += 10;
     Ipv6Addr::from(s)
 }
 

@@ -164,6 +164,55 @@ fn unpack_binaries(tarball: &Path, dest: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// rootfs/k8s.toml spells out addresses whose one home is kimg-contract: each
+    /// must be the contract's, so a change there cannot leave the services behind.
+    #[test]
+    fn k8s_toml_addresses_are_the_contracts() {
+        use kimg_contract::k8s as c;
+        use kimg_contract::net::{self, Net};
+        let toml = crate::rootfs::K8S_TOML;
+        let vm1 = kimg_contract::VmId::new(1).unwrap();
+        let services = format!(
+            "{}/{},{}/{}",
+            c::SERVICE_RANGE4.0,
+            c::SERVICE_RANGE4.1,
+            c::SERVICE_RANGE6.0,
+            c::SERVICE_RANGE6.1
+        );
+        let expected = [
+            format!(
+                "\"--advertise-address\", \"{}\"",
+                net::ipv4(Net::Cluster, vm1).unwrap()
+            ),
+            format!("\"--service-cluster-ip-range\", \"{services}\""),
+            format!(
+                "clusterDNS: [\"{}\", \"{}\"]",
+                c::cluster_dns4(),
+                c::cluster_dns6()
+            ),
+            format!(
+                "clusterCIDR: \"{}/{},{}/{}\"",
+                c::POD_SUPERNET4.0,
+                c::POD_SUPERNET4.1,
+                c::POD_SUPERNET6.0,
+                c::POD_SUPERNET6.1
+            ),
+        ];
+        for line in expected {
+            assert!(toml.contains(&line), "rootfs/k8s.toml lacks {line}");
+        }
+        // No other address of those ranges is spelled out: a new one belongs in
+        // kimg-contract first, then here.
+        for (lit, n) in [
+            ("192.168.", 1),
+            ("10.96.", 3),
+            ("10.244.", 1),
+            ("fd00:10:", 4),
+        ] {
+            assert_eq!(toml.matches(lit).count(), n, "{lit} in rootfs/k8s.toml");
+        }
+    }
+
     #[test]
     fn missing_and_bad_binaries_are_listed_together() {
         let dir = tempfile::tempdir().unwrap();
