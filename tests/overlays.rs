@@ -77,6 +77,10 @@ fn hostile_tar(path: &Path) {
     add("srv/../../escape2", Regular, None, b"PWNED");
     add("/run/kimg/cdrom/x", Regular, None, b"PWNED");
     add("srv/hostile/hard", Link, Some("dev/vda"), b"");
+    // Issue 15, defect 3: a directory, then a symlink in its place; the directory's
+    // mode (0644), set when the archive is done, must not reach /dev/vda.
+    add("srv/hostile/y", tar::EntryType::Directory, None, b"");
+    add("srv/hostile/y", Symlink, Some("/dev/vda"), b"");
     add(
         "/srv/hostile/absolute",
         Regular,
@@ -197,6 +201,7 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
             "sh",
             "-c",
             "[ -b /dev/vda ] && echo vda-is-block; head -c 5 /dev/vda | grep -q PWNED && echo vda-pwned; \
+             [ \"$(stat -c %a /dev/vda)\" = 644 ] && echo vda-chmodded; \
              ls /escape /escape2 /run/kimg/cdrom/x /srv/hostile/hard 2>/dev/null; \
              cat /srv/hostile/absolute; echo; readlink /srv/hostile/disk; readlink /proc/1/exe",
         ],

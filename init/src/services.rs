@@ -1,6 +1,7 @@
 //! The service supervisor: starts the services of this VM in dependency order,
-//! watches readiness, restarts with back-off, logs to /var/log/NAME.log and keeps
-//! a status table for the agent.
+//! watches readiness (SIGTERM, then SIGKILL, when it does not come), restarts with
+//! back-off, logs to /var/log/NAME.log (rotated at [`LOG_MAX`]) and keeps a status
+//! table for the agent. Once power off began nothing is started any more.
 //!
 //! The decisions are a pure state machine ([`step`]) over an [`Os`] interface, so
 //! they are unit-tested; [`RealOs`] does the processes, files and sockets.
@@ -11,32 +12,69 @@ use kimg_contract::service::{
 };
 use kimg_contract::VmId;
 use nix::sys::signal::Signal;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How often the supervisor looks at its services.
 const TICK: Duration = Duration::from_millis(50);
 /// Longest pause before a restart.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a service that missed its readiness timeout has between SIGTERM and
+/// SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+/// Size past which a service's log is rotated: its last `LOG_MAX` bytes go to
+/// `NAME.log.1` (replacing the one before) and `NAME.log` starts again empty, so a
+/// chatty service's logs take about twice this at most, not the disk.
+pub const LOG_MAX: u64 = 4 << 20;
 
 /// What the agent reports; updated by the supervisor thread.
 static TABLE: Mutex<Vec<ServiceStatus>> = Mutex::new(Vec::new());
-/// Set at power off: nothing is started or restarted any more.
-static STOPPING: AtomicBool = AtomicBool::new(false);
+/// Whether power off began. Held across every start, so once [`stop`] returns no
+/// start is under way and none follows: the shutdown's kill rounds come after the
+/// last process the supervisor made.
+static STOPPING: Mutex<bool> = Mutex::new(false);
+
+/// Locks a mutex; a panic elsewhere while it was held does not stop PID 1 using it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// The services' current states, in start order.
 pub fn snapshot() -> Vec<ServiceStatus> {
-    TABLE.lock().map(|t| t.clone()).unwrap_or_default()
+    lock(&TABLE).clone()
 }
 
-/// Stops starting and restarting services (power off is under way).
+/// Stops starting and restarting services (power off is under way); waits for a
+/// start in progress to finish, so the caller's kill rounds reach it.
 pub fn stop() {
-    STOPPING.store(true, Ordering::SeqCst);
+    stop_gate(&STOPPING);
+}
+
+fn stop_gate(gate: &Mutex<bool>) {
+    *lock(gate) = true;
+}
+
+/// Runs `start` unless power off began (then it is an error), holding `gate`
+/// throughout: [`stop`] cannot slip in between the check and the start.
+fn start_unless_stopping(
+    gate: &Mutex<bool>,
+    start: impl FnOnce() -> Result<u32, String>,
+) -> Result<u32, String> {
+    let stopping = lock(gate);
+    if *stopping {
+        return Err("power off under way; not started".into());
+    }
+    let r = start();
+    drop(stopping);
+    r
 }
 
 /// Reads every `*.toml` of the services directory and returns the services that run
@@ -56,6 +94,7 @@ fn load_dir(dir: &Path, vm: VmId, problems: &mut Vec<String>) -> Vec<ServiceSpec
         .collect();
     files.sort();
     let mut all = Vec::new();
+    let mut from = Vec::new();
     for f in files {
         let stem = f
             .file_stem()
@@ -64,18 +103,127 @@ fn load_dir(dir: &Path, vm: VmId, problems: &mut Vec<String>) -> Vec<ServiceSpec
             .map_err(|e| e.to_string())
             .and_then(|t| ServiceSpec::parse(&stem, &t))
         {
-            Ok(spec) => all.push(spec),
+            Ok(spec) => {
+                all.push(spec);
+                from.push(f);
+            }
             Err(e) => problems.push(format!("service file {}: {e}", f.display())),
         }
     }
     let here: Vec<usize> = (0..all.len()).filter(|&i| all[i].runs_on(vm)).collect();
-    match start_order(&all, &here) {
+    let runnable = runnable(&all, &from, &here, problems);
+    match start_order(&all, &runnable) {
         Ok(order) => order.into_iter().map(|i| all[i].clone()).collect(),
         Err(e) => {
+            // Cannot happen (runnable has no unknown names, no cycles); if it did,
+            // nothing starts rather than something in a wrong order.
             problems.push(format!("services: {e}"));
             Vec::new()
         }
     }
+}
+
+/// The services of `here` (indexes into `all`, read from `files`) that can start.
+/// Each one left out is a problem naming it: a second file giving a name already
+/// taken on this VM, an `after` no service file defines, `after` lists in a cycle,
+/// or an `after` naming a service left out. One bad file costs only what depends
+/// on it, not every service of the VM.
+fn runnable(
+    all: &[ServiceSpec],
+    files: &[PathBuf],
+    here: &[usize],
+    problems: &mut Vec<String>,
+) -> Vec<usize> {
+    let known: BTreeSet<&str> = all.iter().map(|s| s.name.as_str()).collect();
+    // Name -> the first file (in name order) that runs here with it.
+    let mut local: BTreeMap<&str, usize> = BTreeMap::new();
+    for &i in here {
+        let name = all[i].name.as_str();
+        if let Some(&first) = local.get(name) {
+            problems.push(format!(
+                "service {name}: defined by both {} and {}; the second is ignored",
+                files[first].display(),
+                files[i].display()
+            ));
+        } else {
+            local.insert(name, i);
+        }
+    }
+    let deps = |i: usize| {
+        all[i]
+            .after
+            .iter()
+            .filter_map(|d| local.get(d.as_str()).copied())
+    };
+    let mut left_out: BTreeSet<usize> = BTreeSet::new();
+    for &i in local.values() {
+        let unknown: Vec<&str> = all[i]
+            .after
+            .iter()
+            .map(String::as_str)
+            .filter(|d| !known.contains(d))
+            .collect();
+        if !unknown.is_empty() {
+            problems.push(format!(
+                "service {}: `after` names unknown service {}; not started",
+                all[i].name,
+                unknown.join(", ")
+            ));
+            left_out.insert(i);
+        }
+    }
+    // What each service waits for, directly or not (small: a VM's services).
+    let reach: BTreeMap<usize, BTreeSet<usize>> = local
+        .values()
+        .map(|&i| {
+            let mut seen = BTreeSet::new();
+            let mut todo: Vec<usize> = deps(i).collect();
+            while let Some(d) = todo.pop() {
+                if seen.insert(d) {
+                    todo.extend(deps(d));
+                }
+            }
+            (i, seen)
+        })
+        .collect();
+    let mut in_cycle: BTreeSet<usize> = BTreeSet::new();
+    for (&i, r) in &reach {
+        if r.contains(&i) && !in_cycle.contains(&i) {
+            // Its cycle: what it waits for that waits for it.
+            let members: Vec<usize> = r
+                .iter()
+                .copied()
+                .filter(|j| reach.get(j).is_some_and(|rj| rj.contains(&i)))
+                .collect();
+            let names: Vec<&str> = members.iter().map(|&j| all[j].name.as_str()).collect();
+            problems.push(format!(
+                "services {}: their `after` lists form a cycle; not started",
+                names.join(", ")
+            ));
+            in_cycle.extend(members);
+        }
+    }
+    left_out.extend(in_cycle);
+    // Then whatever waits for something left out, until nothing changes.
+    loop {
+        let next = local.values().copied().find_map(|i| {
+            if left_out.contains(&i) {
+                return None;
+            }
+            deps(i).find(|d| left_out.contains(d)).map(|d| (i, d))
+        });
+        let Some((i, d)) = next else { break };
+        problems.push(format!(
+            "service {}: starts after {}, which is not started; not started",
+            all[i].name, all[d].name
+        ));
+        left_out.insert(i);
+    }
+    local
+        .values()
+        .copied()
+        .filter(|i| !left_out.contains(i))
+        .collect()
 }
 
 /// Starts the supervisor thread for `specs` (already in start order).
@@ -90,9 +238,17 @@ pub fn start(specs: Vec<ServiceSpec>) -> std::io::Result<()> {
         .spawn(move || {
             let mut os = RealOs;
             loop {
-                if !STOPPING.load(Ordering::SeqCst) {
+                if !*lock(&STOPPING) {
                     step(&mut services, Instant::now(), &mut os);
                     publish(&services);
+                    for s in services.iter().filter(|s| s.status.pid.is_some()) {
+                        let log = log_path(&s.spec.name);
+                        match rotate_log(&log, LOG_MAX) {
+                            Ok(true) => info!("services: rotated {}", log.display()),
+                            Ok(false) => {}
+                            Err(e) => warn!("services: rotate {}: {e}", log.display()),
+                        }
+                    }
                 }
                 std::thread::sleep(TICK);
             }
@@ -101,9 +257,55 @@ pub fn start(specs: Vec<ServiceSpec>) -> std::io::Result<()> {
 }
 
 fn publish(services: &[Service]) {
-    if let Ok(mut t) = TABLE.lock() {
-        *t = services.iter().map(|s| s.status.clone()).collect();
+    *lock(&TABLE) = services.iter().map(|s| s.status.clone()).collect();
+}
+
+/// Where a service's output goes.
+fn log_path(name: &str) -> PathBuf {
+    Path::new(LOG_DIR).join(format!("{name}.log"))
+}
+
+/// Rotates the log at `path` when it is larger than `max`: its last `max` bytes go
+/// to `PATH.1` (replacing the one before), then it is emptied; whether it was
+/// rotated. The service keeps writing to its descriptor (`O_APPEND`), so the file
+/// is copied and truncated, not renamed; what it writes between the two is lost.
+/// Never follows a symlink. Work per call is bounded by `max`.
+pub fn rotate_log(path: &Path, max: u64) -> io::Result<bool> {
+    let flags = nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK;
+    let log = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(flags)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let md = log.metadata()?;
+    if !md.is_file() || md.len() <= max {
+        return Ok(false);
     }
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    let mut tmp = old.clone();
+    tmp.push(".tmp");
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut copy = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(md.permissions().mode() & 0o777)
+        .custom_flags(flags)
+        .open(&tmp)?;
+    let mut from: &File = &log;
+    from.seek(SeekFrom::Start(md.len() - max))?;
+    io::copy(&mut from.take(max), &mut copy)?;
+    std::fs::rename(&tmp, &old)?;
+    log.set_len(0)?;
+    Ok(true)
 }
 
 /// A service and what the supervisor knows of it.
@@ -112,6 +314,10 @@ pub struct Service {
     status: ServiceStatus,
     started: Option<Instant>,
     not_before: Option<Instant>,
+    /// When it was sent SIGTERM for missing its readiness timeout.
+    terminated: Option<Instant>,
+    /// Whether SIGKILL followed.
+    killed: bool,
 }
 
 impl Service {
@@ -129,6 +335,8 @@ impl Service {
             status,
             started: None,
             not_before: None,
+            terminated: None,
+            killed: false,
         }
     }
 }
@@ -141,8 +349,10 @@ pub trait Os {
     fn exited(&mut self, pid: u32) -> Option<i32>;
     /// Whether the readiness condition holds now.
     fn ready(&mut self, ready: &Ready) -> bool;
-    /// Asks the process group of `pid` to terminate.
+    /// Asks the process group of `pid` to terminate (SIGTERM).
     fn terminate(&mut self, pid: u32);
+    /// Kills the process group of `pid` (SIGKILL).
+    fn kill(&mut self, pid: u32);
 }
 
 /// One pass over all services: start what may start, notice readiness and exits.
@@ -195,16 +405,35 @@ pub fn step(services: &mut [Service], now: Instant, os: &mut dyn Os) {
                     let waited = s
                         .started
                         .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-                    if s.spec.ready != Ready::Exited && os.ready(&s.spec.ready) {
-                        s.status.state = ServiceState::Ready;
-                    } else if waited > Duration::from_secs(s.spec.ready_timeout_secs)
-                        && s.status.message.is_none()
+                    if s.terminated.is_none()
+                        && s.spec.ready != Ready::Exited
+                        && os.ready(&s.spec.ready)
                     {
-                        s.status.message = Some(format!(
-                            "not ready after {}s; terminated",
-                            s.spec.ready_timeout_secs
-                        ));
-                        os.terminate(pid);
+                        s.status.state = ServiceState::Ready;
+                    } else if waited > Duration::from_secs(s.spec.ready_timeout_secs) {
+                        match s.terminated {
+                            None => {
+                                s.status.message = Some(format!(
+                                    "not ready after {}s; terminated",
+                                    s.spec.ready_timeout_secs
+                                ));
+                                os.terminate(pid);
+                                s.terminated = Some(now);
+                            }
+                            // SIGTERM may be ignored; the start must still end.
+                            Some(t)
+                                if !s.killed && now.saturating_duration_since(t) > KILL_GRACE =>
+                            {
+                                s.status.message = Some(format!(
+                                    "not ready after {}s; killed ({}s after SIGTERM)",
+                                    s.spec.ready_timeout_secs,
+                                    KILL_GRACE.as_secs()
+                                ));
+                                os.kill(pid);
+                                s.killed = true;
+                            }
+                            Some(_) => {}
+                        }
                     }
                 }
             }
@@ -216,6 +445,8 @@ pub fn step(services: &mut [Service], now: Instant, os: &mut dyn Os) {
 /// Records an exit and decides between done, failed and a restart after back-off.
 fn exited(s: &mut Service, code: i32, now: Instant) {
     s.status.pid = None;
+    s.terminated = None;
+    s.killed = false;
     s.status.last_exit = Some(code);
     let restart = match s.spec.restart {
         Restart::Always => !(s.spec.ready == Ready::Exited && code == 0),
@@ -241,34 +472,44 @@ fn exited(s: &mut Service, code: i32, now: Instant) {
 /// The real system: processes through the reaper, logs under /var/log.
 struct RealOs;
 
+/// Starts a service's process, output appended to its log.
+fn spawn(spec: &ServiceSpec) -> Result<u32, String> {
+    let log_path = log_path(&spec.name);
+    // A log left over the limit by an earlier run is rotated first.
+    if let Err(e) = rotate_log(&log_path, LOG_MAX) {
+        warn!("services: rotate {}: {e}", log_path.display());
+    }
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&log_path)
+        .map_err(|e| format!("open {}: {e}", log_path.display()))?;
+    let err = log
+        .try_clone()
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let mut cmd = Command::new(&spec.command[0]);
+    cmd.args(&spec.command[1..])
+        .env_clear()
+        // A service file's `env` may override it.
+        .env("PATH", crate::exec::PATH)
+        .env("HOME", "/root")
+        .envs(&spec.env)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .process_group(0);
+    let child = REAPER
+        .spawn(&mut cmd)
+        .map_err(|e| format!("start {}: {e}", spec.command[0]))?;
+    info!("service {} started (pid {})", spec.name, child.id());
+    Ok(child.id())
+}
+
 impl Os for RealOs {
     fn spawn(&mut self, spec: &ServiceSpec) -> Result<u32, String> {
-        let log_path = Path::new(LOG_DIR).join(format!("{}.log", spec.name));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("open {}: {e}", log_path.display()))?;
-        let err = log
-            .try_clone()
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let mut cmd = Command::new(&spec.command[0]);
-        cmd.args(&spec.command[1..])
-            .env_clear()
-            // A service file's `env` may override it.
-            .env("PATH", crate::exec::PATH)
-            .env("HOME", "/root")
-            .envs(&spec.env)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .process_group(0);
-        let child = REAPER
-            .spawn(&mut cmd)
-            .map_err(|e| format!("start {}: {e}", spec.command[0]))?;
-        info!("service {} started (pid {})", spec.name, child.id());
-        Ok(child.id())
+        start_unless_stopping(&STOPPING, || spawn(spec))
     }
 
     fn exited(&mut self, pid: u32) -> Option<i32> {
@@ -297,6 +538,12 @@ impl Os for RealOs {
             warn!("services: SIGTERM to pid {pid}: {e}");
         }
     }
+
+    fn kill(&mut self, pid: u32) {
+        if let Err(e) = REAPER.kill_group(pid as i32, Signal::SIGKILL) {
+            warn!("services: SIGKILL to pid {pid}: {e}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -313,6 +560,7 @@ mod tests {
         exits: BTreeMap<u32, i32>,
         ready: BTreeSet<String>,
         terminated: Vec<u32>,
+        killed: Vec<u32>,
         fail_spawn: BTreeSet<String>,
     }
 
@@ -337,6 +585,9 @@ mod tests {
         }
         fn terminate(&mut self, pid: u32) {
             self.terminated.push(pid);
+        }
+        fn kill(&mut self, pid: u32) {
+            self.killed.push(pid);
         }
     }
 
@@ -452,5 +703,164 @@ mod tests {
             &mut problems
         )
         .is_empty());
+    }
+
+    /// Issue 15, defect 12: a service that missed its readiness timeout got SIGTERM
+    /// and nothing more; one ignoring SIGTERM stayed "starting" for ever. Now
+    /// SIGKILL follows after [`KILL_GRACE`], once, and the exit is recorded.
+    #[test]
+    fn a_service_ignoring_sigterm_is_killed_after_the_grace() {
+        use ServiceState::*;
+        let mut s = vec![svc(
+            "stubborn",
+            "ready = { path = \"/run/never\" }\nready_timeout_secs = 1\nrestart = \"never\"",
+        )];
+        let mut os = FakeOs::default();
+        let t0 = Instant::now();
+        step(&mut s, t0, &mut os);
+        step(&mut s, t0 + Duration::from_secs(2), &mut os);
+        assert_eq!(
+            (os.terminated.as_slice(), os.killed.as_slice()),
+            (&[1][..], &[][..])
+        );
+        // Still there within the grace: no SIGKILL yet, no second SIGTERM.
+        step(&mut s, t0 + Duration::from_secs(3), &mut os);
+        assert_eq!((os.terminated.len(), os.killed.len()), (1, 0));
+        let late = t0 + Duration::from_secs(2) + KILL_GRACE + Duration::from_secs(1);
+        step(&mut s, late, &mut os);
+        step(&mut s, late + Duration::from_secs(10), &mut os);
+        assert_eq!(
+            (os.terminated.as_slice(), os.killed.as_slice()),
+            (&[1][..], &[1][..])
+        );
+        assert!(s[0].status.message.as_deref().unwrap().contains("killed"));
+        os.exits.insert(1, 137);
+        step(&mut s, late + Duration::from_secs(11), &mut os);
+        assert_eq!(states(&s), [Failed]);
+        assert_eq!(s[0].status.last_exit, Some(137));
+    }
+
+    /// Issue 15, defect 12: one unknown `after` name or one cycle dropped every
+    /// service of the VM, and two files giving the same name silently dropped one.
+    /// Now only the services concerned (and what starts after them) are left out,
+    /// each named in a problem; a duplicate names both files.
+    #[test]
+    fn bad_after_lists_and_duplicates_cost_only_the_services_concerned() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = [
+            ("a.toml", "command = [\"a\"]"),
+            ("b.toml", "command = [\"b\"]\nafter = [\"a\"]"),
+            ("c.toml", "command = [\"c\"]\nafter = [\"a\", \"nope\"]"),
+            ("d.toml", "command = [\"d\"]\nafter = [\"e\"]"),
+            ("e.toml", "command = [\"e\"]\nafter = [\"d\"]"),
+            ("f.toml", "command = [\"f\"]\nafter = [\"d\"]"),
+            ("g.toml", "command = [\"f2\"]\nafter = [\"f\"]"),
+            ("other-a.toml", "name = \"a\"\ncommand = [\"a2\"]"),
+            // The same name on another VM is no duplicate here.
+            (
+                "remote-b.toml",
+                "name = \"b\"\ncommand = [\"b\"]\nvms = [\"vm-009\"]",
+            ),
+        ];
+        for (f, text) in files {
+            std::fs::write(dir.path().join(f), text).unwrap();
+        }
+        let mut problems = Vec::new();
+        let specs = load_dir(dir.path(), "vm-002".parse().unwrap(), &mut problems);
+        let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"], "{problems:?}");
+        assert_eq!(specs[0].command, ["a"], "the first file of a name wins");
+        let has = |words: &[&str]| problems.iter().any(|p| words.iter().all(|w| p.contains(w)));
+        assert!(
+            has(&["a.toml", "other-a.toml", "service a"]),
+            "{problems:?}"
+        );
+        assert!(has(&["service c", "unknown", "nope"]), "{problems:?}");
+        assert!(has(&["services d, e", "cycle"]), "{problems:?}");
+        assert!(has(&["service f", "after d"]), "{problems:?}");
+        assert!(has(&["service g", "after f"]), "{problems:?}");
+        assert_eq!(problems.len(), 5, "{problems:?}");
+    }
+
+    /// Issue 15, defect 12: the supervisor checked "stopping" and then started, so a
+    /// start could land after power off's kill rounds. Now a start holds the gate:
+    /// [`stop`] waits for one in progress, and none is made after it.
+    #[test]
+    fn nothing_starts_once_stop_has_returned() {
+        use std::sync::mpsc;
+        let gate = Mutex::new(false);
+        let (started_tx, started_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (stopped_tx, stopped_rx) = mpsc::channel();
+        std::thread::scope(|sc| {
+            let gate = &gate;
+            sc.spawn(move || {
+                let r = start_unless_stopping(gate, || {
+                    started_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    Ok(7)
+                });
+                assert_eq!(r, Ok(7));
+            });
+            started_rx.recv().unwrap();
+            sc.spawn(move || {
+                stop_gate(gate);
+                stopped_tx.send(()).unwrap();
+            });
+            // While the start is under way, stop cannot have returned.
+            assert!(stopped_rx.recv_timeout(Duration::from_millis(200)).is_err());
+            go_tx.send(()).unwrap();
+            stopped_rx.recv().unwrap();
+        });
+        let mut ran = false;
+        let r = start_unless_stopping(&gate, || {
+            ran = true;
+            Ok(8)
+        });
+        assert!(r.is_err() && !ran, "started after stop: {r:?}");
+    }
+
+    /// Issue 15, defect 4 (logs): /var/log/NAME.log grew without end. Past
+    /// `max` it is rotated: the last `max` bytes in NAME.log.1, the log emptied,
+    /// and the service's O_APPEND descriptor writes on at the new start. However
+    /// much a service writes, its two files stay near 2 * max.
+    #[test]
+    fn service_logs_are_rotated_and_stay_bounded() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("chatty.log");
+        let old = dir.path().join("chatty.log.1");
+        let max = 64 * 1024;
+        let mut w = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        assert!(!rotate_log(&log, max).unwrap(), "empty log rotated");
+        let mut total = 0u64;
+        for i in 0..200u32 {
+            let line = format!("{i:08} {}\n", "x".repeat(1000));
+            for _ in 0..10 {
+                w.write_all(line.as_bytes()).unwrap();
+                total += line.len() as u64;
+            }
+            rotate_log(&log, max).unwrap();
+            let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+            assert!(size(&log) <= max, "log not rotated at {total}");
+            assert!(size(&old) <= max);
+        }
+        assert!(total > 20 * max);
+        assert_eq!(std::fs::metadata(&old).unwrap().len(), max);
+        w.write_all(b"after\n").unwrap();
+        let now = std::fs::read(&log).unwrap();
+        assert!(
+            now.ends_with(b"after\n") && !now.contains(&0),
+            "holes after truncation"
+        );
+        // Never through a symlink.
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&old, &link).unwrap();
+        assert!(rotate_log(&link, 1).is_err());
+        assert_eq!(std::fs::metadata(&old).unwrap().len(), max);
     }
 }

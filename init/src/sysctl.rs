@@ -19,10 +19,11 @@ pub fn parse(text: &str) -> (Vec<(String, String)>, Vec<String>) {
             continue;
         }
         match line.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() && !k.contains("..") && !k.contains('/') => {
-                settings.push((k.trim().to_string(), v.trim().to_string()))
-            }
-            _ => errors.push(format!(
+            Some((k, v)) => match check_key(k.trim()) {
+                Ok(()) => settings.push((k.trim().to_string(), v.trim().to_string())),
+                Err(why) => errors.push(format!("line {}: key {:?}: {why}", n + 1, k.trim())),
+            },
+            None => errors.push(format!(
                 "line {}: expected key = value, got {line:?}",
                 n + 1
             )),
@@ -31,9 +32,34 @@ pub fn parse(text: &str) -> (Vec<(String, String)>, Vec<String>) {
     (settings, errors)
 }
 
-/// The /proc/sys file of a dotted key.
-pub fn proc_path(key: &str) -> PathBuf {
-    Path::new(PROC_SYS).join(key.replace('.', "/"))
+/// Why `key` cannot name a file under /proc/sys, if it cannot. Each dot-separated
+/// component must be non-empty and free of `/`, NUL and blanks: an empty one would
+/// make an absolute path (`.dev.vda` -> `/dev/vda`, which `join` puts outside
+/// /proc/sys) or a `//`, and a `/` would smuggle in `..` or a second separator.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("empty key".into());
+    }
+    if let Some(c) = key
+        .chars()
+        .find(|c| *c == '/' || *c == '\0' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{c:?} is not allowed in a key (dot-separated names under {PROC_SYS})"
+        ));
+    }
+    if key.split('.').any(str::is_empty) {
+        return Err(format!(
+            "empty component (a leading, trailing or doubled dot); keys are dot-separated names under {PROC_SYS}"
+        ));
+    }
+    Ok(())
+}
+
+/// The /proc/sys file of a dotted key, or why the key names none (see [`check_key`]).
+pub fn proc_path(key: &str) -> Result<PathBuf, String> {
+    check_key(key)?;
+    Ok(Path::new(PROC_SYS).join(key.replace('.', "/")))
 }
 
 /// Applies every `*.conf` of the directory in name order; returns problems.
@@ -59,7 +85,9 @@ pub fn apply_dir(dir: &Path) -> Vec<String> {
         let (settings, errors) = parse(&text);
         problems.extend(errors.into_iter().map(|e| format!("{}: {e}", f.display())));
         for (k, v) in settings {
-            if let Err(e) = std::fs::write(proc_path(&k), &v) {
+            let written =
+                proc_path(&k).and_then(|p| std::fs::write(p, &v).map_err(|e| e.to_string()));
+            if let Err(e) = written {
                 problems.push(format!("{}: {k} = {v}: {e}", f.display()));
             }
         }
@@ -84,8 +112,46 @@ mod tests {
         assert_eq!(e.len(), 2, "{e:?}");
         assert!(e[0].starts_with("line 6"), "{e:?}");
         assert_eq!(
-            proc_path("net.ipv4.ip_forward"),
+            proc_path("net.ipv4.ip_forward").unwrap(),
             Path::new("/proc/sys/net/ipv4/ip_forward")
         );
+    }
+
+    /// Issue 15, defect 10: `.dev.vda` became `/dev/vda` (an absolute path that
+    /// `join` put in place of /proc/sys). Every key that is not plain dot-separated
+    /// names is refused with its line, and no path outside /proc/sys comes out.
+    #[test]
+    fn keys_that_leave_proc_sys_are_refused() {
+        let bad = [
+            ".dev.vda",
+            "dev.vda.",
+            "net..ipv4",
+            "...",
+            "net/../../dev/vda",
+            "/dev/vda",
+            "net.ipv4 .x",
+            "a.\0b",
+        ];
+        for key in bad {
+            assert!(proc_path(key).is_err(), "{key:?}");
+            let (s, e) = parse(&format!("{key} = 1\n"));
+            assert!(s.is_empty(), "{key:?}: {s:?}");
+            assert_eq!(e.len(), 1, "{key:?}: {e:?}");
+            assert!(e[0].starts_with("line 1: key"), "{e:?}");
+        }
+        let (_, e) = parse(".dev.vda = pwned");
+        assert!(e[0].contains("empty component"), "{e:?}");
+        for key in [
+            "kernel.pid_max",
+            "net.ipv4.conf.eth0.forwarding",
+            "a-b_c.d:e",
+        ] {
+            let p = proc_path(key).unwrap();
+            assert!(
+                p.starts_with(PROC_SYS) && p.components().count() > 3,
+                "{p:?}"
+            );
+            assert!(!p.components().any(|c| c.as_os_str() == ".."), "{p:?}");
+        }
     }
 }

@@ -4,16 +4,19 @@
 //! /dev, /run, not through symlinks leading there). An existing file is unlinked,
 //! never opened for writing; new files are created with `O_EXCL|O_NOFOLLOW`. Modes
 //! (setuid, sticky), numeric owners, mtimes, symlinks, hard links, long names (GNU,
-//! PAX), `SCHILY.xattr.*` and holes (zero blocks are skipped, so sparse members stay
-//! sparse) come out as GNU tar extracts them. Device nodes are refused: an overlay
+//! PAX), `SCHILY.xattr.*` and holes (a GNU sparse member's holes stay holes) come out as GNU tar extracts them. Device nodes are refused: an overlay
 //! has no business creating another way to reach a disk.
+//!
+//! Work is bounded by the archive, not by what it declares: a GNU sparse member's
+//! holes are seeks (never zeros through memory), and a member whose data would not
+//! fit in the target's free space ends the archive before anything is read of it.
 
 use crate::pathsafe::{self, Components, Refusal};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -183,11 +186,15 @@ fn unpack_stream(
 }
 
 /// A directory whose mtime and mode are set once the archive is done (writing
-/// entries into it changes its mtime).
+/// entries into it changes its mtime). `dev`/`ino` name the very directory made: a
+/// later entry may have put a symlink (or anything else) where it was, and the
+/// fix must then touch nothing.
 struct DirFix {
     path: PathBuf,
     mode: u32,
     mtime: (i64, i64),
+    dev: u64,
+    ino: u64,
 }
 
 /// Unpacks a tar stream: member data is read through a buffer.
@@ -227,6 +234,7 @@ fn unpack_entries<R: Read>(
         is_root: nix::unistd::geteuid().is_root(),
         known_dirs: HashSet::new(),
         fixups: Vec::new(),
+        free: free_space(root),
     };
     for entry in entries {
         let mut entry = entry?;
@@ -239,6 +247,10 @@ fn unpack_entries<R: Read>(
                 out.refused.push(format!("{shown}: {why}"));
             }
             Err(EntryError::Io(e)) if is_stream_error(&e) => return Err(e),
+            Err(EntryError::Fatal(why)) => {
+                log(&format!("{shown}: {why}"));
+                return Err(io::Error::other(format!("{shown}: {why}")));
+            }
             Err(EntryError::Io(e)) => {
                 log(&format!("cannot write {shown}: {e}"));
                 out.refused.push(format!("{shown}: {e}"));
@@ -246,10 +258,44 @@ fn unpack_entries<R: Read>(
         }
     }
     for d in tree.fixups.iter().rev() {
-        let _ = fs::set_permissions(&d.path, fs::Permissions::from_mode(d.mode));
-        let _ = set_mtime(&d.path, d.mtime);
+        if let Err(e) = fix_dir(d) {
+            log(&format!(
+                "directory {}: mode and mtime not set: {e}",
+                d.path.display()
+            ));
+        }
     }
     Ok(())
+}
+
+/// Opens the directory at `p` itself: never a symlink in its place (`O_NOFOLLOW`),
+/// never anything but a directory.
+fn open_dir(p: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(p)
+}
+
+/// Sets a directory's final mode and mtime through a descriptor, once that
+/// descriptor is known to be the directory this archive made (same device and
+/// inode): a path alone would follow whatever a later entry put there.
+fn fix_dir(d: &DirFix) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = open_dir(&d.path)?;
+    let md = dir.metadata()?;
+    if (md.dev(), md.ino()) != (d.dev, d.ino) {
+        return Err(io::Error::other("replaced by a later entry"));
+    }
+    dir.set_permissions(fs::Permissions::from_mode(d.mode))?;
+    let t = nix::sys::time::TimeSpec::new(d.mtime.0, d.mtime.1);
+    nix::sys::stat::futimens(&dir, &t, &t).map_err(io::Error::from)
+}
+
+/// Bytes that may still be written on the filesystem of `p`, if it can be told.
+fn free_space(p: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(p).ok()?;
+    Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
 }
 
 /// Errors reading the archive (as opposed to writing one entry) end the archive.
@@ -262,8 +308,12 @@ fn is_stream_error(e: &io::Error) -> bool {
 }
 
 enum EntryError {
+    /// This entry is left out; the archive goes on.
     Refused(String),
+    /// Writing this entry failed; the archive goes on.
     Io(io::Error),
+    /// The archive cannot be applied: it ends here, nothing more of it is read.
+    Fatal(String),
 }
 
 impl From<io::Error> for EntryError {
@@ -289,6 +339,9 @@ struct Tree<'a> {
     known_dirs: HashSet<Components>,
     /// Directories whose mode and mtime are set once the archive is done.
     fixups: Vec<DirFix>,
+    /// Free bytes on the root's filesystem, less what this archive wrote since it
+    /// was last asked (`None`: unknown, no bound).
+    free: Option<u64>,
 }
 
 impl Tree<'_> {
@@ -320,6 +373,27 @@ impl Tree<'_> {
         if self.known_dirs.contains(comps) {
             self.known_dirs.retain(|k| !k.starts_with(comps));
         }
+    }
+
+    /// Takes `bytes` of data out of the space budget, or ends the archive when they
+    /// do not fit: a member that says it holds more than the disk has free (a 10 KB
+    /// zstd stream can declare terabytes) would fill the disk, and skipping it would
+    /// still mean decompressing all of it. The budget is asked anew before a
+    /// refusal, since replaced files give space back.
+    fn reserve(&mut self, bytes: u64) -> Result<(), EntryError> {
+        let Some(free) = self.free else { return Ok(()) };
+        let free = if bytes > free {
+            free_space(self.root).unwrap_or(free)
+        } else {
+            free
+        };
+        if bytes > free {
+            return Err(EntryError::Fatal(format!(
+                "holds {bytes} bytes of data, more than the {free} bytes free on the target"
+            )));
+        }
+        self.free = Some(free - bytes);
+        Ok(())
     }
 }
 
@@ -448,13 +522,51 @@ fn write_entry<R: Read>(
                 }
                 Err(_) => fs::create_dir(&path)?,
             }
+            // From here on, through a descriptor of this very directory.
+            let dir = open_dir(&path)?;
+            let md = dir.metadata()?;
             tree.known_dirs.insert(resolved);
-            owner(&path)?;
+            if is_root {
+                std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))?;
+            }
             // Writable until the archive is done, then its own mode.
-            fs::set_permissions(&path, fs::Permissions::from_mode(mode | 0o700))?;
-            tree.fixups.push(DirFix { path, mode, mtime });
+            dir.set_permissions(fs::Permissions::from_mode(mode | 0o700))?;
+            use std::os::unix::fs::MetadataExt;
+            tree.fixups.push(DirFix {
+                path,
+                mode,
+                mtime,
+                dev: md.dev(),
+                ino: md.ino(),
+            });
         }
-        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+        tar::EntryType::GNUSparse => {
+            // The tar crate expands the sparse map into data and zero runs; only its
+            // own unpack turns the zero runs into seeks. Read through, an 8 GiB hole
+            // is 8 GiB of zeros in memory. The file is created `O_EXCL` (no
+            // symlink followed) at the resolved path, then fixed through its handle.
+            tree.reserve(entry.header().entry_size()?)?;
+            if entry.path_bytes().ends_with(b"/") {
+                // tar's unpack would make an old-style directory of it.
+                return Err(EntryError::Refused(
+                    "sparse member named like a directory".into(),
+                ));
+            }
+            remove_existing(&path)?;
+            let f = match entry.unpack(&path)? {
+                tar::Unpacked::File(f) => f,
+                _ => return Err(EntryError::Refused("sparse member is not a file".into())),
+            };
+            if is_root {
+                std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+            }
+            f.set_permissions(fs::Permissions::from_mode(mode))?;
+            set_xattrs(entry, &path)?;
+            let t = nix::sys::time::TimeSpec::new(mtime.0, mtime.1);
+            nix::sys::stat::futimens(&f, &t, &t).map_err(io::Error::from)?;
+        }
+        tar::EntryType::Regular | tar::EntryType::Continuous => {
+            tree.reserve(entry.size())?;
             remove_existing(&path)?;
             let mut f = OpenOptions::new()
                 .write(true)
@@ -463,12 +575,10 @@ fn write_entry<R: Read>(
                 .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
                 .open(&path)?;
             let size = entry.size();
-            match (kind, source) {
-                // Sparse members: the reader expands the map; zero blocks become holes.
-                (tar::EntryType::GNUSparse, _) => copy_sparse(entry, &mut f, size)?,
-                (_, Some(src)) => send(src, entry.raw_file_position(), &f, size)?,
+            match source {
+                Some(src) => send(src, entry.raw_file_position(), &f, size)?,
                 // Like GNU tar, a regular member's zeros are written as data.
-                (_, None) => copy(entry, &mut f, size)?,
+                None => copy(entry, &mut f, size)?,
             }
             // Owner, mode and mtime through the open file: no more path walks.
             if is_root {
@@ -570,6 +680,8 @@ fn fill(r: &mut dyn Read, buf: &mut [u8], size: u64) -> io::Result<usize> {
         }
         n += got;
     }
+    #[cfg(test)]
+    tests::PULLED.with(|p| p.set(p.get() + n as u64));
     Ok(n)
 }
 
@@ -581,44 +693,6 @@ fn copy(r: &mut dyn Read, f: &mut File, size: u64) -> io::Result<()> {
             let n = fill(r, buf, left)?;
             f.write_all(&buf[..n])?;
             left -= n as u64;
-        }
-        Ok(())
-    })
-}
-
-/// Copies `size` bytes, seeking over all-zero 4 KiB blocks so they become holes;
-/// runs of data blocks go out in one write.
-fn copy_sparse(r: &mut dyn Read, f: &mut File, size: u64) -> io::Result<()> {
-    const BLOCK: usize = 4096;
-    with_buffer(|buf| {
-        let mut left = size;
-        let mut holes = false;
-        while left > 0 {
-            // Fill the chunk completely so blocks stay aligned to file offsets.
-            let n = fill(r, buf, left)?;
-            let is_hole = |b: &[u8]| b.len() == BLOCK && b[0] == 0 && b.iter().all(|&x| x == 0);
-            let mut i = 0;
-            while i < n {
-                let start = i;
-                while i < n && !is_hole(&buf[i..(i + BLOCK).min(n)]) {
-                    i = (i + BLOCK).min(n);
-                }
-                if i > start {
-                    f.write_all(&buf[start..i])?;
-                }
-                let hole = i;
-                while i < n && is_hole(&buf[i..(i + BLOCK).min(n)]) {
-                    i += BLOCK;
-                }
-                if i > hole {
-                    f.seek(SeekFrom::Current((i - hole) as i64))?;
-                    holes = true;
-                }
-            }
-            left -= n as u64;
-        }
-        if holes {
-            f.set_len(size)?;
         }
         Ok(())
     })
@@ -640,6 +714,169 @@ fn set_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>, path: &Path) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    thread_local! {
+        /// Member bytes this thread's unpacker pulled into its copy buffer.
+        pub(super) static PULLED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    /// One raw entry: path, type, link target, mode, data.
+    type RawEntry<'a> = (&'a str, tar::EntryType, Option<&'a str>, u32, &'a [u8]);
+
+    /// An archive of raw headers (tar::Builder refuses some of what tests need).
+    fn raw_tar(entries: &[RawEntry<'_>]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, link, mode, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(*mode);
+            h.set_mtime(1_000_000);
+            h.set_size(data.len() as u64);
+            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            if let Some(l) = link {
+                h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+            }
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// Issue 15, defect 3, as reproduced: a directory entry, then a symlink entry in
+    /// its place leading out of the root. The directory's mode, applied when the
+    /// archive is done, went through the path and so through the symlink: a 0600
+    /// file outside became 4777. Now nothing outside changes (mode, owner,
+    /// contents, mtime), on both read paths, and a directory left alone still gets
+    /// its mode and mtime.
+    #[test]
+    fn directory_mode_is_not_applied_through_a_symlink_put_in_its_place() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        let outside = t.path().join("outside");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        let secret = outside.join("secret");
+        fs::write(&secret, "secret").unwrap();
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+        set_mtime(&secret, (12345, 0)).unwrap();
+        let abs = secret.to_str().unwrap().to_string();
+        let before = fs::metadata(&secret).unwrap();
+        let data = raw_tar(&[
+            ("y", tar::EntryType::Directory, None, 0o4777, b""),
+            ("y", tar::EntryType::Symlink, Some(&abs), 0o777, b""),
+            // The kernel resolves a relative target from root/, so this one is the
+            // same outside file.
+            ("w", tar::EntryType::Directory, None, 0o4777, b""),
+            (
+                "w",
+                tar::EntryType::Symlink,
+                Some("../outside/secret"),
+                0o777,
+                b"",
+            ),
+            ("keep", tar::EntryType::Directory, None, 0o750, b""),
+            ("keep/f", tar::EntryType::Regular, None, 0o644, b"f"),
+        ]);
+        let ar = t.path().join("a.tar");
+        fs::write(&ar, &data).unwrap();
+        for known in [None, Some(("00", data.len() as u64))] {
+            let mut lines = Vec::new();
+            let o = unpack_file(&ar, &root, &mut |l| lines.push(l.to_string()), known);
+            assert_eq!(o.failed, None, "{lines:?}");
+            let after = fs::metadata(&secret).unwrap();
+            assert_eq!(after.mode() & 0o7777, 0o600, "outside file's mode changed");
+            assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+            assert_eq!(after.mtime(), 12345);
+            assert_eq!(fs::read(&secret).unwrap(), b"secret");
+            assert!(fs::symlink_metadata(root.join("y")).unwrap().is_symlink());
+            // (The second run finds y a symlink already: the directory entry then
+            // follows it, inside the root, and that directory gets its mode.)
+            assert!(
+                known.is_some()
+                    || lines
+                        .iter()
+                        .any(|l| l.contains("root/y: mode and mtime not set")),
+                "{lines:?}"
+            );
+            let keep = fs::metadata(root.join("keep")).unwrap();
+            assert_eq!((keep.mode() & 0o7777, keep.mtime()), (0o750, 1_000_000));
+        }
+    }
+
+    /// Issue 15, defect 11: a tiny archive declaring an 8 GiB sparse member made the
+    /// unpacker pull 8 GiB of zeros through memory (the boot stalled). Now the holes
+    /// are seeks: nothing of them passes through the copy buffer, the file has its
+    /// real size, its data where the map says, and a few blocks allocated. Both
+    /// read paths: streamed (gzip) and a plain tar with a known hash.
+    #[test]
+    fn a_huge_sparse_member_costs_its_data_not_its_size() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir(&src).unwrap();
+        sh(
+            "truncate -s 8G big && printf middle | dd of=big bs=1 seek=1048576 conv=notrunc 2>/dev/null && \
+             echo tail >> big && tar --sparse -cf ../s.tar big && gzip -c ../s.tar > ../s.tar.gz",
+            &src,
+        );
+        let size = (8u64 << 30) + 5;
+        for (a, plain) in [("s.tar.gz", false), ("s.tar", true)] {
+            let path = t.path().join(a);
+            let bytes = fs::read(&path).unwrap();
+            assert!(bytes.len() < 1 << 20, "{a} is {} bytes", bytes.len());
+            let known = plain.then_some(("00", bytes.len() as u64));
+            let root = t.path().join(format!("r-{a}"));
+            fs::create_dir(&root).unwrap();
+            PULLED.with(|p| p.set(0));
+            let o = unpack_file(&path, &root, &mut |_| {}, known);
+            assert_eq!(o.failed, None, "{a}");
+            assert!(o.refused.is_empty(), "{a}: {:?}", o.refused);
+            assert!(
+                PULLED.with(|p| p.get()) < 1 << 20,
+                "{a}: zeros read through"
+            );
+            let f = File::open(root.join("big")).unwrap();
+            let md = f.metadata().unwrap();
+            assert_eq!(md.len(), size, "{a}");
+            assert!(md.blocks() * 512 < 1 << 20, "{a}: {} blocks", md.blocks());
+            let at = |off: u64, n: usize| {
+                let mut b = vec![0; n];
+                std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, off).unwrap();
+                b
+            };
+            assert_eq!(at(1 << 20, 6), b"middle");
+            assert_eq!(at(size - 5, 5), b"tail\n");
+            assert_eq!(at(4096, 16), [0; 16]);
+        }
+    }
+
+    /// A member whose data could not fit in the free space of the target (a small
+    /// compressed archive can declare a petabyte) ends the archive before any of it
+    /// is read or written: no disk filled, no petabyte decompressed to skip it.
+    #[test]
+    fn a_member_larger_than_the_free_space_ends_the_archive_at_once() {
+        let t = tempfile::tempdir().unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_path("huge").unwrap();
+        h.set_mode(0o644);
+        h.set_size(1 << 50);
+        h.set_cksum();
+        let mut raw = h.as_bytes().to_vec();
+        raw.extend_from_slice(&[0; 1 << 16]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).unwrap();
+        let ar = t.path().join("huge.tar.gz");
+        fs::write(&ar, gz.finish().unwrap()).unwrap();
+        let root = t.path().join("root");
+        fs::create_dir(&root).unwrap();
+        PULLED.with(|p| p.set(0));
+        let o = unpack_file(&ar, &root, &mut |_| {}, None);
+        let why = o.failed.unwrap_or_default();
+        assert!(why.contains("huge") && why.contains("free"), "{why:?}");
+        assert!(!root.join("huge").exists());
+        assert_eq!(PULLED.with(|p| p.get()), 0);
+    }
 
     /// Runs a shell script in `dir` through the [`crate::reaper::REAPER`] (this test
     /// binary reaps every child in the background), returning its stdout.
