@@ -570,8 +570,17 @@ fn k8s_real_release_nodes_ready_and_pods_reach_each_other() {
     );
     assert!(run.status.success(), "kimg run:\n{}", text(&run));
     let kubeconfig = c.runtime.path().join(&c.name).join("admin.kubeconfig");
+    // `kimg build` takes a release laid out like kubernetes-server-linux-amd64 or a
+    // flat folder of binaries: kubectl is wherever the release has it.
+    let kubectl_bin = ["kubernetes/server/bin/kubectl", "kubectl"]
+        .iter()
+        .map(|p| Path::new(&release).join(p))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("no kubectl in {release:?} (kubernetes/server/bin/kubectl or kubectl)")
+        });
     let kubectl = |args: &[&str]| {
-        Command::new(Path::new(&release).join("kubernetes/server/bin/kubectl"))
+        Command::new(&kubectl_bin)
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .args(args)
