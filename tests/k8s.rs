@@ -34,12 +34,16 @@ fn double_release(dir: &Path) -> PathBuf {
         std::fs::copy(&out, bin.join(name)).unwrap();
     }
     std::fs::write(dir.join("kubernetes/version"), "v1.31.0-test-double\n").unwrap();
+    // A pre-pulled image, as scripts/k8s-release lays out the pause image.
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    image_tarball(&dir.join("images"), "pre");
     dir.to_path_buf()
 }
 
 /// A docker-archive image tarball (what `docker save` writes) with one layer, made
-/// here because no image can be pulled on the test machines.
-fn image_tarball(dir: &Path) -> PathBuf {
+/// here because no image can be pulled on the test machines: `dir/NAME.tar` tagged
+/// `kimg.test/NAME:1`.
+fn image_tarball(dir: &Path, name: &str) -> PathBuf {
     fn sha(b: &[u8]) -> String {
         kimg_util::hash::sha256(b)
     }
@@ -60,20 +64,20 @@ fn image_tarball(dir: &Path) -> PathBuf {
     );
     let config_sha = sha(config.as_bytes());
     let manifest = format!(
-        r#"[{{"Config":"{config_sha}.json","RepoTags":["kimg.test/hello:1"],"Layers":["{layer_sha}/layer.tar"]}}]"#
+        r#"[{{"Config":"{config_sha}.json","RepoTags":["kimg.test/{name}:1"],"Layers":["{layer_sha}/layer.tar"]}}]"#
     );
     let mut t = tar::Builder::new(Vec::new());
     append(&mut t, &format!("{config_sha}.json"), config.as_bytes());
     append(&mut t, &format!("{layer_sha}/layer.tar"), &layer);
     append(&mut t, "manifest.json", manifest.as_bytes());
-    let path = dir.join("hello.tar");
+    let path = dir.join(format!("{name}.tar"));
     std::fs::write(&path, t.into_inner().unwrap()).unwrap();
     path
 }
 
 /// An overlay archive carrying the image tarball and a test service.
 fn k8s_test_overlay(dir: &Path) -> PathBuf {
-    let image = std::fs::read(image_tarball(dir)).unwrap();
+    let image = std::fs::read(image_tarball(dir, "hello")).unwrap();
     let service = "command = [\"/bin/sh\", \"-c\", \"echo started; touch /run/probe.ready; exec sleep 100000\"]\n\
                    roles = [\"node\"]\nready = { path = \"/run/probe.ready\" }\nrestart = \"always\"\n";
     let mut t = tar::Builder::new(Vec::new());
@@ -158,6 +162,13 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
         .unwrap_or("")
         .starts_with("etcd-server "));
     assert_eq!(version_of("kubelet"), "v1.31.0-test-double");
+    // The release's images/ went into the image, pre-pulled.
+    assert!(
+        comps
+            .iter()
+            .any(|c| c["path"] == "/var/lib/kimg/images/pre.tar"),
+        "{comps:?}"
+    );
     // The image holds no private key (the PKI is generated per cluster).
     let bytes = std::fs::read(&image).unwrap();
     assert!(
@@ -196,7 +207,8 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
         );
         assert!(v.contains("Server:") && v.contains("Version:"), "{vm}: {v}");
         c.wait_service(vm, "kimg-images", &["done"], Duration::from_secs(60));
-        // The image tarball from the overlay was imported before kubelet's turn.
+        // The image tarballs from the overlay and the image (pre-pulled) were
+        // imported before kubelet's turn.
         let images = c.exec_ok(
             vm,
             &[
@@ -219,7 +231,7 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
             ],
         );
         assert!(
-            images.contains("kimg.test/hello:1"),
+            images.contains("kimg.test/hello:1") && images.contains("kimg.test/pre:1"),
             "{vm}: {images}\nimport log:\n{}\nstatus: {}",
             text(&log),
             c.status_json()
@@ -256,6 +268,28 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
     );
     let ps = c.exec_ok("vm-201", &["ps", "-o", "comm"]);
     assert!(!ps.contains("containerd") && !ps.contains("etcd"), "{ps}");
+    // kubectl on the control plane finds the admin kubeconfig without flags.
+    let kc = c.exec_ok(
+        "vm-001",
+        &[
+            "sh",
+            "-c",
+            "readlink $HOME/.kube/config; test -s $HOME/.kube/config && echo present",
+        ],
+    );
+    assert_eq!(kc, "/etc/kubernetes/admin.kubeconfig\npresent\n");
+    // `kimg kubectl` runs the image's kubectl on vm-001 (the double records its
+    // arguments), and `kimg status` names the host's admin kubeconfig.
+    let k = c.kimg("kubectl", &["--in-vm", "get", "nodes", "-o", "wide"]);
+    assert!(k.status.success(), "{}", text(&k));
+    let args = c.exec_ok("vm-001", &["cat", "/var/log/kimg-doubles/kubectl.args"]);
+    assert!(args.contains("get\nnodes\n-o\nwide\n--\n"), "{args}");
+    let st = c.kimg("status", &[]);
+    assert!(
+        String::from_utf8_lossy(&st.stdout).contains("admin.kubeconfig"),
+        "{}",
+        text(&st)
+    );
     // etcd only on vm-001, and healthy.
     c.wait_service("vm-001", "etcd", &["ready"], Duration::from_secs(120));
     let h = c.exec(

@@ -15,6 +15,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 pub const PKI_DIR: &str = "/etc/kubernetes/pki";
 /// Where the components' kubeconfigs are unpacked in the guest.
 pub const KUBECONFIG_DIR: &str = "/etc/kubernetes";
+/// Where nodes find container image tarballs to import at boot (pre-pulled in the
+/// image by `kimg build --k8s`, or from any overlay).
+pub const IMAGES_DIR: &str = "/var/lib/kimg/images";
 /// The apiserver's secure port on vm-001.
 pub const APISERVER_PORT: u16 = 6443;
 

@@ -98,6 +98,7 @@ pub fn run(opts: &KernelBenchOptions, log: &dyn Fn(&str)) -> Result<KernelBenchR
             zstd_level: 9,
             flavour: kimg_contract::Flavour::Base,
             k8s_release: None,
+            k8s_images: Vec::new(),
         };
         image::build(&b, &|_| {})
     };

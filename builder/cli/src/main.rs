@@ -48,6 +48,7 @@ enum Command {
     Images(commands::images::Args),
     Mkcdrom(commands::mkcdrom::Args),
     Kernel(commands::kernel::Args),
+    Kubectl(commands::kubectl::Args),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +70,7 @@ fn main() -> ExitCode {
         Command::Images(a) => commands::images::run(a),
         Command::Mkcdrom(a) => commands::mkcdrom::run(a),
         Command::Kernel(a) => commands::kernel::run(a),
+        Command::Kubectl(a) => commands::kubectl::run(a),
     };
     match result {
         Ok(code) => code,

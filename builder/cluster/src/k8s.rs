@@ -56,6 +56,12 @@ impl Addon for K8s {
     }
 }
 
+/// The admin kubeconfig of the cluster in `dir` (its server is the host's forward
+/// to vm-001's apiserver), if the cluster is a Kubernetes one.
+pub fn admin_kubeconfig(dir: &Path) -> Option<std::path::PathBuf> {
+    Some(dir.join(pki::ADMIN_KUBECONFIG)).filter(|p| p.is_file())
+}
+
 /// A free TCP port on 127.0.0.1 for the apiserver forward (the kernel picks it).
 pub fn free_port() -> io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

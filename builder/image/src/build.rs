@@ -97,6 +97,9 @@ pub struct BuildOptions {
     pub flavour: Flavour,
     /// The Kubernetes release (folder or tarball) of the Kubernetes flavour.
     pub k8s_release: Option<PathBuf>,
+    /// Folders of container image tarballs (`*.tar`) the Kubernetes flavour carries
+    /// pre-pulled, after the release's own `images/`.
+    pub k8s_images: Vec<PathBuf>,
 }
 
 impl BuildOptions {
@@ -159,7 +162,7 @@ struct Esp {
 /// the outputs put in place.
 pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, BuildError> {
     check_inputs(opts)?;
-    let plan = Plan::resolve(opts.flavour, opts.k8s_release.as_deref(), &opts.out_dir)?;
+    let plan = Plan::resolve(opts)?;
     let mut steps = Steps {
         log,
         done: Vec::new(),

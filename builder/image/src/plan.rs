@@ -3,11 +3,11 @@
 //! onto the root, and how the disk is written. `build` reads the plan and never asks
 //! which flavour it builds.
 
-use crate::build::BuildError;
+use crate::build::{BuildError, BuildOptions};
 use crate::k8s::{self, Release};
 use crate::rootfs::{self, RootfsManifest};
 use kimg_contract::Flavour;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Modules kimg-init loads from the root filesystem in stage 2, every flavour.
 pub const STAGE2_MODULES: &[&str] = &["virtio_net", "virtio_rng"];
@@ -38,7 +38,8 @@ pub struct Plan {
     pub stage2_modules: Vec<&'static str>,
     /// Rootfs manifests, applied in order (base first).
     pub rootfs: Vec<RootfsManifest>,
-    /// Binaries from outside the host's PATH: (file, path in the image, version).
+    /// Files from outside the host's PATH: (file, path in the image, version).
+    /// ELF binaries bring their library closure; image tarballs go as they are.
     pub extra_binaries: Vec<(PathBuf, String, Option<String>)>,
     /// Whether the qcow2's clusters are zstd-compressed.
     pub compress: bool,
@@ -47,13 +48,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Resolves the plan of `flavour`; the Kubernetes flavour's release is found and
-    /// checked here, before any work is done (a tarball is unpacked under `scratch`).
-    pub fn resolve(
-        flavour: Flavour,
-        k8s_release: Option<&Path>,
-        scratch: &Path,
-    ) -> Result<Plan, BuildError> {
+    /// Resolves the plan of the options' flavour; the Kubernetes flavour's release
+    /// and image tarballs are found and checked here, before any work is done (a
+    /// release tarball is unpacked under the output directory).
+    pub fn resolve(opts: &BuildOptions) -> Result<Plan, BuildError> {
+        let flavour = opts.flavour;
+        let scratch = opts.out_dir.as_path();
         let mut plan = Plan {
             flavour,
             kernel_fragments: kimg_kernel::config::builtin_fragments(flavour),
@@ -69,7 +69,10 @@ impl Plan {
         match flavour {
             Flavour::Base => {}
             Flavour::K8s => {
-                let release = k8s_release.ok_or(k8s::K8sError::NoRelease)?;
+                let release = opts
+                    .k8s_release
+                    .as_deref()
+                    .ok_or(k8s::K8sError::NoRelease)?;
                 std::fs::create_dir_all(scratch)
                     .map_err(|e| BuildError::Io(kimg_util::fs::IoError::new(scratch, e)))?;
                 let r = k8s::find_release(release, scratch)?;
@@ -88,6 +91,14 @@ impl Plan {
                         )
                     })
                     .collect();
+                // Pre-pulled images: the release's own (pause, test image), then the
+                // user's; kimg-images imports them at boot, before kubelet starts.
+                let mut dirs = vec![release.join("images")];
+                dirs.extend(opts.k8s_images.iter().cloned());
+                for (name, file) in k8s::image_tarballs(&dirs)? {
+                    plan.extra_binaries
+                        .push((file, format!("{}/{name}", k8s::IMAGES_DIR), None));
+                }
                 // The k8s image is mostly Go binaries: compressed clusters take it
                 // from 736 MB to 234 MB (v1.20.2) for ~10% longer to nodes Ready
                 // under TCG.
@@ -103,10 +114,24 @@ impl Plan {
 mod tests {
     use super::*;
 
+    fn opts(flavour: Flavour, release: Option<&std::path::Path>) -> BuildOptions {
+        BuildOptions {
+            out_dir: std::env::temp_dir(),
+            kernel: kimg_kernel::KernelSource::DebianDefault,
+            size: 0,
+            init: PathBuf::new(),
+            busybox: PathBuf::new(),
+            mtime: 0,
+            zstd_level: 0,
+            flavour,
+            k8s_release: release.map(PathBuf::from),
+            k8s_images: Vec::new(),
+        }
+    }
+
     #[test]
     fn base_plan_has_base_parts_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = Plan::resolve(Flavour::Base, None, dir.path()).unwrap();
+        let p = Plan::resolve(&opts(Flavour::Base, None)).unwrap();
         assert_eq!(p.kernel_fragments.len(), 1);
         assert_eq!(p.stage2_modules, STAGE2_MODULES);
         assert_eq!(p.rootfs.len(), 1);
@@ -116,9 +141,9 @@ mod tests {
     #[test]
     fn k8s_plan_needs_a_release_before_any_work() {
         let dir = tempfile::tempdir().unwrap();
-        let e = Plan::resolve(Flavour::K8s, None, dir.path()).unwrap_err();
+        let e = Plan::resolve(&opts(Flavour::K8s, None)).unwrap_err();
         assert!(e.to_string().contains("--k8s needs"), "{e}");
-        let e = Plan::resolve(Flavour::K8s, Some(dir.path()), dir.path()).unwrap_err();
+        let e = Plan::resolve(&opts(Flavour::K8s, Some(dir.path()))).unwrap_err();
         assert!(e.to_string().contains("kubelet is missing"), "{e}");
     }
 }

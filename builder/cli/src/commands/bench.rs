@@ -281,6 +281,7 @@ fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
             zstd_level: 9,
             flavour: kimg_contract::Flavour::Base,
             k8s_release: None,
+            k8s_images: Vec::new(),
         },
         runs: a.runs.max(1),
         accel: a.accel,

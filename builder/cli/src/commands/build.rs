@@ -46,9 +46,15 @@ pub struct Args {
     /// kernel-configs/k8s.config too (with --kernel-source, it is built with it).
     #[arg(long)]
     k8s: bool,
-    /// A Kubernetes release: kubernetes-server-linux-amd64.tar.gz or its folder.
+    /// A Kubernetes release: kubernetes-server-linux-amd64.tar.gz or its folder
+    /// (scripts/k8s-release builds one from Debian's source). Image tarballs in its
+    /// `images/` folder (the pause image, a test image) go into the image pre-pulled.
     #[arg(long, value_name = "PATH", requires = "k8s")]
     k8s_release: Option<PathBuf>,
+    /// A folder of container image tarballs (`*.tar`, as `docker save` writes) to
+    /// carry pre-pulled: nodes import them at boot, so pods start offline. Repeatable.
+    #[arg(long, value_name = "DIR", requires = "k8s")]
+    k8s_images: Vec<PathBuf>,
     /// Print the manifest as JSON on stdout instead of a summary.
     #[arg(long)]
     json: bool,
@@ -57,7 +63,7 @@ pub struct Args {
 /// Runs `kimg build`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let flavour = super::kernel::flavour(a.k8s);
-    let k8s = (flavour, a.k8s_release.clone());
+    let k8s = (flavour, a.k8s_release.clone(), a.k8s_images.clone());
     if let Some(tree) = &a.kernel_source {
         use kimg_kernel::source::{self, Base, Fragment};
         let built = source::assemble_and_build(
@@ -89,7 +95,7 @@ fn build_with(
     size: u64,
     init: Option<PathBuf>,
     busybox: PathBuf,
-    (flavour, k8s_release): (Flavour, Option<PathBuf>),
+    (flavour, k8s_release, k8s_images): (Flavour, Option<PathBuf>, Vec<PathBuf>),
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let opts = BuildOptions {
@@ -102,6 +108,7 @@ fn build_with(
         zstd_level: 9,
         flavour,
         k8s_release,
+        k8s_images,
     };
     let start = std::time::Instant::now();
     let out = image::build(&opts, &|line| eprintln!("kimg build: {line}"))

@@ -7,6 +7,7 @@ pub mod exec;
 pub mod fetch;
 pub mod images;
 pub mod kernel;
+pub mod kubectl;
 pub mod logs;
 pub mod mkcdrom;
 pub mod publish;

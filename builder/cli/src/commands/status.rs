@@ -19,8 +19,11 @@ pub struct Args {
 /// Runs `kimg status`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let (state, vms) = cluster::status(&a.name)?;
+    let kubeconfig = cluster::cluster_dir(&a.name)
+        .ok()
+        .and_then(|d| cluster::k8s::admin_kubeconfig(&d));
     if a.json {
-        let out = serde_json::json!({ "name": state.name, "image": state.image, "accel": state.accel, "net": state.net, "size": state.size, "plan": kimg_contract::net::describe(&state.size), "vms": vms });
+        let out = serde_json::json!({ "name": state.name, "image": state.image, "accel": state.accel, "net": state.net, "size": state.size, "plan": kimg_contract::net::describe(&state.size), "admin_kubeconfig": kubeconfig, "vms": vms });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -32,6 +35,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     );
     for line in kimg_contract::net::describe(&state.size) {
         println!("  {line}");
+    }
+    if let Some(k) = &kubeconfig {
+        println!("  kubeconfig {} (or `kimg kubectl ...`)", k.display());
     }
     println!(
         "{:<8} {:<8} {:<9} {:>8}  {:<44} PROBLEMS",

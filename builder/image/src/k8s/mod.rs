@@ -21,6 +21,8 @@ pub const K8S_BINARIES: &[&str] = &[
     "kubectl",
 ];
 
+pub use kimg_contract::k8s::IMAGES_DIR;
+
 /// Where users get the binaries, for error messages.
 pub const WHERE_TO_GET: &str = "download kubernetes-server-linux-amd64.tar.gz of a release \
 (see kubernetes.io/releases/download) and pass it, or its unpacked folder, with --k8s-release";
@@ -52,6 +54,14 @@ pub enum K8sError {
         release: PathBuf,
         /// What is wrong.
         problem: String,
+    },
+    /// A container image tarball is not one, or two have the same name.
+    #[error("{path}: {why} (image tarballs are what `docker save` or `ctr images export` write)")]
+    Image {
+        /// The tarball.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
     },
     /// A file of rootfs/k8s.toml could not be rendered for the release.
     #[error("rootfs/k8s.toml: {0}")]
@@ -160,9 +170,102 @@ fn unpack_binaries(tarball: &Path, dest: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The container image tarballs (`*.tar`, by name) in `dirs`, in order: the first
+/// folder may be missing (a release without `images/`), the others must exist. Each
+/// must be a docker-archive or OCI layout tarball (a `manifest.json` or `index.json`
+/// at its top); two with the same file name are refused.
+pub fn image_tarballs(dirs: &[PathBuf]) -> Result<Vec<(String, PathBuf)>, K8sError> {
+    let mut found: Vec<(String, PathBuf)> = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        if i == 0 && !dir.is_dir() {
+            continue;
+        }
+        let mut tars: Vec<PathBuf> = fs::read_dir(dir)
+            .with_path(dir)?
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "tar"))
+            .collect();
+        tars.sort();
+        for path in tars {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let Some((_, other)) = found.iter().find(|(n, _)| *n == name) {
+                return Err(K8sError::Image {
+                    path,
+                    why: format!("same name as {}", other.display()),
+                });
+            }
+            check_image_tarball(&path)?;
+            found.push((name, path));
+        }
+    }
+    Ok(found)
+}
+
+/// A tarball with `manifest.json` (docker-archive) or `index.json` (OCI) at its top.
+fn check_image_tarball(path: &Path) -> Result<(), K8sError> {
+    let bad = |why: String| K8sError::Image {
+        path: path.to_path_buf(),
+        why,
+    };
+    let file = fs::File::open(path).with_path(path)?;
+    let mut archive = tar::Archive::new(file);
+    let entries = archive
+        .entries_with_seek()
+        .map_err(|e| bad(format!("not a tar: {e}")))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| bad(format!("not a tar: {e}")))?;
+        let p = entry.path_bytes();
+        let p = p.strip_prefix(b"./").unwrap_or(&p);
+        if p == b"manifest.json" || p == b"index.json" {
+            return Ok(());
+        }
+    }
+    Err(bad("no manifest.json or index.json at its top".into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_tarballs_are_checked_and_named_once() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        for dir in [&a, &b] {
+            fs::create_dir(dir).unwrap();
+        }
+        let tar_with = |path: &Path, member: &str| {
+            let mut t = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_ustar();
+            h.set_size(2);
+            h.set_mode(0o644);
+            h.set_cksum();
+            t.append_data(&mut h, member, &b"{}"[..]).unwrap();
+            fs::write(path, t.into_inner().unwrap()).unwrap();
+        };
+        tar_with(&a.join("pause.tar"), "manifest.json");
+        tar_with(&b.join("app.tar"), "index.json");
+        fs::write(b.join("notes.txt"), "not an image").unwrap();
+        let missing = d.path().join("missing");
+        let got = image_tarballs(&[missing.clone(), a.clone(), b.clone()]).unwrap();
+        let names: Vec<_> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["pause.tar", "app.tar"]);
+        // A user's folder must exist.
+        assert!(image_tarballs(&[a.clone(), missing]).is_err());
+        // The same name twice, and a tar that is no image, are refused by path.
+        tar_with(&b.join("pause.tar"), "manifest.json");
+        let e = image_tarballs(&[a.clone(), b.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("same name as") && e.contains("pause.tar"), "{e}");
+        fs::remove_file(b.join("pause.tar")).unwrap();
+        tar_with(&b.join("x.tar"), "hello.txt");
+        let e = image_tarballs(&[a, b]).unwrap_err().to_string();
+        assert!(e.contains("x.tar") && e.contains("no manifest.json"), "{e}");
+    }
 
     /// rootfs/k8s.toml spells out addresses whose one home is kimg-contract: each
     /// must be the contract's, so a change there cannot leave the services behind.
@@ -201,6 +304,7 @@ mod tests {
         for line in expected {
             assert!(toml.contains(&line), "rootfs/k8s.toml lacks {line}");
         }
+        assert!(toml.contains(&format!("{IMAGES_DIR}/*.tar")));
         // No other address of those ranges is spelled out: a new one belongs in
         // kimg-contract first, then here.
         for (lit, n) in [
