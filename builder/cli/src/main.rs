@@ -1,6 +1,6 @@
 //! The `kimg` command: parses arguments and dispatches to the library.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 mod commands;
@@ -48,6 +48,10 @@ enum Command {
     Images(commands::images::Args),
     Mkcdrom(commands::mkcdrom::Args),
     Kernel(commands::kernel::Args),
+    Ls(commands::ls::Args),
+    Doctor(commands::doctor::Args),
+    Completions(commands::completions::Args),
+    Man(commands::completions::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +73,10 @@ fn main() -> ExitCode {
         Command::Images(a) => commands::images::run(a),
         Command::Mkcdrom(a) => commands::mkcdrom::run(a),
         Command::Kernel(a) => commands::kernel::run(a),
+        Command::Ls(a) => commands::ls::run(a),
+        Command::Doctor(a) => commands::doctor::run(a),
+        Command::Completions(a) => commands::completions::run(a, Cli::command()),
+        Command::Man(a) => commands::completions::run_man(a, Cli::command()),
     };
     match result {
         Ok(code) => code,

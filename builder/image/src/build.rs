@@ -485,7 +485,7 @@ fn check_config(
 /// The installed version of a Debian package, if dpkg knows it (for the manifest).
 fn deb_version(package: &str) -> Option<String> {
     kimg_util::cmd::run_stdout(
-        std::process::Command::new("dpkg-query")
+        kimg_util::cmd::command("dpkg-query")
             .args(["-W", "-f=${Version}"])
             .arg(package),
     )
@@ -529,22 +529,13 @@ fn component(
     Ok(kimg_util::hash::component(name, path, image_path.into(), version).with_path(path)?)
 }
 
-/// Where kimg-init is looked for when `--init` is not given: `$KIMG_INIT`, beside
-/// the kimg binary, then this workspace's musl build.
-pub fn default_init() -> PathBuf {
+/// kimg-init when `--init` is not given: `$KIMG_INIT` (for kimg-init's developers),
+/// else `embedded`, the one the kimg binary carries, written to the cache by its sha256.
+pub fn default_init(embedded: &[u8]) -> Result<PathBuf, BuildError> {
     if let Some(p) = std::env::var_os("KIMG_INIT").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
+        return Ok(PathBuf::from(p));
     }
-    if let Some(p) = std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.join("kimg-init")))
-    {
-        if p.is_file() {
-            return p;
-        }
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/x86_64-unknown-linux-musl/init/kimg-init")
+    Ok(crate::embedded::init_file(embedded)?)
 }
 
 /// SOURCE_DATE_EPOCH if set and valid, else 1 (a fixed time keeps builds reproducible).
