@@ -25,7 +25,7 @@ pub enum NetworkError {
     #[error(transparent)]
     Cmd(#[from] CmdError),
     /// A switch did not come up.
-    #[error("vde_switch for net {net} did not create {path} within 5 s (is vde2 installed? scripts/setup-host)")]
+    #[error("vde_switch for net {net} did not create {path} within 5 s (is vde2 installed? `kimg doctor` checks)")]
     SwitchTimeout {
         /// Network.
         net: Net,

@@ -34,7 +34,7 @@ pub enum BuildError {
     #[error(transparent)]
     Kernel(#[from] kernel::KernelError),
     /// The kernel config lacks symbols kimg needs.
-    #[error("kernel {version}: its config ({config}) lacks what kimg needs:\n  {}\nuse a kernel built with kernel-configs/base.config", misses.join("\n  "))]
+    #[error("kernel {version}: its config ({config}) lacks what kimg needs:\n  {}\nuse a kernel built with kimg's requirements (`kimg kernel config` and `kimg kernel build` apply them; `kimg build --kernel-source DIR` does both)", misses.join("\n  "))]
     Config {
         /// Kernel version.
         version: String,
@@ -62,7 +62,7 @@ pub enum BuildError {
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
     /// A required input is missing.
-    #[error("{what} not found at {path}: {hint}")]
+    #[error("{what} not found at {path}: {hint} (`kimg doctor` checks what kimg needs)")]
     Missing {
         /// What.
         what: &'static str,
@@ -227,7 +227,7 @@ fn check_inputs(opts: &BuildOptions) -> Result<(), BuildError> {
         (
             "kimg-init",
             &opts.init,
-            "build it with scripts/build, or pass --init",
+            "check --init or $KIMG_INIT (without them kimg uses the kimg-init it carries)",
         ),
         (
             "busybox",

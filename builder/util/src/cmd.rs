@@ -64,7 +64,7 @@ pub fn package_hint(program: &str) -> &'static str {
         "make" | "gcc" | "flex" | "bison" | "bc" => {
             "apt-get install gcc make flex bison bc libelf-dev libssl-dev"
         }
-        _ => "see README.md",
+        _ => "`kimg doctor` lists what kimg needs",
     }
 }
 
