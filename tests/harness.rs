@@ -138,7 +138,10 @@ impl TestCluster {
                 continue;
             };
             let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.starts_with("qemu-system") && cmd.contains(&needle) {
+            // argv[0] is `qemu-system-x86_64`, or its full path under `ip netns exec`.
+            let argv0 = cmd.split('\0').next().unwrap_or_default();
+            let program = argv0.rsplit('/').next().unwrap_or_default();
+            if program.starts_with("qemu-system") && cmd.contains(&needle) {
                 pids.push(pid);
             }
         }

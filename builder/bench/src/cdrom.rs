@@ -18,7 +18,6 @@ use serde::Serialize;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Options of `kimg bench cdrom`.
@@ -140,7 +139,7 @@ pub fn run(opts: &CdromBenchOptions, log: &dyn Fn(&str)) -> Result<CdromBenchRep
         let k = t.elapsed().as_secs_f64();
         let t = Instant::now();
         kimg_util::cmd::run(
-            Command::new("xorriso")
+            kimg_util::cmd::command("xorriso")
                 .args(["-as", "mkisofs", "-R", "-V", "kimg", "-quiet", "-o"])
                 .arg(&x_iso)
                 .arg(&xdir),

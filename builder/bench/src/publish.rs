@@ -14,7 +14,6 @@ use kimg_util::fs::PathContext;
 use serde::Serialize;
 use std::fs::File;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Instant;
 
 /// Inputs of `kimg bench publish`.
@@ -61,7 +60,7 @@ pub fn run(
     let out = File::create(&xz_out).with_path(&xz_out)?;
     let t = Instant::now();
     cmd::run(
-        Command::new("xz")
+        cmd::command("xz")
             .args(["-T0", "-6", "-c"])
             .arg(&opts.image)
             .stdout(out),

@@ -1,6 +1,6 @@
 //! The `kimg` command: parses arguments and dispatches to the library.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 mod commands;
@@ -49,6 +49,10 @@ enum Command {
     Mkcdrom(commands::mkcdrom::Args),
     Kernel(commands::kernel::Args),
     Kubectl(commands::kubectl::Args),
+    Ls(commands::ls::Args),
+    Doctor(commands::doctor::Args),
+    Completions(commands::completions::Args),
+    Man(commands::completions::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +75,10 @@ fn main() -> ExitCode {
         Command::Mkcdrom(a) => commands::mkcdrom::run(a),
         Command::Kernel(a) => commands::kernel::run(a),
         Command::Kubectl(a) => commands::kubectl::run(a),
+        Command::Ls(a) => commands::ls::run(a),
+        Command::Doctor(a) => commands::doctor::run(a),
+        Command::Completions(a) => commands::completions::run(a, Cli::command()),
+        Command::Man(a) => commands::completions::run_man(a, Cli::command()),
     };
     match result {
         Ok(code) => code,

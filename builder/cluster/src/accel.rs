@@ -8,7 +8,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// The accelerator a VM runs with.
@@ -99,7 +99,7 @@ pub fn probe_guest(qemu: &str, accel: &str, scratch: &Path) -> Result<(), String
     std::fs::File::create(&bios)
         .and_then(|mut f| f.write_all(&probe_bios()))
         .map_err(|e| format!("cannot write {}: {e}", bios.display()))?;
-    let mut child = Command::new(qemu)
+    let mut child = kimg_util::cmd::command(qemu)
         .args([
             "-M",
             "pc",

@@ -21,7 +21,6 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Options of `kimg run` (`Default` is an empty cluster with no name: set what
@@ -254,7 +253,7 @@ pub(crate) fn make_cdrom(
     overlays: &[String],
     ovlpath: &[PathBuf],
 ) -> Result<(), ClusterError> {
-    let path = kimg_image::overlay::search_path(ovlpath);
+    let path = kimg_image::overlay::search_path(ovlpath)?;
     let ovs = kimg_image::overlay::resolve(overlays, &path)?;
     let all: Vec<_> = first.into_iter().chain(ovs).collect();
     kimg_image::overlay::mkcdrom(out, &all)?;
@@ -287,7 +286,7 @@ fn start_vm(
     let paths = VmPaths::new(dir, spec.vm);
     fs::create_dir_all(&paths.dir).with_path(&paths.dir)?;
     cmd::run(
-        Command::new("qemu-img")
+        cmd::command("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
             .arg(image)
             .arg(paths.disk()),

@@ -6,16 +6,19 @@
 //! [`health`] (QEMU, console and agent status, the wait for ready), [`ops`] (exec,
 //! stop, scale), [`network`], [`qemu`] and [`accel`] (command lines and the
 //! accelerator), [`agent`] (the client), and [`addon`] with what a flavour adds to a
-//! cluster ([`k8s`]: the PKI of [`pki`] and the apiserver forward).
+//! cluster ([`k8s`]: the PKI of [`pki`] and the apiserver forward); [`list`] (`kimg
+//! ls`) and [`doctor`] (what this host has of what kimg needs).
 
 pub mod accel;
 pub mod addon;
 pub mod agent;
 pub mod bootfiles;
+pub mod doctor;
 pub mod error;
 pub mod health;
 pub mod k8s;
 pub mod launch;
+pub mod list;
 pub mod network;
 pub mod ops;
 pub mod pki;

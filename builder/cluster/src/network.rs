@@ -25,7 +25,7 @@ pub enum NetworkError {
     #[error(transparent)]
     Cmd(#[from] CmdError),
     /// A switch did not come up.
-    #[error("vde_switch for net {net} did not create {path} within 5 s (is vde2 installed? scripts/setup-host)")]
+    #[error("vde_switch for net {net} did not create {path} within 5 s (is vde2 installed? `kimg doctor` checks)")]
     SwitchTimeout {
         /// Network.
         net: Net,
@@ -79,7 +79,7 @@ pub fn create(backend: NetBackend, name: &str, cluster_dir: &Path) -> Result<(),
             for net in NETS {
                 let dir = switch_dir(cluster_dir, net);
                 cmd::run(
-                    Command::new(VDE_SWITCH)
+                    cmd::command(VDE_SWITCH)
                         .arg("--daemon")
                         .arg("--sock")
                         .arg(&dir)
@@ -103,13 +103,13 @@ pub fn create(backend: NetBackend, name: &str, cluster_dir: &Path) -> Result<(),
                 return Err(NetworkError::NotRoot);
             }
             let ns = netns(name);
-            cmd::run(Command::new("ip").args(["netns", "add", &ns]))?;
+            cmd::run(cmd::command("ip").args(["netns", "add", &ns]))?;
             for net in NETS {
                 let br = bridge(net);
                 cmd::run(
-                    Command::new("ip").args(["-n", &ns, "link", "add", &br, "type", "bridge"]),
+                    cmd::command("ip").args(["-n", &ns, "link", "add", &br, "type", "bridge"]),
                 )?;
-                cmd::run(Command::new("ip").args(["-n", &ns, "link", "set", &br, "up"]))?;
+                cmd::run(cmd::command("ip").args(["-n", &ns, "link", "set", &br, "up"]))?;
             }
             Ok(())
         }
@@ -138,10 +138,10 @@ pub fn attach(
                 let ns = netns(name);
                 let tap = tap(vm, nic.net);
                 cmd::run(
-                    Command::new("ip")
+                    cmd::command("ip")
                         .args(["-n", &ns, "tuntap", "add", "dev", &tap, "mode", "tap"]),
                 )?;
-                cmd::run(Command::new("ip").args([
+                cmd::run(cmd::command("ip").args([
                     "-n",
                     &ns,
                     "link",
@@ -168,7 +168,7 @@ pub fn wrap(backend: NetBackend, name: &str, qemu: Command) -> Command {
     match backend {
         NetBackend::User => qemu,
         NetBackend::Bridge => {
-            let mut c = Command::new("ip");
+            let mut c = cmd::command("ip");
             c.args(["netns", "exec", &netns(name)])
                 .arg(qemu.get_program())
                 .args(qemu.get_args());
@@ -181,7 +181,7 @@ pub fn wrap(backend: NetBackend, name: &str, qemu: Command) -> Command {
 pub fn detach(backend: NetBackend, name: &str, vm: VmId) {
     if backend == NetBackend::Bridge {
         for nic in net::nics(vm) {
-            let _ = cmd::run(Command::new("ip").args([
+            let _ = cmd::run(cmd::command("ip").args([
                 "-n",
                 &netns(name),
                 "link",
@@ -221,7 +221,7 @@ pub fn destroy(name: &str, cluster_dir: &Path) -> Result<(), NetworkError> {
     }
     let ns = netns(name);
     if Path::new("/run/netns").join(&ns).exists() {
-        cmd::run(Command::new("ip").args(["netns", "del", &ns]))?;
+        cmd::run(cmd::command("ip").args(["netns", "del", &ns]))?;
     }
     Ok(())
 }
@@ -242,7 +242,8 @@ mod tests {
         let wrapped = wrap(NetBackend::Bridge, "c", Command::new("qemu-system-x86_64"));
         let line = kimg_util::cmd::display(&wrapped);
         assert!(
-            line.starts_with("ip netns exec kimg-c qemu-system-x86_64"),
+            // `ip` as found by kimg_util::cmd::find (a full path).
+            line.contains("ip netns exec kimg-c qemu-system-x86_64"),
             "{line}"
         );
     }

@@ -157,7 +157,7 @@ pub fn machine(accel: Accel, mem_mb: u32, cpus: u32) -> Command {
         Accel::Kvm => "host",
         Accel::Tcg => "max",
     };
-    let mut c = Command::new(QEMU);
+    let mut c = kimg_util::cmd::command(QEMU);
     c.args(["-M", "q35", "-accel", accel.as_str(), "-cpu", cpu])
         .args(["-m", &mem_mb.to_string(), "-smp", &cpus.to_string()])
         .args([

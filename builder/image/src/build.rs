@@ -34,7 +34,7 @@ pub enum BuildError {
     #[error(transparent)]
     Kernel(#[from] kernel::KernelError),
     /// The kernel config lacks symbols kimg needs.
-    #[error("kernel {version}: its config ({config}) lacks what kimg needs:\n  {}\nuse a kernel built with kernel-configs/base.config", misses.join("\n  "))]
+    #[error("kernel {version}: its config ({config}) lacks what kimg needs:\n  {}\nuse a kernel built with kimg's requirements (`kimg kernel config` and `kimg kernel build` apply them; `kimg build --kernel-source DIR` does both)", misses.join("\n  "))]
     Config {
         /// Kernel version.
         version: String,
@@ -62,7 +62,7 @@ pub enum BuildError {
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
     /// A required input is missing.
-    #[error("{what} not found at {path}: {hint}")]
+    #[error("{what} not found at {path}: {hint} (`kimg doctor` checks what kimg needs)")]
     Missing {
         /// What.
         what: &'static str,
@@ -230,7 +230,7 @@ fn check_inputs(opts: &BuildOptions) -> Result<(), BuildError> {
         (
             "kimg-init",
             &opts.init,
-            "build it with scripts/build, or pass --init",
+            "check --init or $KIMG_INIT (without them kimg uses the kimg-init it carries)",
         ),
         (
             "busybox",
@@ -488,7 +488,7 @@ fn check_config(
 /// The installed version of a Debian package, if dpkg knows it (for the manifest).
 fn deb_version(package: &str) -> Option<String> {
     kimg_util::cmd::run_stdout(
-        std::process::Command::new("dpkg-query")
+        kimg_util::cmd::command("dpkg-query")
             .args(["-W", "-f=${Version}"])
             .arg(package),
     )
@@ -532,22 +532,13 @@ fn component(
     Ok(kimg_util::hash::component(name, path, image_path.into(), version).with_path(path)?)
 }
 
-/// Where kimg-init is looked for when `--init` is not given: `$KIMG_INIT`, beside
-/// the kimg binary, then this workspace's musl build.
-pub fn default_init() -> PathBuf {
+/// kimg-init when `--init` is not given: `$KIMG_INIT` (for kimg-init's developers),
+/// else `embedded`, the one the kimg binary carries, written to the cache by its sha256.
+pub fn default_init(embedded: &[u8]) -> Result<PathBuf, BuildError> {
     if let Some(p) = std::env::var_os("KIMG_INIT").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
+        return Ok(PathBuf::from(p));
     }
-    if let Some(p) = std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.join("kimg-init")))
-    {
-        if p.is_file() {
-            return p;
-        }
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/x86_64-unknown-linux-musl/init/kimg-init")
+    Ok(crate::embedded::init_file(embedded)?)
 }
 
 /// SOURCE_DATE_EPOCH if set and valid, else 1 (a fixed time keeps builds reproducible).

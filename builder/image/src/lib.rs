@@ -2,6 +2,7 @@
 //! flavour's plan, overlays and their cdrom, `kimg publish` and `kimg fetch`.
 
 pub mod build;
+pub mod embedded;
 pub mod fetch;
 pub mod k8s;
 pub mod overlay;

@@ -86,19 +86,20 @@ pub struct Overlay {
 }
 
 /// The search path: `--ovlpath` dirs, then `$KIMG_OVLPATH`, then the built-in
-/// overlays/ of the kimg source tree.
-pub fn search_path(cli: &[PathBuf]) -> Vec<PathBuf> {
+/// overlays kimg carries.
+pub fn search_path(cli: &[PathBuf]) -> Result<Vec<PathBuf>, OverlayError> {
     let mut path = cli.to_vec();
     if let Some(env) = std::env::var_os(ENV_OVLPATH) {
         path.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()));
     }
-    path.push(builtin_dir());
-    path
+    path.push(builtin_dir()?);
+    Ok(path)
 }
 
-/// The built-in overlays shipped with kimg.
-pub fn builtin_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../overlays")
+/// The built-in overlays (the source tree's overlays/, carried in the binary and
+/// written to the cache on first use, so an installed kimg needs no checkout).
+pub fn builtin_dir() -> Result<PathBuf, OverlayError> {
+    Ok(crate::embedded::overlays_dir()?)
 }
 
 fn archive_suffix(arg: &str) -> Option<&'static str> {

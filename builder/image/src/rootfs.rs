@@ -316,7 +316,7 @@ fn package_versions(bins: &mut [(PathBuf, String, Option<String>)]) {
         return;
     }
     // dpkg knows the paths it installed: try the canonical path too (merged /usr).
-    let mut q = Command::new("dpkg-query");
+    let mut q = kimg_util::cmd::command("dpkg-query");
     q.arg("-S");
     for (h, _, _) in bins.iter() {
         q.arg(h);
@@ -343,7 +343,7 @@ fn package_versions(bins: &mut [(PathBuf, String, Option<String>)]) {
         }
     }
     let pkgs: std::collections::BTreeSet<&String> = pkg_of.values().collect();
-    let mut w = Command::new("dpkg-query");
+    let mut w = kimg_util::cmd::command("dpkg-query");
     w.args(["-W", "-f", "${Package} ${Version}\n"]).args(pkgs);
     let Ok(versions) = kimg_util::cmd::run_stdout(&mut w) else {
         return;

@@ -8,7 +8,6 @@ use super::KernelError;
 use kimg_util::cmd;
 use kimg_util::fs::IoError;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// The Debian metapackage that tracks the current cloud kernel.
 pub const DEBIAN_META_PACKAGE: &str = "linux-image-cloud-amd64";
@@ -32,7 +31,7 @@ pub fn download_default(cache: &Path) -> Result<Download, KernelError> {
             return Err(KernelError::NoApt { program });
         }
     }
-    let show = cmd::run_stdout(Command::new("apt-cache").args([
+    let show = cmd::run_stdout(cmd::command("apt-cache").args([
         "show",
         "--no-all-versions",
         DEBIAN_META_PACKAGE,
@@ -46,7 +45,7 @@ pub fn download_default(cache: &Path) -> Result<Download, KernelError> {
     let version = match version {
         Some(v) => v,
         None => {
-            let policy = cmd::run_stdout(Command::new("apt-cache").args(["policy", &package]))?;
+            let policy = cmd::run_stdout(cmd::command("apt-cache").args(["policy", &package]))?;
             candidate_version(&policy)
                 .ok_or_else(|| resolve_err(&package, "no candidate version"))?
         }
@@ -62,7 +61,7 @@ pub fn download_package(cache: &Path, package: &str) -> Result<Download, KernelE
             return Err(KernelError::NoApt { program });
         }
     }
-    let policy = cmd::run_stdout(Command::new("apt-cache").args(["policy", package]))?;
+    let policy = cmd::run_stdout(cmd::command("apt-cache").args(["policy", package]))?;
     let version = candidate_version(&policy).ok_or_else(|| KernelError::Resolve {
         package: package.to_string(),
         reason: "no candidate version (run apt-get update?)".into(),
@@ -84,7 +83,7 @@ fn download_exact(cache: &Path, package: &str, version: &str) -> Result<Download
     std::fs::create_dir_all(&debs).map_err(io_err(&debs))?;
     let spec = format!("{package}={version}");
     let record =
-        cmd::run_stdout(Command::new("apt-cache").args(["show", "--no-all-versions", &spec]))?;
+        cmd::run_stdout(cmd::command("apt-cache").args(["show", "--no-all-versions", &spec]))?;
     // Architecture-independent packages (linux-source) are _all.deb.
     let arch = field(&record, "Architecture")
         .filter(|a| a.bytes().all(|b| b.is_ascii_alphanumeric()))
@@ -111,7 +110,7 @@ fn download_exact(cache: &Path, package: &str, version: &str) -> Result<Download
         _ => {}
     }
     cmd::run(
-        Command::new("apt-get")
+        cmd::command("apt-get")
             .args(["download", "-q"])
             .arg(&spec)
             .current_dir(&debs),

@@ -111,7 +111,7 @@ pub fn fetch(cache: &Path, log: &dyn Fn(&str)) -> Result<PathBuf, SourceError> {
         let tree_dir = tmp.path().join("tree");
         std::fs::create_dir_all(&tree_dir).with_path(&tree_dir)?;
         cmd::run(
-            Command::new("tar")
+            cmd::command("tar")
                 .arg("-xJf")
                 .arg(&tarball)
                 .arg("-C")
@@ -257,7 +257,7 @@ fn check_tree(tree: &Path) -> Result<(), SourceError> {
 }
 
 fn make(tree: &Path, build_dir: &Path) -> Command {
-    let mut c = Command::new("make");
+    let mut c = cmd::command("make");
     c.arg("-s")
         .arg("-C")
         .arg(tree)
@@ -366,7 +366,7 @@ pub fn build(
 ) -> Result<Built, SourceError> {
     check_tree(tree)?;
     let version = cmd::run_stdout(
-        Command::new("make")
+        cmd::command("make")
             .arg("-s")
             .arg("-C")
             .arg(tree)
@@ -405,7 +405,7 @@ pub fn build(
     ));
     let start = Instant::now();
     let mut compiled = 0usize;
-    let mut c = Command::new("make");
+    let mut c = cmd::command("make");
     c.arg("-C")
         .arg(tree)
         .arg(format!("O={}", build_dir.display()))

@@ -1,17 +1,26 @@
 //! Running external programs (qemu-img, mkfs.ext4, apt-get, ...) in one checked way.
 //!
-//! Every call goes through [`run`], which names the program in the error, carries its
-//! exit status and the tail of its stderr, and says when the program is not installed.
+//! Every program is found by [`find`] (PATH, then the sbin directories a normal user's
+//! PATH lacks) and built with [`command`]; every call goes through [`run`], which names
+//! the program in the error, carries its exit status and the tail of its stderr, and
+//! says when the program is not installed (and that `kimg doctor` checks them all).
 
 use std::ffi::OsStr;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+/// Searched after PATH: Debian keeps mkfs.ext4, debugfs and e2fsck here, and a normal
+/// user's PATH lacks them (root's has them).
+pub const SBIN_DIRS: &[&str] = &["/usr/local/sbin", "/usr/sbin", "/sbin"];
 
 /// An external program failed to start or exited non-zero.
 #[derive(Debug, thiserror::Error)]
 pub enum CmdError {
-    /// The program is not on PATH.
-    #[error("`{program}` was not found: install it ({hint})")]
+    /// The program is neither on PATH nor in [`SBIN_DIRS`].
+    #[error("`{program}` was not found on PATH nor in /usr/local/sbin, /usr/sbin, /sbin: install it ({hint}); `kimg doctor` checks everything kimg needs")]
     NotFound {
         /// Program name.
         program: String,
@@ -55,7 +64,7 @@ pub fn package_hint(program: &str) -> &'static str {
         "make" | "gcc" | "flex" | "bison" | "bc" => {
             "apt-get install gcc make flex bison bc libelf-dev libssl-dev"
         }
-        _ => "see README.md",
+        _ => "`kimg doctor` lists what kimg needs",
     }
 }
 
@@ -142,11 +151,48 @@ pub fn spawn_error(cmd: &Command, e: io::Error) -> CmdError {
     }
 }
 
-/// True when `program` can be found on PATH.
-pub fn exists(program: impl AsRef<OsStr>) -> bool {
+/// Where `program` is: itself when it names a path (holds a `/`), else the first
+/// executable file of that name in PATH's directories, then in [`SBIN_DIRS`]. The one
+/// lookup of every program kimg runs, so whoever runs kimg finds the same tools.
+pub fn find(program: impl AsRef<OsStr>) -> Option<PathBuf> {
+    let program = Path::new(program.as_ref());
+    if program.as_os_str().is_empty() {
+        return None;
+    }
+    if program.as_os_str().as_encoded_bytes().contains(&b'/') {
+        return is_executable(program).then(|| program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .filter(|d| !d.as_os_str().is_empty())
+        .chain(SBIN_DIRS.iter().map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+}
+
+/// A [`Command`] for `program` as found by [`find`]; argv[0] stays the name given
+/// (what `ps` and the pid checks see). A program found nowhere keeps its bare name, so
+/// spawning it fails with [`CmdError::NotFound`] and its install hint.
+pub fn command(program: impl AsRef<OsStr>) -> Command {
     let program = program.as_ref();
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+    match find(program) {
+        Some(path) => {
+            let mut c = Command::new(path);
+            c.arg0(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// True when [`find`] finds `program`.
+pub fn exists(program: impl AsRef<OsStr>) -> bool {
+    find(program).is_some()
+}
+
+/// A regular file with an execute bit (what execvp would run).
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// The last 20 lines of some output, for error messages.
@@ -174,5 +220,46 @@ mod tests {
         let err = run(&mut Command::new("qemu-img-definitely-missing")).unwrap_err();
         assert!(matches!(err, CmdError::NotFound { .. }), "{err}");
         assert!(run_stdout(Command::new("sh").args(["-c", "echo hi"])).unwrap() == "hi\n");
+        assert!(err.to_string().contains("kimg doctor"), "{err}");
+    }
+
+    #[test]
+    fn sbin_tools_are_found_with_a_users_path() {
+        // A normal user's PATH: mkfs.ext4 (e2fsprogs, /usr/sbin or /sbin) is still found.
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("kimg-test-tool");
+        std::fs::write(&tool, "#!/bin/sh\necho found\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(find(&tool), Some(tool.clone()));
+        assert_eq!(find("no-such-kimg-tool"), None);
+        assert_eq!(find(""), None);
+        if Path::new("/usr/sbin/mkfs.ext4").exists() || Path::new("/sbin/mkfs.ext4").exists() {
+            let found = with_path("/usr/bin:/bin", || find("mkfs.ext4"));
+            let found = found.expect("mkfs.ext4 found outside PATH");
+            assert!(
+                found.starts_with("/usr/sbin") || found.starts_with("/sbin"),
+                "{found:?}"
+            );
+            let out = with_path("/usr/bin:/bin", || {
+                run_stdout(command("mkfs.ext4").arg("-V"))
+            });
+            assert!(
+                out.is_ok() || matches!(out, Err(CmdError::Failed { .. })),
+                "{out:?}"
+            );
+        }
+    }
+
+    /// Runs `f` with PATH set to `path` (this test binary's other tests do not read PATH
+    /// concurrently in a way that matters: they use programs in /usr/bin and /bin).
+    fn with_path<T>(path: &str, f: impl FnOnce() -> T) -> T {
+        let old = std::env::var_os("PATH");
+        std::env::set_var("PATH", path);
+        let out = f();
+        match old {
+            Some(p) => std::env::set_var("PATH", p),
+            None => std::env::remove_var("PATH"),
+        }
+        out
     }
 }

@@ -275,7 +275,10 @@ fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
                 .kernel_deb
                 .map_or(KernelSource::DebianDefault, KernelSource::Deb),
             size: image::DEFAULT_SIZE,
-            init: a.init.unwrap_or_else(image::default_init),
+            init: match a.init {
+                Some(p) => p,
+                None => image::default_init(super::KIMG_INIT)?,
+            },
             busybox: PathBuf::from("/bin/busybox"),
             mtime: image::source_date_epoch(),
             zstd_level: 9,
@@ -430,7 +433,10 @@ fn kernel(a: KernelArgs) -> anyhow::Result<ExitCode> {
         cached_ok: a.cached_ok,
         runs: a.runs.max(1),
         accel: a.accel,
-        init: a.init.unwrap_or_else(image::default_init),
+        init: match a.init {
+            Some(p) => p,
+            None => image::default_init(super::KIMG_INIT)?,
+        },
         scratch: scratch.path().to_path_buf(),
     };
     let r = bench::kernel::run(&opts, &log)?;

@@ -34,7 +34,7 @@ pub struct Args {
     /// Virtual disk size (K, M, G suffixes).
     #[arg(long, default_value = "2G", value_parser = super::parse_size)]
     size: u64,
-    /// The static kimg-init binary [default: $KIMG_INIT, beside kimg, or this workspace's musl build].
+    /// The static kimg-init binary [default: $KIMG_INIT, else the one built into kimg].
     #[arg(long, value_name = "FILE")]
     init: Option<PathBuf>,
     /// The static busybox to install.
@@ -102,7 +102,10 @@ fn build_with(
         out_dir,
         kernel,
         size,
-        init: init.unwrap_or_else(image::default_init),
+        init: match init {
+            Some(p) => p,
+            None => image::default_init(super::KIMG_INIT)?,
+        },
         busybox,
         mtime: image::source_date_epoch(),
         zstd_level: 9,

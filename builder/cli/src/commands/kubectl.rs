@@ -40,7 +40,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             dir.display()
         )
     })?;
-    let host_kubectl = if a.in_vm { None } else { on_path("kubectl") };
+    let host_kubectl = if a.in_vm { None } else { kimg_util::cmd::find("kubectl") };
     if let Some(kubectl) = host_kubectl {
         let status = Command::new(&kubectl)
             .arg("--kubeconfig")
@@ -65,9 +65,3 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(255)))
 }
 
-/// `name` in a directory of PATH, if it is there.
-fn on_path(name: &str) -> Option<std::path::PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}

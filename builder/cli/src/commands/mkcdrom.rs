@@ -35,7 +35,7 @@ pub struct Args {
 
 /// Runs `kimg mkcdrom`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let path = overlay::search_path(&a.ovlpath);
+    let path = overlay::search_path(&a.ovlpath).context("kimg mkcdrom")?;
     let ovs = overlay::resolve(&a.overlays, &path).context("kimg mkcdrom")?;
     let img = overlay::mkcdrom(&a.out, &ovs)
         .with_context(|| format!("kimg mkcdrom --out {}", a.out.display()))?;

@@ -2,19 +2,26 @@
 
 pub mod bench;
 pub mod build;
+pub mod completions;
 pub mod console;
+pub mod doctor;
 pub mod exec;
 pub mod fetch;
 pub mod images;
 pub mod kernel;
 pub mod kubectl;
 pub mod logs;
+pub mod ls;
 pub mod mkcdrom;
 pub mod publish;
 pub mod run;
 pub mod scale;
 pub mod status;
 pub mod stop;
+
+/// The static kimg-init this binary carries (build.rs builds it for musl); `kimg build`
+/// writes it to the cache and uses it unless `--init` or `$KIMG_INIT` names another.
+pub const KIMG_INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kimg-init"));
 
 /// Exit code of a failed kimg command. (`kimg exec` exits with the command's code;
 /// usage errors exit with clap's 2.)

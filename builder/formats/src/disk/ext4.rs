@@ -10,7 +10,6 @@ use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// ext4 block size kimg uses.
 const BLOCK: u64 = 4096;
@@ -170,7 +169,7 @@ pub fn build(
 ) -> Result<(), DiskError> {
     let fake_time = params.mtime.to_string();
     cmd::run(
-        Command::new("mkfs.ext4")
+        cmd::command("mkfs.ext4")
             .env("E2FSPROGS_FAKE_TIME", &fake_time)
             .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256"])
             .args(["-L", ROOT_PARTLABEL])
@@ -204,7 +203,7 @@ pub fn build(
     let mut device = name.to_os_string();
     device.push(format!("?offset={offset}"));
     let out = cmd::run(
-        Command::new("debugfs")
+        cmd::command("debugfs")
             .current_dir(if dir.as_os_str().is_empty() {
                 Path::new(".")
             } else {

@@ -3,14 +3,13 @@
 use super::DiskError;
 use kimg_util::cmd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Converts the raw disk `raw` into a qcow2 (v3, `compat=1.1`) at `out`; with
 /// `compress`, every cluster is zstd-compressed (`-c`, `compression_type=zstd`).
 ///
 /// Writes stay in order (no `-W`), so the same raw input gives the same qcow2 bytes.
 pub fn from_raw(raw: &Path, out: &Path, compress: bool) -> Result<(), DiskError> {
-    let mut c = Command::new("qemu-img");
+    let mut c = cmd::command("qemu-img");
     c.args(["convert", "-q", "-f", "raw", "-O", "qcow2"]);
     if compress {
         c.args(["-c", "-o", "compat=1.1,compression_type=zstd"]);
@@ -35,7 +34,7 @@ pub fn read_range(
     let mut of_arg = std::ffi::OsString::from("of=");
     of_arg.push(plain(out));
     cmd::run(
-        Command::new("qemu-img")
+        cmd::command("qemu-img")
             .args(["dd", "-f", "qcow2", "-O", "raw"])
             .arg(format!("bs={bs}"))
             .arg(format!("skip={skip}"))
