@@ -48,6 +48,9 @@ enum Command {
     Images(commands::images::Args),
     Mkcdrom(commands::mkcdrom::Args),
     Kernel(commands::kernel::Args),
+    Snapshot(commands::snapshot::Args),
+    Suspend(commands::suspend::SuspendArgs),
+    Resume(commands::suspend::ResumeArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +72,9 @@ fn main() -> ExitCode {
         Command::Images(a) => commands::images::run(a),
         Command::Mkcdrom(a) => commands::mkcdrom::run(a),
         Command::Kernel(a) => commands::kernel::run(a),
+        Command::Snapshot(a) => commands::snapshot::run(a),
+        Command::Suspend(a) => commands::suspend::run_suspend(a),
+        Command::Resume(a) => commands::suspend::run_resume(a),
     };
     match result {
         Ok(code) => code,

@@ -12,8 +12,10 @@ pub mod mkcdrom;
 pub mod publish;
 pub mod run;
 pub mod scale;
+pub mod snapshot;
 pub mod status;
 pub mod stop;
+pub mod suspend;
 
 /// Exit code of a failed kimg command. (`kimg exec` exits with the command's code;
 /// usage errors exit with clap's 2.)

@@ -20,7 +20,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let (state, vms) = cluster::status(&a.name)?;
     if a.json {
-        let out = serde_json::json!({ "name": state.name, "image": state.image, "accel": state.accel, "net": state.net, "size": state.size, "plan": kimg_contract::net::describe(&state.size), "vms": vms });
+        let out = serde_json::json!({ "name": state.name, "image": state.image, "accel": state.accel, "net": state.net, "size": state.size, "plan": kimg_contract::net::describe(&state.size), "restored_from": state.restored_from, "vms": vms });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -30,6 +30,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         state.accel.as_str(),
         state.image.display()
     );
+    if let Some(snap) = &state.restored_from {
+        println!("  restored from {snap}");
+    }
     for line in kimg_contract::net::describe(&state.size) {
         println!("  {line}");
     }
