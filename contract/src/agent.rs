@@ -35,6 +35,14 @@ pub enum Op {
     },
     /// Sync, unmount and power the VM off. Answered before the power goes.
     Poweroff,
+    /// Set the wall clock (after a restore the guest's clock is behind by the time
+    /// it was saved). Answered with [`Reply::Ok`] once set.
+    SetClock {
+        /// Seconds since the Unix epoch.
+        secs: i64,
+        /// Nanoseconds within the second.
+        nanos: u32,
+    },
 }
 
 /// One answer from kimg-init.
@@ -150,6 +158,19 @@ mod tests {
         assert_eq!(from_line::<Request>(&line).unwrap(), r);
         let p: Request = from_line(r#"{"id":1,"op":"poweroff"}"#).unwrap();
         assert_eq!(p.op, Op::Poweroff);
+        let c = Request {
+            id: 2,
+            op: Op::SetClock {
+                secs: 1_700_000_000,
+                nanos: 5,
+            },
+        };
+        let line = to_line(&c);
+        assert_eq!(
+            line,
+            "{\"id\":2,\"op\":\"set_clock\",\"secs\":1700000000,\"nanos\":5}\n"
+        );
+        assert_eq!(from_line::<Request>(&line).unwrap(), c);
     }
 
     #[test]

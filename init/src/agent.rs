@@ -118,6 +118,14 @@ pub fn handle(line: &str, state: &State) -> Action {
             argv,
             timeout: timeout_secs.map(Duration::from_secs),
         },
+        // Set at once in the reader: the sooner, the closer to the host's time.
+        Op::SetClock { secs, nanos } => Action::Reply(match crate::clock::set(secs, nanos) {
+            Ok(()) => Response {
+                id: req.id,
+                reply: Reply::Ok,
+            },
+            Err(message) => error(req.id, message),
+        }),
         Op::Poweroff => Action::Poweroff(Response {
             id: req.id,
             reply: Reply::Ok,

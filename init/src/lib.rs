@@ -7,6 +7,7 @@
 pub mod log;
 pub mod agent;
 pub mod boot;
+pub mod clock;
 pub mod cni;
 pub mod emergency;
 pub mod error;

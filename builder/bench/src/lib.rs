@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod k8s;
 pub mod kernel;
 pub mod publish;
+pub mod snapshot;
 
 use kimg_util::fs::IoError;
 

@@ -53,6 +53,9 @@ enum Command {
     Doctor(commands::doctor::Args),
     Completions(commands::completions::Args),
     Man(commands::completions::ManArgs),
+    Snapshot(commands::snapshot::Args),
+    Suspend(commands::suspend::SuspendArgs),
+    Resume(commands::suspend::ResumeArgs),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +82,9 @@ fn main() -> ExitCode {
         Command::Doctor(a) => commands::doctor::run(a),
         Command::Completions(a) => commands::completions::run(a, Cli::command()),
         Command::Man(a) => commands::completions::run_man(a, Cli::command()),
+        Command::Snapshot(a) => commands::snapshot::run(a),
+        Command::Suspend(a) => commands::suspend::run_suspend(a),
+        Command::Resume(a) => commands::suspend::run_resume(a),
     };
     match result {
         Ok(code) => code,

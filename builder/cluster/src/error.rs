@@ -81,6 +81,22 @@ pub enum ClusterError {
     /// Creating or removing the cluster's networks failed.
     #[error(transparent)]
     Network(#[from] NetworkError),
+    /// Talking to a VM's QEMU monitor failed.
+    #[error("{vm}: {source}")]
+    Qmp {
+        /// VM.
+        vm: VmId,
+        /// Why.
+        source: crate::qmp::QmpError,
+    },
+    /// A snapshot is missing, damaged, or does not fit this host.
+    #[error("snapshot {path}: {why}")]
+    Snapshot {
+        /// The snapshot's directory or the file at fault.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        why: String,
+    },
     /// A file in the cluster directory could not be handled.
     #[error(transparent)]
     Io(#[from] IoError),

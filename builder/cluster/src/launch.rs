@@ -150,6 +150,7 @@ fn start(
         size,
         net: opts.net,
         api_port: None,
+        restored_from: None,
     };
     addon.prepare(&mut state)?;
     state.cdrom = cluster_cdrom(opts, dir, addon, &state)?;
@@ -262,7 +263,7 @@ pub(crate) fn make_cdrom(
 
 /// A VM's kernel command line: the image's, what the launcher tells the VM, then
 /// the user's `--append` (last, so that it wins).
-fn vm_cmdline(base: &str, vm: VmId, state: &ClusterState) -> String {
+pub(crate) fn vm_cmdline(base: &str, vm: VmId, state: &ClusterState) -> String {
     // no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check can
     // miss ticks and panic ("IO-APIC + timer doesn't work!"), seen when many VMs
     // boot at once on 2 cores.
@@ -309,7 +310,7 @@ fn start_vm(
     qemu.args(addon.qemu_args(spec.vm, state));
     cmd::run(&mut network::wrap(state.net, &state.name, qemu))?;
     // QEMU's -daemonize sets umask 027 before creating the sockets: tighten them.
-    for sock in [paths.agent(), paths.console()] {
+    for sock in [paths.agent(), paths.console(), paths.qmp()] {
         fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).with_path(&sock)?;
     }
     Ok(())

@@ -6,8 +6,10 @@
 //! [`health`] (QEMU, console and agent status, the wait for ready), [`ops`] (exec,
 //! stop, scale), [`network`], [`qemu`] and [`accel`] (command lines and the
 //! accelerator), [`agent`] (the client), and [`addon`] with what a flavour adds to a
-//! cluster ([`k8s`]: the PKI of [`pki`] and the apiserver forward); [`list`] (`kimg
-//! ls`) and [`doctor`] (what this host has of what kimg needs).
+//! cluster ([`k8s`]: the PKI of [`pki`] and the apiserver forward). [`snapshot`]
+//! saves a running cluster through each VM's QEMU monitor ([`qmp`]); [`restore`]
+//! starts clusters from snapshots (`run --from`, suspend and resume). [`list`]
+//! (`kimg ls`) and [`doctor`] (what this host has of what kimg needs).
 
 pub mod accel;
 pub mod addon;
@@ -24,6 +26,9 @@ pub mod ops;
 pub mod pki;
 pub mod process;
 pub mod qemu;
+pub mod qmp;
+pub mod restore;
+pub mod snapshot;
 pub mod state;
 
 pub use error::ClusterError;

@@ -17,6 +17,9 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
 /// OVMF's variable store template; each VM boots from its own copy.
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
 
+/// The qdev id of every VM's cdrom device (QMP `blockdev-change-medium` names it).
+pub const CDROM_DEVICE: &str = "cdrom0";
+
 /// Files of one VM inside the cluster directory.
 #[derive(Debug, Clone)]
 pub struct VmPaths {
@@ -38,6 +41,10 @@ impl VmPaths {
     /// Unix socket of the agent (mode 0600).
     pub fn agent(&self) -> PathBuf {
         self.dir.join("agent.sock")
+    }
+    /// Unix socket of QEMU's QMP monitor (one client at a time; mode 0600).
+    pub fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
     }
     /// Unix socket of the serial console.
     pub fn console(&self) -> PathBuf {
@@ -77,7 +84,8 @@ pub struct VmSpec {
     /// Boot through OVMF and the image's ESP (systemd-boot) instead of direct kernel
     /// boot; the kernel, initrd and command line above are then not used.
     pub uefi: bool,
-    /// Overlay cdrom, attached read-only as a virtio-scsi cd.
+    /// Overlay cdrom, attached read-only as a virtio-scsi cd (the drive is there,
+    /// empty, without one).
     pub cdrom: Option<PathBuf>,
 }
 
@@ -137,16 +145,17 @@ pub fn command(spec: &VmSpec, paths: &VmPaths) -> Command {
         ))
         // The apiserver (and anything else) never waits for entropy.
         .args(["-object", "rng-random,filename=/dev/urandom,id=rng0"])
-        .args(["-device", "virtio-rng-pci,rng=rng0"]);
-    if let Some(iso) = &spec.cdrom {
-        c.args(["-device", "virtio-scsi-pci,id=scsi0"])
-            .arg("-drive")
-            .arg(format!(
-                "file={},format=raw,if=none,media=cdrom,id=cd0,readonly=on",
-                escape(iso)
-            ))
-            .args(["-device", "scsi-cd,bus=scsi0.0,drive=cd0"]);
-    }
+        .args(["-device", "virtio-rng-pci,rng=rng0"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", escape(&paths.qmp())));
+    let medium = spec.cdrom.as_ref().map_or(String::new(), |iso| {
+        format!("file={},format=raw,", escape(iso))
+    });
+    c.args(["-device", "virtio-scsi-pci,id=scsi0"])
+        .arg("-drive")
+        .arg(format!("{medium}if=none,media=cdrom,id=cd0,readonly=on"))
+        .arg("-device")
+        .arg(format!("scsi-cd,bus=scsi0.0,drive=cd0,id={CDROM_DEVICE}"));
     c
 }
 
@@ -206,6 +215,10 @@ mod tests {
         );
         assert!(!line.contains("pflash"), "{line}");
         assert!(
+            line.contains("-qmp unix:/run/k,,1/vm-002/qmp.sock,server=on,wait=off"),
+            "{line}"
+        );
+        assert!(
             line.contains("file=/c,,d.iso,format=raw,if=none,media=cdrom"),
             "{line}"
         );
@@ -242,5 +255,10 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("value=kimg.hostname=vm-001"), "{line}");
+        // No cdrom: the drive is there, empty, for `kimg apply`.
+        assert!(
+            line.contains("-drive if=none,media=cdrom,id=cd0,readonly=on -device scsi-cd,bus=scsi0.0,drive=cd0,id=cdrom0"),
+            "{line}"
+        );
     }
 }

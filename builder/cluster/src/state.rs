@@ -77,6 +77,9 @@ pub struct ClusterState {
     /// Extra overlay search directories of `overlays`.
     #[serde(default)]
     pub ovlpath: Vec<PathBuf>,
+    /// The snapshot the cluster was restored from (`kimg run --from`, `kimg resume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
 }
 
 /// One VM of a cluster.

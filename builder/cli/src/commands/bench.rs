@@ -24,6 +24,7 @@ enum Suite {
     Cdrom(CdromArgs),
     Kernel(KernelArgs),
     K8s(K8sArgs),
+    Snapshot(SnapshotArgs),
 }
 
 /// The Kubernetes image: hd-k8s.img's size (qcow2 bytes and xz-compressed) next to
@@ -159,6 +160,25 @@ struct BootArgs {
     json: bool,
 }
 
+/// Snapshots: 4 nodes + 2 routers, restore (`kimg run --from`) to ready next to a
+/// cold boot to ready in the same run (goal: ratio <= 0.25), the save's time and
+/// pause, and each VM's snapshot size next to its RAM.
+#[derive(clap::Args)]
+struct SnapshotArgs {
+    /// Image built by `kimg build`.
+    #[arg(long, default_value = "out/hd.img")]
+    image: PathBuf,
+    /// Memory per VM in MiB.
+    #[arg(long, default_value_t = 384)]
+    mem: u32,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Runs `kimg bench`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     match a.suite {
@@ -168,7 +188,47 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Suite::Cdrom(c) => cdrom(c),
         Suite::Kernel(k) => kernel(k),
         Suite::K8s(k) => k8s(k),
+        Suite::Snapshot(s) => snapshot(s),
     }
+}
+
+fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tempfile::Builder::new()
+        .prefix("kimg-bench-rt-")
+        .tempdir_in("/tmp")?;
+    let cache = tempfile::Builder::new()
+        .prefix("kimg-bench-cache-")
+        .tempdir()?;
+    let opts = bench::snapshot::SnapshotBenchOptions {
+        image: kimg_image::fetch::resolve_image(&a.image),
+        mem_mb: a.mem,
+        accel: a.accel,
+        runtime: runtime.path().to_path_buf(),
+        cache: cache.path().to_path_buf(),
+    };
+    let quiet = a.json;
+    let r = bench::snapshot::run(&opts, &|l| {
+        if !quiet {
+            eprintln!("kimg bench: {l}");
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} VMs ({}): restore to ready {:.2}s vs cold boot to ready {:.2}s = {:.2} (goal <= 0.25)",
+        r.vms,
+        r.accel.as_str(),
+        r.restore_secs,
+        r.cold_secs,
+        r.ratio
+    );
+    println!(
+        "save {:.2}s ({:.2}s paused); per VM: state {:.1} MiB + layer {:.1} MiB for {} MiB of RAM (load {:.1})",
+        r.save_secs, r.paused_secs, r.state_mb, r.layer_mb, r.ram_mb, r.load_avg
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn k8s(a: K8sArgs) -> anyhow::Result<ExitCode> {

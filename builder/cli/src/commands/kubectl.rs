@@ -40,7 +40,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             dir.display()
         )
     })?;
-    let host_kubectl = if a.in_vm { None } else { kimg_util::cmd::find("kubectl") };
+    let host_kubectl = if a.in_vm {
+        None
+    } else {
+        kimg_util::cmd::find("kubectl")
+    };
     if let Some(kubectl) = host_kubectl {
         let status = Command::new(&kubectl)
             .arg("--kubeconfig")
@@ -64,4 +68,3 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     std::io::stderr().write_all(r.stderr.as_bytes())?;
     Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(255)))
 }
-

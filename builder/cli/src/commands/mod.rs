@@ -16,8 +16,10 @@ pub mod mkcdrom;
 pub mod publish;
 pub mod run;
 pub mod scale;
+pub mod snapshot;
 pub mod status;
 pub mod stop;
+pub mod suspend;
 
 /// The static kimg-init this binary carries (build.rs builds it for musl); `kimg build`
 /// writes it to the cache and uses it unless `--init` or `$KIMG_INIT` names another.

@@ -72,6 +72,11 @@ pub struct Args {
         allow_hyphen_values = true
     )]
     append: Option<String>,
+    /// Start the cluster from a snapshot (`kimg snapshot save`) instead of booting:
+    /// the VMs, their memory, processes and disks as saved, on new networks, clocks
+    /// set to now. Image, size, memory and overlays come from the snapshot.
+    #[arg(long, value_name = "SNAP")]
+    from: Option<String>,
     /// Print nothing but errors.
     #[arg(long, short)]
     quiet: bool,
@@ -139,6 +144,9 @@ fn split(args: &[PerVm], default: u32) -> (u32, Vec<(VmId, u32)>) {
 
 /// Runs `kimg run`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    if let Some(snap) = &a.from {
+        return run_from(&a, snap);
+    }
     let (mem_mb, mem_overrides) = split(&a.mem, 384);
     let (cpus, cpus_overrides) = split(&a.cpus, 1);
     let opts = RunOptions {
@@ -192,6 +200,43 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             state.name,
             state.vms.len(),
             state.name
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kimg run --from SNAP`.
+fn run_from(a: &Args, snap: &str) -> anyhow::Result<ExitCode> {
+    let opts = kimg_cluster::restore::FromOptions {
+        snap: snap.to_string(),
+        name: a.name.clone(),
+        wait: a.wait.map(Duration::from_secs),
+    };
+    let quiet = a.quiet || a.json;
+    let state = kimg_cluster::restore::run_from(&opts, &|ev| {
+        if quiet {
+            return;
+        }
+        match ev {
+            RunEvent::Replaced => eprintln!(
+                "kimg run: stopped the running cluster {:?} first",
+                opts.name
+            ),
+            RunEvent::Started(vm) => eprintln!("kimg run: {vm} restored"),
+            RunEvent::Ready(vm, _, t) => {
+                eprintln!("kimg run: {vm} ready after {:.2}s", t.as_secs_f64())
+            }
+            RunEvent::Accel(_) => {}
+        }
+    })
+    .with_context(|| format!("kimg run --from {snap} --name {} failed", opts.name))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+    } else if !quiet {
+        eprintln!(
+            "kimg run: cluster {:?} restored from {snap} with {} VMs",
+            state.name,
+            state.vms.len()
         );
     }
     Ok(ExitCode::SUCCESS)

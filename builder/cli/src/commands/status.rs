@@ -23,7 +23,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .ok()
         .and_then(|d| cluster::k8s::admin_kubeconfig(&d));
     if a.json {
-        let out = serde_json::json!({ "name": state.name, "image": state.image, "accel": state.accel, "net": state.net, "size": state.size, "plan": kimg_contract::net::describe(&state.size), "admin_kubeconfig": kubeconfig, "vms": vms });
+        let out = serde_json::json!({ "name": state.name, "image": state.image, "accel": state.accel, "net": state.net, "size": state.size, "plan": kimg_contract::net::describe(&state.size), "admin_kubeconfig": kubeconfig, "restored_from": state.restored_from, "vms": vms });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -33,6 +33,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         state.accel.as_str(),
         state.image.display()
     );
+    if let Some(snap) = &state.restored_from {
+        println!("  restored from {snap}");
+    }
     for line in kimg_contract::net::describe(&state.size) {
         println!("  {line}");
     }

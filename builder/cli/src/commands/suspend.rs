@@ -1,0 +1,57 @@
+//! `kimg suspend` and `kimg resume`: a cluster put away (in the cache, so it
+//! survives a host reboot) and brought back as it was.
+
+use anyhow::Context;
+use kimg_cluster::{restore, RunEvent};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Save a running cluster into the cache and quit its VMs; `kimg resume` brings it
+/// back as it was (processes, files, uptime), after a host reboot too.
+#[derive(clap::Args)]
+pub struct SuspendArgs {
+    /// Cluster name.
+    #[arg(long, default_value = super::DEFAULT_CLUSTER)]
+    name: String,
+}
+
+/// Bring back a cluster put away by `kimg suspend` (its saved state is used up).
+#[derive(clap::Args)]
+pub struct ResumeArgs {
+    /// Cluster name.
+    #[arg(long, default_value = super::DEFAULT_CLUSTER)]
+    name: String,
+    /// Wait until every VM's agent reports ready (at most SECS seconds, default 120).
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "120", require_equals = true)]
+    wait: Option<u64>,
+}
+
+/// Runs `kimg suspend`.
+pub fn run_suspend(a: SuspendArgs) -> anyhow::Result<ExitCode> {
+    let m = restore::suspend(&a.name)
+        .with_context(|| format!("kimg suspend --name {} failed", a.name))?;
+    eprintln!(
+        "kimg suspend: cluster {:?} suspended ({} VMs, {:.2}s); `kimg resume --name {}` brings it back",
+        a.name,
+        m.vms.len(),
+        m.save_secs,
+        a.name
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `kimg resume`.
+pub fn run_resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let state = restore::resume(&a.name, a.wait.map(Duration::from_secs), &|ev| {
+        if let RunEvent::Started(vm) = ev {
+            eprintln!("kimg resume: {vm} restored");
+        }
+    })
+    .with_context(|| format!("kimg resume --name {} failed", a.name))?;
+    eprintln!(
+        "kimg resume: cluster {:?} back with {} VMs",
+        state.name,
+        state.vms.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
