@@ -30,6 +30,9 @@ pub const KEY_TESTERS: &str = "kimg.testers";
 /// `kimg.cdrom=off` (or `=0`) later on the line takes it back: the cdrom stays
 /// attached but is left alone (to look at a broken overlay by hand).
 pub const KEY_CDROM: &str = "kimg.cdrom";
+/// Kernel command line key: `kimg.console=off` (or `=0`) leaves the serial console
+/// without a login shell (by default kimg-init keeps a root shell on it after boot).
+pub const KEY_CONSOLE: &str = "kimg.console";
 /// The serial console every kimg VM logs to.
 pub const CONSOLE: &str = "ttyS0";
 
@@ -73,6 +76,9 @@ pub struct KimgArgs {
     /// `kimg.cdrom`: an overlay cdrom is attached (and not taken back by a later
     /// `kimg.cdrom=off`).
     pub cdrom: bool,
+    /// `kimg.console=off`: no shell on the serial console (a later `kimg.console`
+    /// without `=off` takes it back).
+    pub console_off: bool,
 }
 
 impl KimgArgs {
@@ -99,6 +105,7 @@ impl KimgArgs {
                 KEY_ROUTERS => routers = value.parse().ok(),
                 KEY_TESTERS => testers = value.parse().ok(),
                 KEY_CDROM => args.cdrom = !matches!(value, "off" | "0"),
+                KEY_CONSOLE => args.console_off = matches!(value, "off" | "0"),
                 _ => {}
             }
         }
@@ -179,5 +186,13 @@ mod tests {
         assert!(!KimgArgs::parse("kimg.cdrom kimg.cdrom=off").cdrom);
         assert!(!KimgArgs::parse("kimg.cdrom kimg.cdrom=0").cdrom);
         assert!(KimgArgs::parse("kimg.cdrom=off kimg.cdrom").cdrom);
+    }
+
+    #[test]
+    fn the_console_shell_is_on_unless_turned_off() {
+        assert!(!KimgArgs::parse("quiet").console_off);
+        assert!(KimgArgs::parse("quiet kimg.console=off").console_off);
+        assert!(KimgArgs::parse("kimg.console=0").console_off);
+        assert!(!KimgArgs::parse("kimg.console=off kimg.console=on").console_off);
     }
 }

@@ -11,8 +11,8 @@
 use crate::error::{Context, Result};
 use crate::log;
 use crate::{
-    agent, cni, emergency, hooks, modules, mounts, net, overlays, reaper, rootdev, services,
-    shutdown, smbios, switchroot, sysctl,
+    agent, cni, console, emergency, hooks, modules, mounts, net, overlays, reaper, rootdev,
+    services, shutdown, smbios, switchroot, sysctl,
 };
 use kimg_contract::cmdline::KimgArgs;
 use kimg_contract::VmId;
@@ -132,6 +132,7 @@ fn stage2() -> ! {
     let ready_secs = agent::uptime();
     // The one line on the console (errors went to kmsg at a level the console shows).
     log::console(&format!("ready in {:.2}s", ready_secs.unwrap_or(0.0)));
+    console_shell(&args, &mut problems);
     let state = Arc::new(agent::State {
         hostname,
         kernel,
@@ -164,6 +165,18 @@ fn overlays_and_hooks(
         problems.add("start.d", f);
     }
     reports
+}
+
+/// Keeps a root shell on the serial console (after the ready line, which stays the
+/// last line kimg-init prints there), unless `kimg.console=off`.
+fn console_shell(args: &KimgArgs, problems: &mut Problems) {
+    if args.console_off {
+        info!("kimg.console=off: no shell on the console");
+        return;
+    }
+    if let Err(e) = console::start() {
+        problems.add("console", format!("cannot start the console thread: {e}"));
+    }
 }
 
 /// Stage 1's problems, handed to stage 2 on /run (a tmpfs that moves into the root).

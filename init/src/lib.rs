@@ -9,6 +9,7 @@ pub mod agent;
 pub mod boot;
 pub mod clock;
 pub mod cni;
+pub mod console;
 pub mod emergency;
 pub mod error;
 pub mod exec;

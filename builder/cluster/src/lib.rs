@@ -3,7 +3,8 @@
 //!
 //! By job: [`state`] (the cluster's directory, lock and `cluster.json`),
 //! [`bootfiles`] (kernel and initramfs out of the image), [`launch`] (`kimg run`),
-//! [`health`] (QEMU, console and agent status, the wait for ready), [`ops`] (exec,
+//! [`health`] (QEMU, console and agent status, the wait for ready), [`consoles`]
+//! (every VM's console in one tmux session), [`ops`] (exec,
 //! stop, scale), [`network`], [`qemu`] and [`accel`] (command lines and the
 //! accelerator), [`agent`] (the client), and [`addon`] with what a flavour adds to a
 //! cluster ([`k8s`]: the PKI of [`pki`] and the apiserver forward). [`snapshot`]
@@ -15,6 +16,7 @@ pub mod accel;
 pub mod addon;
 pub mod agent;
 pub mod bootfiles;
+pub mod consoles;
 pub mod doctor;
 pub mod error;
 pub mod health;

@@ -77,6 +77,17 @@ pub fn library_closure(binaries: &[PathBuf]) -> Result<Vec<PathBuf>, ElfError> {
     closure_in(binaries, &dirs)
 }
 
+/// [`library_closure`] with `dirs` searched before the host's directories (as
+/// LD_LIBRARY_PATH would be): libraries of packages unpacked but not installed.
+pub fn library_closure_in(
+    binaries: &[PathBuf],
+    dirs: &[PathBuf],
+) -> Result<Vec<PathBuf>, ElfError> {
+    let mut all = dirs.to_vec();
+    all.extend(system_dirs(Path::new("/etc/ld.so.conf")));
+    closure_in(binaries, &all)
+}
+
 /// The library search directories after RUNPATH: ld.so.conf's, then the defaults.
 fn system_dirs(ld_so_conf: &Path) -> Vec<PathBuf> {
     let mut dirs = Vec::new();

@@ -1,7 +1,8 @@
 //! kimg's images: `kimg build` (kernel, initramfs, rootfs, disk, manifest) by the
-//! flavour's plan, overlays and their cdrom, `kimg publish` and `kimg fetch`.
+//! flavour's plan, overlays (also from Debian packages) and their cdrom, `kimg publish` and `kimg fetch`.
 
 pub mod build;
+pub mod debpkg;
 pub mod embedded;
 pub mod fetch;
 pub mod k8s;

@@ -4,7 +4,8 @@
 //! An overlay is a folder `NAME/` on the search path holding `overlay.toml` and a
 //! `root/` tree (made into a deterministic tar: sorted, uid/gid 0, mtimes from
 //! SOURCE_DATE_EPOCH when set), or an xcluster-style folder with an executable `tar`
-//! script, or a ready archive given by path (`.tar`, `.tar.gz`, `.tar.xz`, `.tar.zst`).
+//! script, or a ready archive given by path (`.tar`, `.tar.gz`, `.tar.xz`, `.tar.zst`),
+//! or `deb:PKG[,PKG...]`: Debian packages made into an archive ([`crate::debpkg`]).
 
 use kimg_formats::iso::{self, IsoImage, IsoSource};
 use kimg_util::fs::IoError;
@@ -46,6 +47,9 @@ pub enum OverlayError {
     /// Reading an overlay failed.
     #[error(transparent)]
     Io(#[from] IoError),
+    /// A `deb:` overlay could not be made.
+    #[error(transparent)]
+    Deb(#[from] crate::debpkg::DebOverlayError),
     /// Writing the ISO failed.
     #[error(transparent)]
     Iso(#[from] iso::IsoError),
@@ -106,8 +110,11 @@ fn archive_suffix(arg: &str) -> Option<&'static str> {
     ARCHIVE_SUFFIXES.iter().copied().find(|s| arg.ends_with(s))
 }
 
-/// Finds one overlay by name or archive path.
+/// Finds one overlay by name or archive path; makes a `deb:PKG,...` one.
 pub fn find(arg: &str, path: &[PathBuf]) -> Result<Overlay, OverlayError> {
+    if arg.starts_with(crate::debpkg::PREFIX) {
+        return Ok(crate::debpkg::overlay(arg, &kimg_util::cache::cache_dir())?);
+    }
     if let Some(suffix) = archive_suffix(arg) {
         let p = Path::new(arg);
         if p.is_file() {

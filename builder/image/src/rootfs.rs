@@ -360,6 +360,18 @@ fn package_versions(bins: &mut [(PathBuf, String, Option<String>)]) {
     }
 }
 
+/// The shared libraries every image has: the closure of `rootfs/base.toml`'s binaries
+/// on this host (where `kimg build` takes them from), as host paths.
+pub fn base_libraries() -> Result<Vec<PathBuf>, RootfsError> {
+    let m = RootfsManifest::parse("base.toml", BASE_TOML)?;
+    let bins = m
+        .binaries
+        .iter()
+        .map(|b| find_binary(b).ok_or_else(|| RootfsError::MissingBinary(b.clone())))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(elf::library_closure(&bins)?)
+}
+
 fn find_binary(name: &str) -> Option<PathBuf> {
     if name.starts_with('/') {
         return Path::new(name).is_file().then(|| PathBuf::from(name));

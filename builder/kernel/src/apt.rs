@@ -71,6 +71,21 @@ pub fn download_package(cache: &Path, package: &str) -> Result<Download, KernelE
 
 /// Downloads `package` at `version`, checked against the archive's SHA256.
 fn download_exact(cache: &Path, package: &str, version: &str) -> Result<Download, KernelError> {
+    let spec = format!("{package}={version}");
+    let record =
+        cmd::run_stdout(cmd::command("apt-cache").args(["show", "--no-all-versions", &spec]))?;
+    download_record(cache, package, version, &record)
+}
+
+/// Downloads `package` at `version` into `<cache>/debs` (reusing a verified earlier
+/// download), checked against the SHA256 of `record`, its `apt-cache show` record:
+/// for callers that asked apt about many packages at once.
+pub fn download_record(
+    cache: &Path,
+    package: &str,
+    version: &str,
+    record: &str,
+) -> Result<Download, KernelError> {
     let resolve_err = |package: &str, reason: &str| KernelError::Resolve {
         package: package.to_string(),
         reason: reason.to_string(),
@@ -82,10 +97,8 @@ fn download_exact(cache: &Path, package: &str, version: &str) -> Result<Download
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs).map_err(io_err(&debs))?;
     let spec = format!("{package}={version}");
-    let record =
-        cmd::run_stdout(cmd::command("apt-cache").args(["show", "--no-all-versions", &spec]))?;
     // Architecture-independent packages (linux-source) are _all.deb.
-    let arch = field(&record, "Architecture")
+    let arch = field(record, "Architecture")
         .filter(|a| a.bytes().all(|b| b.is_ascii_alphanumeric()))
         .unwrap_or_else(|| "amd64".into());
     // apt-get names downloads package_version_arch.deb, with an epoch's ':' as %3a.
@@ -102,7 +115,7 @@ fn download_exact(cache: &Path, package: &str, version: &str) -> Result<Download
             });
         }
     }
-    let expected = field(&record, "SHA256")
+    let expected = field(record, "SHA256")
         .ok_or_else(|| resolve_err(&spec, "apt-cache show gives no SHA256"))?;
     // A file without a marker is a leftover of an interrupted download.
     match std::fs::remove_file(&deb) {
@@ -166,7 +179,7 @@ fn candidate_version(policy: &str) -> Option<String> {
 }
 
 /// The first `Name: value` field of a Debian control record.
-fn field(record: &str, name: &str) -> Option<String> {
+pub fn field(record: &str, name: &str) -> Option<String> {
     record
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))

@@ -61,6 +61,7 @@ pub fn package_hint(program: &str) -> &'static str {
         "sgdisk" => "apt-get install gdisk",
         "fsck.vfat" => "apt-get install dosfstools",
         "xorriso" => "apt-get install xorriso",
+        "tmux" => "apt-get install tmux",
         "make" | "gcc" | "flex" | "bison" | "bc" => {
             "apt-get install gcc make flex bison bc libelf-dev libssl-dev"
         }

@@ -14,7 +14,11 @@ const DETACH: u8 = 0x1d;
 /// Attach to a VM's serial console (ttyS0): what you type goes to the VM, what it
 /// prints comes back. Press ctrl-] to detach; the VM keeps running.
 ///
-/// The console log (`kimg logs VM`) has everything printed since boot.
+/// Once booted, every VM keeps a root login shell on its console (respawned when it
+/// exits), so this is a terminal on the VM: type `hostname` and Enter. Boot with
+/// `kimg run --append kimg.console=off` for a console without a shell. `kimg consoles`
+/// opens every VM's console in one tmux session. The console log (`kimg logs VM`) has
+/// everything printed since boot.
 #[derive(clap::Args)]
 pub struct Args {
     /// Cluster name.
@@ -48,6 +52,26 @@ impl Drop for RawMode {
     }
 }
 
+/// The console log's unfinished last line (the shell's prompt, usually), at most 256
+/// bytes; nothing if the log cannot be read.
+fn last_line(log: &std::path::Path) -> Vec<u8> {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(log) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut tail = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(256))).is_err()
+        || f.read_to_end(&mut tail).is_err()
+    {
+        return Vec::new();
+    }
+    match tail.iter().rposition(|&b| b == b'\n') {
+        Some(i) => tail.split_off(i + 1),
+        None => Vec::new(),
+    }
+}
+
 /// Runs `kimg console`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let paths = cluster::vm_paths(&a.name, a.vm)?;
@@ -65,6 +89,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut from_vm = stream.try_clone().context("clone console socket")?;
     eprintln!("kimg console: {} (detach with ctrl-])\r", a.vm);
     let _raw = RawMode::enter();
+    // The shell printed its prompt before we came: show that last line again.
+    let mut out = std::io::stdout();
+    let _ = out
+        .write_all(&last_line(&paths.console_log()))
+        .and_then(|()| out.flush());
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         let mut out = std::io::stdout();

@@ -13,10 +13,13 @@ use std::process::ExitCode;
 /// (`description`, `requires = [..]`) and a root/ tree, or a folder with an executable
 /// `tar` script (xcluster style: it writes the archive to the file named by its
 /// argument). Or a path to a ready archive: .tar, .tar.gz, .tar.xz, .tar.zst.
-/// Overlays come in command-line order, each `requires` before its dependants. With
-/// SOURCE_DATE_EPOCH set, the same inputs give the same bytes.
+/// Or `deb:PKG[,PKG...]`: Debian packages from this host's apt (`apt-get download`,
+/// sha256-checked, cached in ~/.cache/kimg) with the shared libraries the image lacks;
+/// their maintainer scripts are not run. Overlays come in command-line order, each
+/// `requires` before its dependants. With SOURCE_DATE_EPOCH set, the same inputs give
+/// the same bytes.
 ///
-///   kimg mkcdrom --out /tmp/c.iso test ./extra.tar.zst
+///   kimg mkcdrom --out /tmp/c.iso test ./extra.tar.zst deb:tcpdump,iperf3
 #[derive(clap::Args)]
 pub struct Args {
     /// The ISO to write (replaced atomically; nothing is left on failure).
@@ -28,7 +31,7 @@ pub struct Args {
     /// Print the cdrom's files as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Overlay names or archive paths.
+    /// Overlay names, archive paths or deb:PKG[,PKG...].
     #[arg(required = true)]
     pub overlays: Vec<String>,
 }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod build;
 pub mod completions;
 pub mod console;
+pub mod consoles;
 pub mod doctor;
 pub mod exec;
 pub mod fetch;

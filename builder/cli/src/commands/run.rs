@@ -63,7 +63,8 @@ pub struct Args {
     uefi: bool,
     /// Extra kernel command line for every VM, after kimg's own words (so it wins):
     /// `--append loglevel=7` for a chatty kernel, `--append kimg.cdrom=off` to attach
-    /// the overlay cdrom without unpacking it (mount /dev/sr0 and look by hand).
+    /// the overlay cdrom without unpacking it (mount /dev/sr0 and look by hand),
+    /// `--append kimg.console=off` for a serial console without a login shell.
     /// Direct kernel boot only: with --uefi the image's loader entry decides.
     #[arg(
         long,
@@ -89,8 +90,9 @@ pub struct Args {
     /// Overlay directories searched before $KIMG_OVLPATH and the built-in ones.
     #[arg(long = "ovlpath", value_name = "DIR")]
     ovlpath: Vec<PathBuf>,
-    /// Overlays (names or archive paths, as for `kimg mkcdrom`) put on a cdrom that
-    /// every VM unpacks at its first boot.
+    /// Overlays (names, archive paths or deb:PKG[,PKG...] for tools from Debian
+    /// packages, as for `kimg mkcdrom`) put on a cdrom that every VM unpacks at its
+    /// first boot. Example: kimg run deb:tcpdump,iperf3
     overlays: Vec<String>,
 }
 
