@@ -9,7 +9,9 @@
 //! lacks: the libraries of `rootfs/base.toml`'s binaries are left out; every other one
 //! comes from the host when installed there, else from the package's dependencies,
 //! downloaded too (only those the host has not installed). Maintainer scripts are not
-//! run: users, groups, alternatives and generated files they would make are missing.
+//! run: alternatives and files they would generate are missing; the system users
+//! they add (`adduser --system`) are added at boot by a start hook the overlay
+//! carries (`/etc/kimg/start.d/50-deb-user-NAME`).
 //! Modes are normalized (0755 if any x bit, else 0644; no setuid), mtimes are 0,
 //! entries sorted: the same packages on the same host give the same bytes. The
 //! `.tar.zst` is cached under a key of the packages' sha256s and the host's dpkg
@@ -376,6 +378,22 @@ pub fn build_archive(
         dep_dirs.extend(LIB_DIRS.iter().map(|d| dest.join(d)).filter(|d| d.is_dir()));
     }
     add_libraries(&root, tmp.path(), &dep_dirs, base)?;
+    let mut users = Vec::new();
+    for deb in named {
+        for u in system_users(deb) {
+            if !users.contains(&u) {
+                users.push(u);
+            }
+        }
+    }
+    // One hook per user: two deb: overlays adding the same user write the same file.
+    for u in &users {
+        let dir = root.join(kimg_contract::cdrom::START_DIR.trim_start_matches('/'));
+        fs::create_dir_all(&dir).with_path(&dir)?;
+        let hook = dir.join(format!("50-deb-user-{u}"));
+        fs::write(&hook, users_hook(std::slice::from_ref(u))).with_path(&hook)?;
+        fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).with_path(&hook)?;
+    }
     normalize_modes(&root)?;
     let part = tmp.path().join("overlay.tar.zst");
     let file = fs::File::create(&part).with_path(&part)?;
@@ -386,6 +404,73 @@ pub fn build_archive(
     };
     write().with_path(&part)?;
     Ok(kimg_util::fs::rename(&part, out)?)
+}
+
+/// The system users `deb`'s postinst would add (`adduser --system ... NAME`): tools
+/// such as tcpdump drop privileges to them and fail without. Nothing when dpkg-deb is
+/// missing or the package has no postinst.
+fn system_users(deb: &Path) -> Vec<String> {
+    let out = Command::new("dpkg-deb")
+        .arg("-I")
+        .arg(deb)
+        .arg("postinst")
+        .stderr(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => parse_system_users(&String::from_utf8_lossy(&o.stdout)),
+        _ => Vec::new(),
+    }
+}
+
+/// The NAME of every `adduser --system ... NAME` in a shell script (continuation
+/// lines joined); names with shell expansions are skipped.
+pub fn parse_system_users(script: &str) -> Vec<String> {
+    let joined = script.replace("\\\n", " ");
+    let mut users = Vec::new();
+    for line in joined.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(i) = words.iter().position(|w| *w == "adduser") else {
+            continue;
+        };
+        let cmd: Vec<&str> = words[i..]
+            .iter()
+            .take_while(|w| !matches!(**w, ";" | "||" | "&&" | "|" | "fi" | "then"))
+            .copied()
+            .collect();
+        if !cmd.contains(&"--system") {
+            continue;
+        }
+        let Some(name) = cmd.last().map(|n| n.trim_matches(['"', '\''])) else {
+            continue;
+        };
+        let valid = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(&b));
+        if valid && !users.iter().any(|u| u == name) {
+            users.push(name.to_string());
+        }
+    }
+    users
+}
+
+/// The start hook that adds `users` (and a group of each name) at boot when missing,
+/// with the first free ids from 100: busybox has no adduser in the image.
+pub fn users_hook(users: &[String]) -> String {
+    format!(
+        r#"#!/bin/sh
+# Made by kimg's deb: overlay: the system users the packages' maintainer scripts
+# would add (maintainer scripts are not run).
+free() {{ n=100; while cut -d: -f3 "$1" | grep -qx "$n"; do n=$((n+1)); done; echo $n; }}
+for u in {}; do
+  grep -q "^$u:" /etc/group || echo "$u:x:$(free /etc/group):" >> /etc/group
+  gid=$(grep "^$u:" /etc/group | cut -d: -f3)
+  grep -q "^$u:" /etc/passwd ||
+    echo "$u:x:$(free /etc/passwd):$gid::/nonexistent:/usr/sbin/nologin" >> /etc/passwd
+done
+"#,
+        users.join(" ")
+    )
 }
 
 /// A package path in the image's merged /usr: `bin/x` -> `usr/bin/x`; `None` for
@@ -583,6 +668,36 @@ mod tests {
     }
 
     #[test]
+    fn system_users_of_a_postinst_and_the_hook_that_adds_them() {
+        let postinst = "#!/bin/sh -e\nif ! getent passwd tcpdump >/dev/null 2>&1; then\n    adduser --system --quiet --ingroup tcpdump\t\t\\\n\t    --no-create-home --home /nonexistent\t\\\n\t    tcpdump\nfi\nadduser --system \"$USER\"\nadduser alice staff\nadduser --system --home /var/lib/x _x || true\n";
+        assert_eq!(parse_system_users(postinst), ["tcpdump", "_x"]);
+        let hook = users_hook(&["tcpdump".into(), "_x".into()]);
+        assert!(hook.starts_with("#!/bin/sh\n") && hook.contains("for u in tcpdump _x; do"));
+        if !cmd::exists("sh") {
+            return;
+        }
+        // Run against a scratch /etc: ids from 100 up, twice is once.
+        let t = tempfile::tempdir().unwrap();
+        let etc = t.path();
+        fs::write(
+            etc.join("passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nd:x:100:100::/:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(etc.join("group"), "root:x:0:\n").unwrap();
+        let script = hook.replace("/etc/", &format!("{}/", etc.display()));
+        for _ in 0..2 {
+            cmd::run(Command::new("sh").arg("-c").arg(&script)).unwrap();
+        }
+        let passwd = fs::read_to_string(etc.join("passwd")).unwrap();
+        assert!(passwd.ends_with("tcpdump:x:101:100::/nonexistent:/usr/sbin/nologin\n_x:x:102:101::/nonexistent:/usr/sbin/nologin\n"), "{passwd}");
+        assert_eq!(
+            fs::read_to_string(etc.join("group")).unwrap(),
+            "root:x:0:\ntcpdump:x:100:\n_x:x:101:\n"
+        );
+    }
+
+    #[test]
     fn package_paths_land_in_merged_usr_without_docs() {
         let p = |s: &str| image_path(Path::new(s)).map(|p| p.display().to_string());
         assert_eq!(p("sbin/ethtool").as_deref(), Some("usr/sbin/ethtool"));
@@ -684,6 +799,7 @@ mod tests {
             "{list}"
         );
         assert!(!list.contains("libc.so"), "{list}");
+        assert!(!list.contains("start.d"), "no users, no hook: {list}");
         assert!(!list.contains("share/doc"), "{list}");
         assert!(!list.contains(" bin/"), "merged /usr: {list}");
         assert!(list.contains("1970-01-01"), "{list}");
