@@ -410,7 +410,7 @@ pub fn build_archive(
 /// such as tcpdump drop privileges to them and fail without. Nothing when dpkg-deb is
 /// missing or the package has no postinst.
 fn system_users(deb: &Path) -> Vec<String> {
-    let out = Command::new("dpkg-deb")
+    let out = cmd::command("dpkg-deb")
         .arg("-I")
         .arg(deb)
         .arg("postinst")
