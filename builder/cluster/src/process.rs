@@ -5,8 +5,9 @@
 //! number to any other process of the user. kimg records each daemon's start time
 //! (`/proc/PID/stat` field 22, clock ticks since boot) beside its pid file right
 //! after starting it, and signals a pid only while the process there started at that
-//! very tick. Without a record (a start that died before writing it) the process
-//! must have started before its pid file was written, which a recycled pid cannot.
+//! very tick. Without a record of that pid (a start that died before writing it,
+//! or a pid file written again since) the process must have started before its pid
+//! file was written, which a recycled pid cannot.
 
 use crate::qemu::VmPaths;
 use kimg_util::fs::{read_to_string_nofollow, IoError};
@@ -76,13 +77,17 @@ pub fn daemon_pid(pidfile: &Path, comm_prefix: &str) -> Option<Pid> {
         return None;
     }
     let started = start_time(pid)?;
-    let same = match read_to_string_nofollow(&start_record(pidfile)) {
-        Ok(rec) => {
-            let mut words = rec.split_whitespace().map(|w| w.parse::<u64>().ok());
-            words.next().flatten() == u64::try_from(pid).ok()
-                && words.next().flatten() == Some(started)
-        }
-        Err(_) => started_before(started, pidfile),
+    let record = read_to_string_nofollow(&start_record(pidfile)).ok();
+    let mut words = record
+        .iter()
+        .flat_map(|r| r.split_whitespace())
+        .map(|w| w.parse::<u64>().ok());
+    let same = match (words.next().flatten(), words.next().flatten()) {
+        // The record is of this pid: it must be the very same start.
+        (Some(p), Some(start)) if u64::try_from(pid).ok() == Some(p) => start == started,
+        // No record, or one of another pid (the pid file was written again since,
+        // e.g. QEMU restarted by hand): the process must predate its pid file.
+        _ => started_before(started, pidfile),
     };
     same.then_some(Pid::from_raw(pid))
 }
@@ -190,6 +195,11 @@ mod tests {
         // The record says another start time: not the daemon.
         fs::write(start_record(&pidfile), format!("{pid} 1\n")).unwrap();
         assert_eq!(daemon_pid(&pidfile, "qemu"), None);
+        // A record of another pid and a pid file written since the process
+        // started (the daemon restarted by hand): the daemon.
+        fs::write(start_record(&pidfile), "1 1\n").unwrap();
+        fs::write(&pidfile, format!("{pid}\n")).unwrap();
+        assert_eq!(daemon_pid(&pidfile, "qemu"), Some(Pid::from_raw(pid)));
         // No record, and the pid file is older than the process: not the daemon.
         fs::remove_file(start_record(&pidfile)).unwrap();
         let old = SystemTime::now() - Duration::from_secs(60);
