@@ -224,13 +224,13 @@ mod tests {
     fn stale_work_dirs_go_and_live_or_young_ones_stay() {
         let dir = tempfile::tempdir().unwrap();
         let old = std::time::SystemTime::now() - Duration::from_secs(600);
+        // A live run's: old (a long build), but locked.
+        let live = work_dir(dir.path(), ".kimg-build-").unwrap();
+        File::open(live.path()).unwrap().set_modified(old).unwrap();
         // A killed run's leftover: old, unlocked.
         let dead = dir.path().join(".kimg-build-dead");
         fs::create_dir_all(dead.join("root/sub")).unwrap();
         File::open(&dead).unwrap().set_modified(old).unwrap();
-        // A live run's: old too (a long build), but locked.
-        let live = work_dir(dir.path(), ".kimg-build-").unwrap();
-        File::open(live.path()).unwrap().set_modified(old).unwrap();
         // A young unlocked one (just made, not yet locked by its owner).
         let young = dir.path().join(".kimg-build-young");
         fs::create_dir(&young).unwrap();
