@@ -328,6 +328,7 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
         .exec_ok("vm-002", &["iptables", "-t", "nat", "-L", "-n"])
         .contains("Chain POSTROUTING"));
     control_plane_and_pki(&c, work.path());
+    secrets_only_where_a_role_needs_them(&c);
     pod_network(&c);
     scaleout_node_gets_its_credentials(&c);
 }
@@ -346,8 +347,118 @@ fn scaleout_node_gets_its_credentials(c: &TestCluster) {
         .contains("server: https://192.168.1.1:6443"));
     let ca = |vm| c.exec_ok(vm, &["cat", "/etc/kubernetes/pki/ca.crt"]);
     assert_eq!(ca("vm-003"), ca("vm-001"));
+    // Only its own credentials came along: no CA key, no other node's kubelet.
+    let files = c.exec_ok("vm-003", &["find", "/etc/kubernetes", "-type", "f"]);
+    assert!(
+        !files.contains("ca.key") && !files.contains("admin"),
+        "{files}"
+    );
+    assert!(!files.contains("kubelet-vm-002"), "{files}");
     // The cluster's other overlays came along on the new cdrom.
     c.exec_ok("vm-003", &["test", "-s", "/var/lib/kimg/images/hello.tar"]);
+}
+
+/// Issue 15, defects 1 and 8: each VM holds only the secrets its role needs, none
+/// readable by another uid, the cdrom is gone after boot, and /etc is still 0755
+/// (the PKI overlay no longer carries `kimg run`'s umask 077).
+fn secrets_only_where_a_role_needs_them(c: &TestCluster) {
+    let files = |vm| {
+        c.exec_ok(
+            vm,
+            &["sh", "-c", "find /etc/kubernetes -type f 2>/dev/null; true"],
+        )
+    };
+    let cp = files("vm-001");
+    for f in [
+        "pki/ca.key",
+        "pki/sa.key",
+        "pki/apiserver.key",
+        "admin.kubeconfig",
+    ] {
+        assert!(
+            cp.contains(&format!("/etc/kubernetes/{f}")),
+            "vm-001 lacks {f}: {cp}"
+        );
+    }
+    let node = files("vm-002");
+    for f in [
+        "ca.key",
+        "sa.key",
+        "apiserver.key",
+        "admin.kubeconfig",
+        "kubelet-vm-001",
+    ] {
+        assert!(!node.contains(f), "vm-002 has {f}: {node}");
+    }
+    assert!(
+        node.contains("/etc/kubernetes/kubelet-vm-002.kubeconfig"),
+        "{node}"
+    );
+    assert!(node.contains("/etc/kubernetes/pki/ca.crt"), "{node}");
+    let router = files("vm-201");
+    assert!(
+        !router.contains(".key") && !router.contains("kubeconfig"),
+        "vm-201: {router}"
+    );
+    for vm in ["vm-001", "vm-002", "vm-201"] {
+        // Nothing under /etc/kubernetes but certificates is readable by another uid,
+        // and a non-root uid really cannot read a key or a kubeconfig.
+        let loose = c.exec_ok(
+            vm,
+            &["sh", "-c", "find /etc/kubernetes -type f -perm -004 ! -name '*.crt' ! -name '*.pub' 2>/dev/null; true"],
+        );
+        assert_eq!(loose, "", "{vm}: readable by others: {loose}");
+        let secret = if vm == "vm-001" {
+            "/etc/kubernetes/pki/ca.key"
+        } else {
+            "/etc/kubernetes/kubelet-vm-002.kubeconfig"
+        };
+        if vm != "vm-201" {
+            let r = c.exec(
+                vm,
+                &[
+                    "busybox",
+                    "su",
+                    "-s",
+                    "/bin/sh",
+                    "nobody",
+                    "-c",
+                    &format!("cat {secret}"),
+                ],
+            );
+            assert!(
+                !r.status.success(),
+                "{vm}: nobody read {secret}: {}",
+                text(&r)
+            );
+            assert!(
+                !String::from_utf8_lossy(&r.stdout).contains("PRIVATE KEY"),
+                "{vm}"
+            );
+        }
+        // The cdrom is unmounted once unpacked, and its device is root's alone.
+        let mounts = c.exec_ok(vm, &["cat", "/proc/mounts"]);
+        assert!(!mounts.contains("/run/kimg/cdrom"), "{vm}: {mounts}");
+        let dev = c.exec_ok(
+            vm,
+            &["sh", "-c", "stat -c '%a %u' /dev/sr* 2>/dev/null; true"],
+        );
+        for line in dev.lines() {
+            let (mode, uid) = line.split_once(' ').unwrap_or((line, ""));
+            assert!(mode.ends_with('0') && uid == "0", "{vm}: /dev/sr*: {dev}");
+        }
+        // /etc keeps its mode (defect 8).
+        assert_eq!(
+            c.exec_ok(vm, &["stat", "-c", "%a", "/etc"]).trim(),
+            "755",
+            "{vm}"
+        );
+    }
+    // The host keeps the whole PKI where only the user reaches it.
+    let store = c.runtime.path().join(&c.name).join("pki");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&store).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700);
 }
 
 /// Pod networking with the real CNI plugins, no Kubernetes: kimg-init's conflist

@@ -1,5 +1,7 @@
 //! The overlay cdrom at boot: find it by its label, mount it read-only, unpack each
-//! overlay in name order onto /, once per VM disk, and report how each went.
+//! overlay in name order onto /, once per VM disk, and report how each went. The
+//! cdrom is unmounted once unpacked: what a VM's own cdrom carries (its secrets)
+//! lives on only as the files unpacked, with their own modes.
 
 use crate::unpack;
 use kimg_contract::cdrom::{
@@ -114,6 +116,9 @@ pub fn apply() -> (Vec<OverlayReport>, Vec<String>) {
     };
     let reports = unpack_all(dir, Path::new("/"), &index);
     problems.extend(failures(&reports));
+    if let Err(e) = nix::mount::umount(MOUNT_POINT) {
+        problems.push(format!("overlays: unmount {MOUNT_POINT}: {e}"));
+    }
     let applied = Applied {
         cdrom_sha256: cd.sha256,
         overlays: reports.clone(),

@@ -121,3 +121,26 @@ fn restore_sigpipe() {
     // no Rust handler, so nothing can run in signal context.
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Seconds near u64::MAX once panicked in Instant arithmetic: clap refuses them.
+    #[test]
+    fn huge_wait_timeout_and_grace_are_refused_by_the_parser() {
+        let huge = u64::MAX.to_string();
+        let wait = format!("--wait={huge}");
+        for args in [
+            vec!["kimg", "stop", "--grace", &huge],
+            vec!["kimg", "scalein", "--grace", &huge, "vm-001"],
+            vec!["kimg", "exec", "--timeout", &huge, "vm-001", "--", "true"],
+            vec!["kimg", "run", &wait],
+            vec!["kimg", "scaleout", &wait, "vm-003"],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
+        }
+        let max = commands::MAX_SECS.to_string();
+        assert!(Cli::try_parse_from(["kimg", "stop", "--grace", &max]).is_ok());
+    }
+}

@@ -21,23 +21,28 @@ pub trait Addon: Sync {
         Ok(())
     }
 
-    /// The overlay that goes first on a new cluster's cdrom (written under `dir`).
-    fn first_overlay(
-        &self,
-        _dir: &Path,
-        _state: &ClusterState,
-    ) -> Result<Option<Overlay>, ClusterError> {
+    /// Generates the add-on's per-cluster material in the new cluster's `dir` (e.g.
+    /// the PKI), once, before any VM's cdrom is made.
+    fn generate(&self, _dir: &Path, _state: &ClusterState) -> Result<(), ClusterError> {
+        Ok(())
+    }
+
+    /// Extends that material for VMs added to a running cluster (`kimg scaleout`).
+    fn add_vms(&self, _dir: &Path, _added: &[VmId]) -> Result<(), ClusterError> {
+        Ok(())
+    }
+
+    /// The overlay that goes first on `vm`'s own cdrom (assembled under `dir`), when
+    /// the VM needs files no other VM may see (its secrets); `None`: the VM shares
+    /// the cluster's cdrom.
+    fn first_overlay(&self, _dir: &Path, _vm: VmId) -> Result<Option<Overlay>, ClusterError> {
         Ok(None)
     }
 
-    /// The overlay that goes first on the cdrom of VMs added later, if they need
-    /// one of their own.
-    fn scaleout_overlay(
-        &self,
-        _dir: &Path,
-        _added: &[VmId],
-    ) -> Result<Option<Overlay>, ClusterError> {
-        Ok(None)
+    /// Whether `vm` gets a cdrom of its own ([`Addon::first_overlay`] gives it one):
+    /// such a cdrom holds secrets and must never serve as the cluster's shared one.
+    fn own_cdrom(&self, _vm: VmId) -> bool {
+        false
     }
 
     /// Extra QEMU arguments of `vm`.

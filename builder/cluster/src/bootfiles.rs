@@ -40,10 +40,7 @@ pub fn boot_files(
     }
     let parent = cached.parent().unwrap_or(dir);
     fs::create_dir_all(parent).with_path(parent)?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".boot-")
-        .tempdir_in(parent)
-        .with_path(parent)?;
+    let tmp = kimg_util::fs::work_dir(parent, ".boot-")?;
     let got = kimg_formats::disk::extract_esp_files(image, &esp, tmp.path())?;
     for (file, want) in got.iter().zip([&k, &i]) {
         let (sha, _) = kimg_util::hash::file_sha256(file).with_path(file)?;

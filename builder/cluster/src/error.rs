@@ -13,6 +13,15 @@ pub enum ClusterError {
     /// The cluster name has characters that do not belong in a path.
     #[error("cluster name {0:?}: use letters, digits, '-' and '_' (at most 32)")]
     BadName(String),
+    /// The runtime directory is not safely ours (another user made it, others may
+    /// write to it, or it is a symlink).
+    #[error("runtime directory {}: {why}; remove it (or set KIMG_RUNTIME_DIR to a directory of yours)", path.display())]
+    UnsafeRuntimeDir {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// No cluster of that name is running.
     #[error("no cluster named {0:?} (start one with `kimg run --name {0}`)")]
     NotFound(String),

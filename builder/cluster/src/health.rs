@@ -32,7 +32,7 @@ pub(crate) fn wait_ready(
     on_event: &(dyn Fn(RunEvent) + Sync),
 ) -> Result<(), ClusterError> {
     let start = Instant::now();
-    let deadline = start + limit;
+    let deadline = crate::process::deadline(limit);
     let failures: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = state
             .vms

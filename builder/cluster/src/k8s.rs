@@ -1,6 +1,6 @@
-//! The Kubernetes flavour's add-on: the cluster's PKI first on the cdrom (and kubelet
-//! credentials for nodes added later), and vm-001's extra NIC that forwards a host
-//! port on 127.0.0.1 to the apiserver.
+//! The Kubernetes flavour's add-on: the cluster's PKI, each VM's share of it first on
+//! its own cdrom (and kubelet credentials for nodes added later), and vm-001's extra
+//! NIC that forwards a host port on 127.0.0.1 to the apiserver.
 
 use crate::addon::Addon;
 use crate::error::ClusterError;
@@ -27,25 +27,25 @@ impl Addon for K8s {
         Ok(())
     }
 
-    fn first_overlay(
-        &self,
-        dir: &Path,
-        state: &ClusterState,
-    ) -> Result<Option<Overlay>, ClusterError> {
-        Ok(Some(pki::generate(dir, &state.size, state.api_port)?))
+    fn generate(&self, dir: &Path, state: &ClusterState) -> Result<(), ClusterError> {
+        Ok(pki::generate(dir, &state.size, state.api_port)?)
     }
 
-    fn scaleout_overlay(
-        &self,
-        dir: &Path,
-        added: &[VmId],
-    ) -> Result<Option<Overlay>, ClusterError> {
+    fn add_vms(&self, dir: &Path, added: &[VmId]) -> Result<(), ClusterError> {
         let nodes: Vec<VmId> = added
             .iter()
             .copied()
             .filter(|vm| vm.role() == Role::Node)
             .collect();
-        Ok(Some(pki::add_nodes(dir, &nodes)?))
+        Ok(pki::add_nodes(dir, &nodes)?)
+    }
+
+    fn first_overlay(&self, dir: &Path, vm: VmId) -> Result<Option<Overlay>, ClusterError> {
+        Ok(pki::vm_overlay(dir, vm)?)
+    }
+
+    fn own_cdrom(&self, vm: VmId) -> bool {
+        !pki::files_for(vm).is_empty()
     }
 
     fn qemu_args(&self, vm: VmId, state: &ClusterState) -> Vec<String> {

@@ -153,7 +153,16 @@ fn start(
         restored_from: None,
     };
     addon.prepare(&mut state)?;
-    state.cdrom = cluster_cdrom(opts, dir, addon, &state)?;
+    addon.generate(dir, &state)?;
+    if let Some(c) = &opts.cdrom {
+        if !addon.takes_ready_cdrom() {
+            return Err(ClusterError::Usage(
+                "a k8s image gets its per-cluster PKI on the cdroms kimg makes: name the overlays instead of --cdrom".into(),
+            ));
+        }
+        state.cdrom = Some(fs::canonicalize(c).with_path(c)?);
+    }
+    make_cdroms(dir, &mut state, addon, ids, true)?;
     save(dir, &state)?;
     network::create(state.net, &state.name, dir)?;
     start_vms(dir, &state, &state.vms, &files, manifest, on_event)?;
@@ -193,6 +202,7 @@ pub(crate) fn start_vms(
         let handles: Vec<_> = vms
             .iter()
             .map(|rec| {
+                let cdrom = vm_cdrom(dir, state, rec.vm);
                 let spec = VmSpec {
                     vm: rec.vm,
                     mem_mb: rec.mem_mb,
@@ -200,8 +210,8 @@ pub(crate) fn start_vms(
                     accel,
                     kernel: files[0].clone(),
                     initrd: files[1].clone(),
-                    cmdline: vm_cmdline(base_cmdline, rec.vm, state),
-                    cdrom: state.cdrom.clone(),
+                    cmdline: vm_cmdline(base_cmdline, rec.vm, state, cdrom.is_some()),
+                    cdrom,
                     uefi: state.uefi,
                 };
                 s.spawn(move || {
@@ -221,54 +231,62 @@ pub(crate) fn start_vms(
     Ok(())
 }
 
-/// The cdrom every VM gets: the given one, or one made from the add-on's first
-/// overlay (it goes first, so any later overlay may replace a file of it) and the
-/// named overlays.
-fn cluster_cdrom(
-    opts: &RunOptions,
+/// Makes the cdroms of `vms`: `vm-NNN/cdrom.iso` for each VM the add-on gives an
+/// overlay of its own (that overlay first, so a later one may replace a file of
+/// it, then the cluster's overlays), and with `shared` the cluster's cdrom of its
+/// overlays alone for the others (unless one was given, or there are none). The
+/// cluster's overlays are rendered once when several cdroms carry them. Secrets
+/// never go on the shared cdrom: each VM sees only its own.
+pub(crate) fn make_cdroms(
     dir: &Path,
+    state: &mut ClusterState,
     addon: &dyn Addon,
-    state: &ClusterState,
-) -> Result<Option<PathBuf>, ClusterError> {
-    if let Some(c) = &opts.cdrom {
-        if !addon.takes_ready_cdrom() {
-            return Err(ClusterError::Usage(
-                "a k8s image gets its per-cluster PKI on the cdrom kimg makes: name the overlays instead of --cdrom".into(),
-            ));
+    vms: &[VmId],
+    shared: bool,
+) -> Result<(), ClusterError> {
+    let mut own = Vec::new();
+    for &vm in vms {
+        if let Some(first) = addon.first_overlay(dir, vm)? {
+            own.push((vm, first));
         }
-        return Ok(Some(fs::canonicalize(c).with_path(c)?));
     }
-    let first = addon.first_overlay(dir, state)?;
-    if opts.overlays.is_empty() && first.is_none() {
-        return Ok(None);
+    let path = kimg_image::overlay::search_path(&state.ovlpath)?;
+    let mut ovs = kimg_image::overlay::resolve(&state.overlays, &path)?;
+    if !own.is_empty() && !ovs.is_empty() {
+        ovs = kimg_image::overlay::render(&ovs, &dir.join("overlays"))?;
     }
-    let out = dir.join("cdrom.iso");
-    make_cdrom(&out, first, &opts.overlays, &opts.ovlpath)?;
-    Ok(Some(out))
+    if shared && state.cdrom.is_none() && !ovs.is_empty() {
+        let out = dir.join("cdrom.iso");
+        kimg_image::overlay::mkcdrom(&out, &ovs)?;
+        state.cdrom = Some(out);
+    }
+    for (vm, first) in own {
+        let paths = VmPaths::new(dir, vm);
+        fs::create_dir_all(&paths.dir).with_path(&paths.dir)?;
+        let all: Vec<_> = std::iter::once(first).chain(ovs.iter().cloned()).collect();
+        kimg_image::overlay::mkcdrom(&paths.cdrom(), &all)?;
+    }
+    Ok(())
 }
 
-/// Writes a cdrom at `out`: `first` (an add-on's), then the named overlays.
-pub(crate) fn make_cdrom(
-    out: &Path,
-    first: Option<kimg_image::overlay::Overlay>,
-    overlays: &[String],
-    ovlpath: &[PathBuf],
-) -> Result<(), ClusterError> {
-    let path = kimg_image::overlay::search_path(ovlpath)?;
-    let ovs = kimg_image::overlay::resolve(overlays, &path)?;
-    let all: Vec<_> = first.into_iter().chain(ovs).collect();
-    kimg_image::overlay::mkcdrom(out, &all)?;
-    Ok(())
+/// The cdrom `vm` boots with: its own, else the cluster's (if any).
+fn vm_cdrom(dir: &Path, state: &ClusterState, vm: VmId) -> Option<PathBuf> {
+    let own = VmPaths::new(dir, vm).cdrom();
+    if own.is_file() {
+        Some(own)
+    } else {
+        state.cdrom.clone()
+    }
 }
 
 /// A VM's kernel command line: the image's, what the launcher tells the VM, then
 /// the user's `--append` (last, so that it wins).
-pub(crate) fn vm_cmdline(base: &str, vm: VmId, state: &ClusterState) -> String {
+pub(crate) fn vm_cmdline(base: &str, vm: VmId, state: &ClusterState, cdrom: bool) -> String {
     // no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check can
     // miss ticks and panic ("IO-APIC + timer doesn't work!"), seen when many VMs
     // boot at once on 2 cores.
     let mut line = with_size(&with_hostname(base, &vm.hostname()), &state.size) + " no_timer_check";
-    if state.cdrom.is_some() {
+    if cdrom {
         line = with_cdrom(&line);
     }
     match state.append.trim() {
@@ -309,6 +327,8 @@ fn start_vm(
     qemu.args(network::attach(state.net, &state.name, dir, spec.vm)?);
     qemu.args(addon.qemu_args(spec.vm, state));
     cmd::run(&mut network::wrap(state.net, &state.name, qemu))?;
+    // QEMU wrote its pid file before daemonizing returned: record who it is.
+    crate::process::record_start(&paths.pidfile())?;
     // QEMU's -daemonize sets umask 027 before creating the sockets: tighten them.
     for sock in [paths.agent(), paths.console(), paths.qmp()] {
         fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).with_path(&sock)?;

@@ -32,6 +32,9 @@ pub enum NetworkError {
         /// Control socket expected.
         path: PathBuf,
     },
+    /// A switch's start could not be recorded (its pid file never appeared).
+    #[error("recording the switch's start: {0}")]
+    Record(kimg_util::fs::IoError),
     /// `--net bridge` without root.
     #[error("--net bridge needs root (network namespace, bridges, taps); use --net user")]
     NotRoot,
@@ -95,6 +98,7 @@ pub fn create(backend: NetBackend, name: &str, cluster_dir: &Path) -> Result<(),
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
+                record_switch(cluster_dir, net)?;
             }
             Ok(())
         }
@@ -112,6 +116,19 @@ pub fn create(backend: NetBackend, name: &str, cluster_dir: &Path) -> Result<(),
                 cmd::run(cmd::command("ip").args(["-n", &ns, "link", "set", &br, "up"]))?;
             }
             Ok(())
+        }
+    }
+}
+
+/// Records the start time of `net`'s switch (its pid file may lag its socket).
+fn record_switch(cluster_dir: &Path, net: Net) -> Result<(), NetworkError> {
+    let pidfile = switch_pidfile(cluster_dir, net);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match crate::process::record_start(&pidfile) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(NetworkError::Record(e)),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
 }
@@ -192,30 +209,25 @@ pub fn detach(backend: NetBackend, name: &str, vm: VmId) {
     }
 }
 
-/// The pid of `net`'s switch if it still runs.
-pub fn switch_pid(cluster_dir: &Path, net: Net) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(switch_pidfile(cluster_dir, net))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    (comm.starts_with("vde_switch") && crate::process::alive(pid)).then_some(pid)
+/// The pid of `net`'s switch if it still runs (and is the switch kimg started).
+pub fn switch_pid(cluster_dir: &Path, net: Net) -> Option<nix::unistd::Pid> {
+    crate::process::daemon_pid(&switch_pidfile(cluster_dir, net), "vde_switch")
 }
 
-/// Removes whatever networks cluster `name` has: switches killed (and waited for),
-/// namespace deleted. Safe to call for a cluster with none.
-pub fn destroy(name: &str, cluster_dir: &Path) -> Result<(), NetworkError> {
+/// Removes whatever networks cluster `name` has: switches stopped (SIGTERM, SIGKILL
+/// after 3 s, given up on [`crate::process::KILL_WAIT`] later), namespace deleted.
+/// Safe to call for a cluster with none; returns the switches that would not go.
+pub fn destroy(name: &str, cluster_dir: &Path) -> Result<Vec<String>, NetworkError> {
+    use nix::sys::signal::{kill, Signal};
+    let mut stuck = Vec::new();
     for net in NETS {
         if let Some(pid) = switch_pid(cluster_dir, net) {
-            let pid = nix::unistd::Pid::from_raw(pid);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while switch_pid(cluster_dir, net).is_some() {
-                if Instant::now() > deadline {
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            let running = || switch_pid(cluster_dir, net).is_some();
+            let _ = kill(pid, Signal::SIGTERM);
+            if !crate::process::wait_gone(running, crate::process::deadline(Duration::from_secs(3)))
+                && !crate::process::kill_and_wait(pid, running, crate::process::KILL_WAIT)
+            {
+                stuck.push(format!("vde_switch of net {net} (pid {pid})"));
             }
         }
     }
@@ -223,7 +235,7 @@ pub fn destroy(name: &str, cluster_dir: &Path) -> Result<(), NetworkError> {
     if Path::new("/run/netns").join(&ns).exists() {
         cmd::run(cmd::command("ip").args(["netns", "del", &ns]))?;
     }
-    Ok(())
+    Ok(stuck)
 }
 
 #[cfg(test)]

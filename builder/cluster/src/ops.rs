@@ -5,9 +5,9 @@ use crate::agent;
 use crate::bootfiles::boot_files;
 use crate::error::ClusterError;
 use crate::health::wait_ready;
-use crate::launch::{make_cdrom, start_vms, RunEvent};
+use crate::launch::{make_cdroms, start_vms, RunEvent};
 use crate::network;
-use crate::process::qemu_pid;
+use crate::process::{self, qemu_pid, KILL_WAIT};
 use crate::qemu::VmPaths;
 use crate::state::{cluster_dir, load, lock, read_manifest, save, ClusterState, VmRecord};
 use kimg_contract::agent::{ExecResult, Op, Reply};
@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use serde::Serialize;
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Runs `argv` in a VM through its agent.
 pub fn exec(
@@ -44,7 +44,7 @@ pub fn exec(
     };
     // The agent enforces the command's own timeout; allow it a margin to answer.
     let wait = timeout.map_or(Duration::from_secs(24 * 3600), |t| {
-        t + Duration::from_secs(10)
+        t.saturating_add(Duration::from_secs(10))
     });
     match agent::request(&paths.agent(), op, wait) {
         Ok(Reply::Exec(r)) => Ok(r),
@@ -64,9 +64,15 @@ pub struct StopReport {
     pub graceful: Vec<VmId>,
     /// VMs whose QEMU had to be killed.
     pub killed: Vec<VmId>,
+    /// Processes still there [`KILL_WAIT`] after SIGKILL (stuck in the kernel):
+    /// given up on rather than waited for forever.
+    #[serde(default)]
+    pub stuck: Vec<String>,
 }
 
 /// Stops a cluster: agent poweroff, then SIGKILL after `grace`; removes its directory.
+/// Returns within about `grace` + 2 s (the agents) + [`KILL_WAIT`] per stuck process
+/// group, whatever the processes do.
 pub fn stop(name: &str, grace: Duration) -> Result<StopReport, ClusterError> {
     let dir = cluster_dir(name)?;
     if !dir.exists() {
@@ -91,8 +97,8 @@ pub(crate) fn stop_locked(
             })
             .unwrap_or_default(),
     };
-    let report = stop_vms(dir, &vms, grace);
-    network::destroy(name, dir)?;
+    let mut report = stop_vms(dir, &vms, grace);
+    report.stuck.extend(network::destroy(name, dir)?);
     fs::remove_dir_all(dir).with_path(dir)?;
     Ok(report)
 }
@@ -102,6 +108,7 @@ fn stop_vms(dir: &Path, vms: &[VmId], grace: Duration) -> StopReport {
     let mut report = StopReport {
         graceful: Vec::new(),
         killed: Vec::new(),
+        stuck: Vec::new(),
     };
     let running: Vec<(VmId, Pid)> = vms
         .iter()
@@ -113,20 +120,25 @@ fn stop_vms(dir: &Path, vms: &[VmId], grace: Duration) -> StopReport {
             s.spawn(move || agent::request(&sock, Op::Poweroff, Duration::from_secs(2)));
         }
     });
-    let deadline = Instant::now() + grace;
+    let deadline = process::deadline(grace);
+    let mut to_kill = Vec::new();
     for (vm, pid) in running {
         let paths = VmPaths::new(dir, vm);
-        while qemu_pid(&paths).is_some() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if qemu_pid(&paths).is_some() {
+        if process::wait_gone(|| qemu_pid(&paths).is_some(), deadline) {
+            report.graceful.push(vm);
+        } else {
             let _ = kill(pid, Signal::SIGKILL);
-            while qemu_pid(&paths).is_some() {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            to_kill.push((vm, pid));
+        }
+    }
+    // One shared wait after the kills: stuck QEMUs cost KILL_WAIT once, not each.
+    let after_kill = process::deadline(KILL_WAIT);
+    for (vm, pid) in to_kill {
+        let paths = VmPaths::new(dir, vm);
+        if process::wait_gone(|| qemu_pid(&paths).is_some(), after_kill) {
             report.killed.push(vm);
         } else {
-            report.graceful.push(vm);
+            report.stuck.push(format!("{vm} QEMU (pid {pid})"));
         }
     }
     report
@@ -165,16 +177,11 @@ pub fn scaleout(
     let manifest = read_manifest(&state.image)?;
     let files = boot_files(&state.image, &manifest, &dir)?;
     let ids: Vec<VmId> = added.iter().map(|r| r.vm).collect();
-    if let (Some(vm), Some(first)) = (
-        ids.first(),
-        addon::of(manifest.flavour).scaleout_overlay(&dir, &ids)?,
-    ) {
-        // The added VMs get a cdrom of their own: the add-on's overlay, then the
-        // cluster's overlays resolved again.
-        let out = dir.join(format!("cdrom-{:03}.iso", vm.number()));
-        make_cdrom(&out, Some(first), &state.overlays, &state.ovlpath)?;
-        state.cdrom = Some(out);
-    }
+    // The add-on's material for the new VMs (a node's kubelet credentials), then
+    // their cdroms: their own when they get files of their own, else the cluster's.
+    let addon = addon::of(manifest.flavour);
+    addon.add_vms(&dir, &ids)?;
+    make_cdroms(&dir, &mut state, addon, &ids, false)?;
     let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let result = start_vms(&dir, &state, &added, &files, &manifest, on_event);
     nix::sys::stat::umask(old_umask);
@@ -219,4 +226,49 @@ pub fn scalein(name: &str, vms: &[VmId], grace: Duration) -> Result<StopReport, 
     state.vms.retain(|r| !vms.contains(&r.vm));
     save(&dir, &state)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// A pid file in a VM's directory that names some other process of the user (a
+    /// recycled pid, here even with a QEMU-like name) is never signalled.
+    #[test]
+    fn stop_does_not_kill_a_process_that_took_a_recorded_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm: VmId = "vm-001".parse().unwrap();
+        let paths = VmPaths::new(dir.path(), vm);
+        fs::create_dir_all(&paths.dir).unwrap();
+        let fake = dir.path().join("qemu-system-x86_64");
+        fs::copy("/bin/sleep", &fake).unwrap();
+        let mut child = Command::new(&fake).arg("30").spawn().unwrap();
+        let pid = child.id();
+        fs::write(paths.pidfile(), format!("{pid}\n")).unwrap();
+        // The QEMU that wrote the pid file started at another tick.
+        fs::write(
+            process::start_record(&paths.pidfile()),
+            format!("{pid} 12345\n"),
+        )
+        .unwrap();
+        let report = stop_vms(dir.path(), &[vm], Duration::from_millis(100));
+        assert!(
+            report.killed.is_empty() && report.graceful.is_empty(),
+            "{report:?}"
+        );
+        assert!(
+            crate::process::alive(pid as i32),
+            "the other process was killed"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_huge_grace_does_not_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = stop_vms(dir.path(), &[], Duration::MAX);
+        assert!(r.graceful.is_empty());
+    }
 }

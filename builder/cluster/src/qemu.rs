@@ -54,6 +54,10 @@ impl VmPaths {
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
+    /// The VM's own overlay cdrom, when an add-on gives it files of its own.
+    pub fn cdrom(&self) -> PathBuf {
+        self.dir.join("cdrom.iso")
+    }
     /// QEMU's pid file.
     pub fn pidfile(&self) -> PathBuf {
         self.dir.join("qemu.pid")

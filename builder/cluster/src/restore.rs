@@ -143,11 +143,17 @@ fn start(
     // The cluster's own files: the PKI (for scaleout) and the admin kubeconfig with
     // a new forward port, since the old one may be taken.
     if let Some(pki) = &manifest.pki {
+        // Snapshots made before the per-VM PKI hold the whole overlay (`kimg-pki`,
+        // its tree under root/): the store is that tree.
+        let from = match snap_dir.join(pki) {
+            p if pki == crate::pki::OVERLAY_NAME => p.join("root"),
+            p => p,
+        };
         cmd::run(
             Command::new("cp")
                 .arg("-a")
-                .arg(snap_dir.join(pki))
-                .arg(dir.join(crate::pki::OVERLAY_NAME)),
+                .arg(from)
+                .arg(dir.join(crate::pki::STORE)),
         )?;
     }
     if let Some(old) = manifest.plan.api_port {
@@ -181,10 +187,17 @@ fn start(
         .iter()
         .map(cdrom_of)
         .collect::<Result<_, _>>()?;
-    state.cdrom = cdroms.iter().flatten().next().cloned();
+    let addon = addon::of(image_manifest.flavour);
+    // The shared cdrom (for VMs added later) is one without secrets: never a
+    // VM's own (a node's carries its credentials, vm-001's the CA key).
+    state.cdrom = manifest
+        .vms
+        .iter()
+        .zip(&cdroms)
+        .filter(|(v, _)| !addon.own_cdrom(v.vm))
+        .find_map(|(_, c)| c.clone());
     save(dir, &state)?;
     network::create(state.net, &state.name, dir)?;
-    let addon = addon::of(image_manifest.flavour);
     let state_ref = &state;
     std::thread::scope(|s| {
         let handles: Vec<_> = manifest

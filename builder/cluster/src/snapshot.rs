@@ -274,7 +274,10 @@ fn save_to_temp(
             vm: r.vm,
             mem_mb: r.mem_mb,
             cpus: r.cpus,
-            cmdline: crate::launch::vm_cmdline(base_cmdline, r.vm, state),
+            cmdline: {
+                let cdrom = cdroms.iter().any(|(vm, c)| *vm == r.vm && c.is_some());
+                crate::launch::vm_cmdline(base_cmdline, r.vm, state, cdrom)
+            },
             cdrom: cdroms
                 .iter()
                 .find(|(vm, _)| *vm == r.vm)
@@ -412,7 +415,7 @@ fn save_paused(
     Ok(cdroms)
 }
 
-/// The cluster's admin kubeconfig and PKI overlay, copied into the snapshot.
+/// The cluster's admin kubeconfig and PKI store, copied into the snapshot.
 fn copy_cluster_secrets(
     dir: &Path,
     tmp: &Path,
@@ -425,15 +428,15 @@ fn copy_cluster_secrets(
     } else {
         None
     };
-    let pki_dir = dir.join(crate::pki::OVERLAY_NAME);
+    let pki_dir = dir.join(crate::pki::STORE);
     let pki = if pki_dir.is_dir() {
         cmd::run(
             Command::new("cp")
                 .arg("-a")
                 .arg(&pki_dir)
-                .arg(tmp.join(crate::pki::OVERLAY_NAME)),
+                .arg(tmp.join(crate::pki::STORE)),
         )?;
-        Some(crate::pki::OVERLAY_NAME.to_string())
+        Some(crate::pki::STORE.to_string())
     } else {
         None
     };

@@ -26,7 +26,54 @@ pub fn runtime_root() -> PathBuf {
     PathBuf::from(format!("/tmp/kimg-{}", nix::unistd::getuid()))
 }
 
-/// The directory of cluster `name`.
+/// Checks that `root` is a directory of ours that nobody else may write to (like
+/// ssh-agent's and systemd's runtime dirs): owned by our uid, no group/other write
+/// bit, not a symlink. With `create`, a missing one is made 0700 first.
+pub fn check_root(root: &Path, create: bool) -> Result<(), ClusterError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let unsafe_dir = |why: String| ClusterError::UnsafeRuntimeDir {
+        path: root.to_path_buf(),
+        why,
+    };
+    let md = match fs::symlink_metadata(root) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+            if let Some(parent) = root.parent() {
+                fs::create_dir_all(parent).with_path(parent)?;
+            }
+            match fs::DirBuilder::new().mode(0o700).create(root) {
+                // Someone made it in between: judged below like any other.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                r => r.with_path(root)?,
+            }
+            fs::symlink_metadata(root).with_path(root)?
+        }
+        // Nothing there yet: nothing to trust or distrust.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        r => r.with_path(root)?,
+    };
+    if md.file_type().is_symlink() {
+        return Err(unsafe_dir("is a symlink".into()));
+    }
+    if !md.is_dir() {
+        return Err(unsafe_dir("is not a directory".into()));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if md.uid() != me {
+        return Err(unsafe_dir(format!(
+            "owned by uid {}, not by us (uid {me})",
+            md.uid()
+        )));
+    }
+    if md.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "mode {:o} lets others write to it",
+            md.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// The directory of cluster `name` (the runtime root checked, see [`check_root`]).
 pub fn cluster_dir(name: &str) -> Result<PathBuf, ClusterError> {
     let ok = !name.is_empty()
         && name.len() <= 32
@@ -36,7 +83,9 @@ pub fn cluster_dir(name: &str) -> Result<PathBuf, ClusterError> {
     if !ok {
         return Err(ClusterError::BadName(name.to_string()));
     }
-    Ok(runtime_root().join(name))
+    let root = runtime_root();
+    check_root(&root, false)?;
+    Ok(root.join(name))
 }
 
 /// What `cluster.json` records about a running cluster.
@@ -61,7 +110,8 @@ pub struct ClusterState {
     /// VMs boot through OVMF and the image's ESP instead of direct kernel boot.
     #[serde(default)]
     pub uefi: bool,
-    /// The overlay cdrom every VM gets (`--cdrom`, or made from the overlays).
+    /// The cluster's shared overlay cdrom (`--cdrom`, or made from the overlays), for
+    /// the VMs without one of their own (`vm-NNN/cdrom.iso`, see `launch::make_cdroms`).
     #[serde(default)]
     pub cdrom: Option<PathBuf>,
     /// Host port on 127.0.0.1 forwarded to vm-001's apiserver (k8s images).
@@ -71,7 +121,7 @@ pub struct ClusterState {
     #[serde(default)]
     pub append: String,
     /// The overlays the cluster's cdrom was made of, and where they were found
-    /// (a Kubernetes cluster's cdrom is made again for VMs added later).
+    /// (VMs added later that get a cdrom of their own carry them too).
     #[serde(default)]
     pub overlays: Vec<String>,
     /// Extra overlay search directories of `overlays`.
@@ -122,10 +172,23 @@ pub fn read_manifest(image: &Path) -> Result<Manifest, ClusterError> {
 
 /// Takes the cluster's lock; held until the returned value drops.
 pub(crate) fn lock(name: &str) -> Result<Flock<fs::File>, ClusterError> {
-    let root = runtime_root();
-    fs::create_dir_all(&root).with_path(&root)?;
+    lock_in(&runtime_root(), name)
+}
+
+/// [`lock`] under `root`: the root made or checked first ([`check_root`]); the lock
+/// file opened without following a symlink and without truncating anything.
+fn lock_in(root: &Path, name: &str) -> Result<Flock<fs::File>, ClusterError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    check_root(root, true)?;
     let path = root.join(format!("{name}.lock"));
-    let file = fs::File::create(&path).with_path(&path)?;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(&path)
+        .with_path(&path)?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock)
         .map_err(|_| ClusterError::Locked(name.to_string(), path))
 }
@@ -140,7 +203,8 @@ pub(crate) fn save(dir: &Path, state: &ClusterState) -> Result<(), ClusterError>
 pub fn load(name: &str) -> Result<(PathBuf, ClusterState), ClusterError> {
     let dir = cluster_dir(name)?;
     let path = dir.join(STATE_FILE);
-    let text = fs::read_to_string(&path).map_err(|_| ClusterError::NotFound(name.to_string()))?;
+    let text = kimg_util::fs::read_to_string_nofollow(&path)
+        .map_err(|_| ClusterError::NotFound(name.to_string()))?;
     let state = serde_json::from_str(&text)
         .map_err(|e| IoError::new(path.clone(), io::Error::new(io::ErrorKind::InvalidData, e)))?;
     Ok((dir, state))
@@ -174,6 +238,52 @@ mod tests {
         assert_eq!(names, ["vm-001", "vm-002", "vm-201", "vm-221"]);
         assert!(vm_ids(&size(0, 0, 0)).is_err());
         assert!(vm_ids(&size(201, 0, 0)).is_err());
+    }
+
+    /// A lock file planted as a symlink by someone who could write to the runtime
+    /// dir is refused, and its target is left as it was (it used to be truncated).
+    #[test]
+    fn a_planted_symlink_lock_is_refused_and_its_target_untouched() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("rt");
+        let target = t.path().join("precious");
+        fs::write(&target, "keep me").unwrap();
+        check_root(&root, true).unwrap();
+        std::os::unix::fs::symlink(&target, root.join("c.lock")).unwrap();
+        let e = lock_in(&root, "c").unwrap_err();
+        assert!(e.to_string().contains("c.lock"), "{e}");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep me");
+        // A regular lock file is opened without truncation.
+        fs::write(root.join("d.lock"), "x").unwrap();
+        let _l = lock_in(&root, "d").unwrap();
+        assert_eq!(fs::read_to_string(root.join("d.lock")).unwrap(), "x");
+    }
+
+    #[test]
+    fn a_runtime_dir_made_0700_and_others_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("kimg-0");
+        check_root(&root, true).unwrap();
+        let mode = fs::metadata(&root).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // World-writable: refused.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_root(&root, true).unwrap_err().to_string();
+        assert!(e.contains("others write"), "{e}");
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).unwrap();
+        // A symlink to a good directory: refused.
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&root, &link).unwrap();
+        assert!(check_root(&link, true).is_err());
+        // Owned by another uid (the tests run as root, who may chown): refused.
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&root, Some(12345), Some(12345)).unwrap();
+            let e = check_root(&root, true).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 12345"), "{e}");
+            assert!(lock_in(&root, "c").is_err());
+            assert!(!root.join("c.lock").exists());
+        }
     }
 
     #[test]

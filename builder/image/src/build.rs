@@ -171,10 +171,8 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
     let modules = steps.run("modules", || module_closures(&kernel, &plan))?;
     fs::create_dir_all(&opts.out_dir).with_path(&opts.out_dir)?;
     // Everything is written under this hidden directory, removed when dropped.
-    let tmp = tempfile::Builder::new()
-        .prefix(".kimg-build-")
-        .tempdir_in(&opts.out_dir)
-        .with_path(&opts.out_dir)?;
+    // Locked while it lives; a killed build's is removed by the next one.
+    let tmp = kimg_util::fs::work_dir(&opts.out_dir, ".kimg-build-")?;
     let initrd = steps.run("initramfs", || {
         write_initramfs(opts, &kernel, &modules, tmp.path())
     })?;

@@ -6,8 +6,15 @@
 //! the server honours it. The archive is hashed and decompressed in one pass into a
 //! hidden directory under `cache/images/`, which is renamed to `cache/images/NAME/`
 //! only when the digest matched: a mismatch leaves nothing in the cache.
+//!
+//! The `.sha256` file `kimg publish` writes covers the manifest too (a second
+//! `sha256sum -c` line, `HEX  NAME.json`), checked before anything is downloaded; the
+//! manifest's disk size then bounds the decompressed output, and the decoders run
+//! with a memory limit, so an archive that is not what its manifest says costs at
+//! most that much before its checksum is known. An old single-line `.sha256` (or
+//! `--sha256`) covers the archive only: the fetch goes on with a note saying so.
 
-use crate::publish::parse_sha256_file;
+use crate::publish::{parse_sha256_file, parse_sums};
 use kimg_contract::manifest::Manifest;
 use kimg_util::cache::cache_dir;
 use kimg_util::fs::{IoError, PathContext};
@@ -48,6 +55,14 @@ pub enum FetchError {
         src: String,
         /// Why the `.sha256` beside it could not be used.
         why: String,
+    },
+    /// The archive decompresses to more than its manifest's disk can hold.
+    #[error("{src}: the archive decompresses to more than {cap} bytes, the most its manifest's disk size allows; stopped there, nothing was cached (the archive is not the image its manifest describes)")]
+    TooBig {
+        /// The output being written.
+        src: String,
+        /// The bound.
+        cap: u64,
     },
     /// The input is not what fetch accepts.
     #[error("{src}: {why}")]
@@ -103,6 +118,24 @@ pub struct CachedImage {
     pub fetched: u64,
     /// Where it came from.
     pub source: String,
+    /// What the fetch could not check (e.g. an old `.sha256` without the manifest).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// Memory the xz decoder may use (threads are dropped to stay under it; an archive
+/// that needs more even single-threaded is refused).
+pub const XZ_MEMLIMIT: u64 = 1 << 30;
+/// Largest zstd window accepted (2^27 = 128 MiB, zstd's own default for decoders).
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+
+/// The most a qcow2 of a `disk_size`-byte disk can hold: the disk itself fully
+/// allocated plus its metadata (L2 tables take 1/8192 of it and refcounts less;
+/// 1/64 + 16 MiB is a generous bound).
+pub fn max_image_size(disk_size: u64) -> u64 {
+    disk_size
+        .saturating_add(disk_size / 64)
+        .saturating_add(16 << 20)
 }
 
 /// `cache/images`.
@@ -283,11 +316,13 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Hashes `archive` while decompressing it (xz or zstd, by magic) to `out`; returns
-/// the archive's sha256.
+/// Hashes `archive` while decompressing it (xz or zstd, by magic) to `out`, at most
+/// `cap` bytes of output (it stops at the first byte past it); returns the archive's
+/// sha256.
 pub fn verify_decompress(
     archive: &Path,
     out: &Path,
+    cap: u64,
     progress: Progress,
 ) -> Result<String, FetchError> {
     let mut file = File::open(archive).with_path(archive)?;
@@ -309,8 +344,8 @@ pub fn verify_decompress(
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let stream = liblzma::stream::MtStreamBuilder::new()
             .threads(threads)
-            .memlimit_threading(1 << 30)
-            .memlimit_stop(u64::MAX)
+            .memlimit_threading(XZ_MEMLIMIT)
+            .memlimit_stop(XZ_MEMLIMIT)
             .decoder()
             .map_err(|e| bad(format!("xz decoder: {e}")))?;
         let mut dec = liblzma::read::XzDecoder::new_stream(reader, stream);
@@ -318,19 +353,24 @@ pub fn verify_decompress(
             &mut dec,
             |d| d.get_ref().count,
             &mut dst,
-            out,
+            (out, cap),
             total,
             progress,
         )
         .map_err(|e| e.unwrap_or_else(|e| bad(format!("corrupt xz data: {e}"))))?;
         dec.into_inner()
     } else if magic[..4] == [0x28, 0xb5, 0x2f, 0xfd] {
-        let mut dec = zstd::Decoder::new(reader).map_err(|e| bad(format!("zstd decoder: {e}")))?;
+        let mut dec = zstd::Decoder::new(reader)
+            .and_then(|mut d| {
+                d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+                Ok(d)
+            })
+            .map_err(|e| bad(format!("zstd decoder: {e}")))?;
         copy(
             &mut dec,
             |d| d.get_ref().get_ref().count,
             &mut dst,
-            out,
+            (out, cap),
             total,
             progress,
         )
@@ -349,21 +389,30 @@ pub fn verify_decompress(
     Ok(hex::encode(reader.hash.finalize()))
 }
 
-/// Decompresses `dec` into `dst`, reporting the compressed bytes `count` says were
-/// consumed. Errors: `Ok(e)` writing, `Err(e)` reading (corrupt data).
+/// Decompresses `dec` into `dst` (the file `out`, at most `cap` bytes), reporting the
+/// compressed bytes `count` says were consumed. Errors: `Ok(e)` writing or too
+/// much output, `Err(e)` reading (corrupt data).
 fn copy<D: Read>(
     dec: &mut D,
     count: impl Fn(&D) -> u64,
     dst: &mut impl Write,
-    out: &Path,
+    (out, cap): (&Path, u64),
     total: u64,
     progress: Progress,
 ) -> Result<(), Result<FetchError, io::Error>> {
     let mut buf = vec![0u8; 1 << 20];
+    let mut written = 0u64;
     loop {
         let n = dec.read(&mut buf).map_err(Err)?;
         if n == 0 {
             return Ok(());
+        }
+        written += n as u64;
+        if written > cap {
+            return Err(Ok(FetchError::TooBig {
+                src: out.display().to_string(),
+                cap,
+            }));
         }
         dst.write_all(&buf[..n])
             .map_err(|e| Ok(IoError::new(out, e).into()))?;
@@ -380,27 +429,49 @@ pub fn fetch(opts: &FetchOptions, progress: Progress) -> Result<CachedImage, Fet
         src: src.into(),
         why,
     })?;
-    let expected = match &opts.sha256 {
-        Some(h) => parse_sha256_file(h).ok_or_else(|| FetchError::Bad {
-            src: src.into(),
-            why: format!("--sha256 {h:?} is not 64 hex digits"),
-        })?,
+    let mut notes = Vec::new();
+    let archive_file = src.split(['?', '#']).next().unwrap_or(src);
+    let archive_file = archive_file.rsplit('/').next().unwrap_or(archive_file);
+    let manifest_file = manifest_src.rsplit('/').next().unwrap_or(&manifest_src);
+    let (expected, manifest_sum) = match &opts.sha256 {
+        Some(h) => {
+            let hex = parse_sha256_file(h).ok_or_else(|| FetchError::Bad {
+                src: src.into(),
+                why: format!("--sha256 {h:?} is not 64 hex digits"),
+            })?;
+            notes.push(format!(
+                "--sha256 covers the archive only: {manifest_file} was not verified"
+            ));
+            (hex, None)
+        }
         None => {
             let sum_src = format!("{src}.sha256");
             let text = read_text(&sum_src).map_err(|e| FetchError::NoChecksum {
                 src: src.into(),
                 why: e.to_string(),
             })?;
-            parse_sha256_file(&text).ok_or_else(|| FetchError::NoChecksum {
-                src: src.into(),
-                why: format!("{sum_src} holds no sha256"),
-            })?
+            expected_sums(&text, archive_file, manifest_file, &sum_src, &mut notes).ok_or_else(
+                || FetchError::NoChecksum {
+                    src: src.into(),
+                    why: format!("{sum_src} holds no sha256 of {archive_file}"),
+                },
+            )?
         }
     };
     let manifest_text = read_text(&manifest_src).map_err(|e| FetchError::Bad {
         src: src.into(),
         why: format!("its manifest: {e} (publish with `kimg publish`, which writes NAME.json)"),
     })?;
+    if let Some(want) = manifest_sum {
+        let got = kimg_util::hash::sha256(manifest_text.as_bytes());
+        if got != want {
+            return Err(FetchError::Mismatch {
+                src: manifest_src,
+                expected: want,
+                actual: got,
+            });
+        }
+    }
     let manifest: Manifest = serde_json::from_str(&manifest_text).map_err(|e| FetchError::Bad {
         src: manifest_src.clone(),
         why: format!("not a kimg manifest: {e}"),
@@ -419,12 +490,13 @@ pub fn fetch(opts: &FetchOptions, progress: Progress) -> Result<CachedImage, Fet
         (PathBuf::from(src), None)
     };
 
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".fetch-{name}-"))
-        .tempdir_in(&images)
-        .with_path(&images)?;
+    // Locked while it lives; a killed fetch's (and a killed swap's `.old-`) is
+    // removed by the next fetch.
+    kimg_util::fs::clean_stale(&images, ".old-", kimg_util::fs::STALE_AFTER);
+    let tmp = kimg_util::fs::work_dir(&images, ".fetch-")?;
     let img_tmp = tmp.path().join(format!("{name}.img"));
-    let result = verify_decompress(&archive, &img_tmp, progress);
+    let cap = max_image_size(manifest.disk_size);
+    let result = verify_decompress(&archive, &img_tmp, cap, progress);
     let remove_part = || {
         if let Some(p) = &part {
             let _ = fs::remove_file(p);
@@ -462,10 +534,7 @@ pub fn fetch(opts: &FetchOptions, progress: Progress) -> Result<CachedImage, Fet
     let dest = images.join(&name);
     if dest.exists() {
         // Move the old entry aside first: a directory cannot be renamed over a full one.
-        let old = tempfile::Builder::new()
-            .prefix(&format!(".old-{name}-"))
-            .tempdir_in(&images)
-            .with_path(&images)?;
+        let old = kimg_util::fs::work_dir(&images, ".old-")?;
         let aside = old.path().join(&name);
         fs::rename(&dest, &aside).with_path(&dest)?;
     }
@@ -484,7 +553,31 @@ pub fn fetch(opts: &FetchOptions, progress: Progress) -> Result<CachedImage, Fet
         kernel: manifest.kernel.version,
         fetched: record.fetched,
         source: record.source,
+        notes,
     })
+}
+
+/// The archive's and the manifest's digests out of a `.sha256` file's text: the
+/// lines naming them, or (an old single-line file, or one naming neither) its first
+/// digest for the archive and none for the manifest, with a note.
+fn expected_sums(
+    text: &str,
+    archive_file: &str,
+    manifest_file: &str,
+    sum_src: &str,
+    notes: &mut Vec<String>,
+) -> Option<(String, Option<String>)> {
+    let sums = parse_sums(text);
+    let of = |file: &str| sums.iter().find(|(_, n)| n == file).map(|(h, _)| h.clone());
+    let manifest = of(manifest_file);
+    if manifest.is_none() {
+        notes.push(format!(
+            "{sum_src} has no line for {manifest_file} (published before kimg checksummed \
+             manifests): the manifest was not verified; publish again to cover it"
+        ));
+    }
+    let archive = of(archive_file).or_else(|| sums.first().map(|(h, _)| h.clone()))?;
+    Some((archive, manifest))
 }
 
 /// Every image in the cache, sorted by name (entries that are not whole are skipped).
@@ -524,6 +617,7 @@ pub fn list(cache: &Path) -> Result<Vec<CachedImage>, FetchError> {
             kernel: manifest.kernel.version,
             fetched: rec.fetched,
             source: rec.source,
+            notes: Vec::new(),
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));

@@ -326,13 +326,39 @@ fn fill<'a>(ov: &'a Overlay, epoch: Option<i64>, tmpdir: &'a Path) -> iso::Fill<
     })
 }
 
+/// Turns tree and script overlays into archives under `dir`, written once, so that
+/// several cdroms (one per VM when an add-on gives each its own first overlay) carry
+/// the same bytes without compressing or running anything again; ready archives
+/// stay where they are.
+pub fn render(overlays: &[Overlay], dir: &Path) -> Result<Vec<Overlay>, OverlayError> {
+    fs::create_dir_all(dir).map_err(|e| OverlayError::Io(IoError::new(dir, e)))?;
+    let epoch = source_date_epoch();
+    let scratch = kimg_util::fs::work_dir(dir, ".render-")?;
+    overlays
+        .iter()
+        .map(|ov| {
+            let suffix = match &ov.source {
+                Source::Archive(..) => return Ok(ov.clone()),
+                Source::Tree(_) => ".tar.zst",
+                Source::Script(_) => ".tar",
+            };
+            let out = dir.join(format!("{}{suffix}", ov.name));
+            let io = |e: io::Error| OverlayError::Io(IoError::new(&out, e));
+            let mut f = fs::File::create(&out).map_err(io)?;
+            fill(ov, epoch, scratch.path())(&mut f).map_err(|why| io(io::Error::other(why)))?;
+            Ok(Overlay {
+                name: ov.name.clone(),
+                source: Source::Archive(out.clone(), suffix),
+                requires: ov.requires.clone(),
+            })
+        })
+        .collect()
+}
+
 /// Writes the cdrom for `overlays` (already ordered) to `out`.
 pub fn mkcdrom(out: &Path, overlays: &[Overlay]) -> Result<IsoImage, OverlayError> {
     let epoch = source_date_epoch();
-    let tmp = tempfile::Builder::new()
-        .prefix("kimg-mkcdrom-")
-        .tempdir()
-        .map_err(|source| OverlayError::Io(IoError::new(std::env::temp_dir(), source)))?;
+    let tmp = kimg_util::fs::work_dir(&std::env::temp_dir(), "kimg-mkcdrom-")?;
     let files: Vec<IsoSource> = overlays
         .iter()
         .enumerate()

@@ -233,10 +233,7 @@ pub fn publish(
     fs::create_dir_all(&opts.out_dir).with_path(&opts.out_dir)?;
     // Hidden temporaries in the output directory: same filesystem, so rename is atomic;
     // dropped (removed) on any error.
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.publish-"))
-        .tempdir_in(&opts.out_dir)
-        .with_path(&opts.out_dir)?;
+    let tmp = kimg_util::fs::work_dir(&opts.out_dir, &format!(".{name}.publish-"))?;
     let file_name = format!("{name}{}", opts.codec.suffix());
     let archive_tmp = tmp.path().join(&file_name);
     let t = Instant::now();
@@ -252,9 +249,15 @@ pub fn publish(
 
     let json_tmp = tmp.path().join(format!("{name}.json"));
     let json = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
-    fs::write(&json_tmp, json).with_path(&json_tmp)?;
+    fs::write(&json_tmp, &json).with_path(&json_tmp)?;
     let sum_tmp = tmp.path().join(format!("{file_name}.sha256"));
-    fs::write(&sum_tmp, format!("{digest}  {file_name}\n")).with_path(&sum_tmp)?;
+    // The checksum file vouches for the manifest too (it feeds every VM's kernel
+    // command line): one `sha256sum -c` line each.
+    let sums = format!(
+        "{digest}  {file_name}\n{}  {name}.json\n",
+        kimg_util::hash::sha256(json.as_bytes())
+    );
+    fs::write(&sum_tmp, sums).with_path(&sum_tmp)?;
 
     let archive = opts.out_dir.join(&file_name);
     let sha256_file = opts.out_dir.join(format!("{file_name}.sha256"));
@@ -280,11 +283,29 @@ pub fn publish(
     })
 }
 
-/// Parses a `sha256sum` line (`HEX  NAME` or `HEX *NAME`) or a bare digest.
+/// Parses a `sha256sum` line (`HEX  NAME` or `HEX *NAME`) or a bare digest: the
+/// first digest of the text.
 pub fn parse_sha256_file(text: &str) -> Option<String> {
     let first = text.split_whitespace().next()?;
-    let hex = first.to_ascii_lowercase();
+    hex_digest(first)
+}
+
+fn hex_digest(word: &str) -> Option<String> {
+    let hex = word.to_ascii_lowercase();
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+}
+
+/// Parses a `sha256sum` file into (digest, file name) per line; a bare digest has
+/// an empty name. Lines that are not checksums are skipped.
+pub fn parse_sums(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim_end_matches('\r');
+            let (hex, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+            let name = rest.trim_start_matches(' ').trim_start_matches('*');
+            Some((hex_digest(hex)?, name.to_string()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -375,6 +396,15 @@ mod tests {
             Some(h.to_ascii_lowercase())
         );
         assert_eq!(parse_sha256_file("abc  x"), None);
+        let two = format!("{h}  hd.img.xz\n{}  hd.json\n", "b".repeat(64));
+        assert_eq!(
+            parse_sums(&two),
+            [
+                (h.to_ascii_lowercase(), "hd.img.xz".to_string()),
+                ("b".repeat(64), "hd.json".to_string())
+            ]
+        );
+        assert_eq!(parse_sums(&h), [(h.to_ascii_lowercase(), String::new())]);
         assert_eq!(parse_sha256_file(""), None);
         assert_eq!(image_name(Path::new("out/hd.img")), "hd");
         assert_eq!(image_name(Path::new("k8s.qcow2")), "k8s");

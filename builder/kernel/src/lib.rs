@@ -134,10 +134,7 @@ fn from_deb(deb: &Path, sha256: Option<&str>, cache: &Path) -> Result<Kernel, Ke
         std::fs::create_dir_all(&kernels).with_path(&kernels)?;
         // Unpack beside the final place and rename, so an interrupted unpack never
         // looks complete.
-        let tmp = tempfile::Builder::new()
-            .prefix(".unpack-")
-            .tempdir_in(&kernels)
-            .with_path(&kernels)?;
+        let tmp = kimg_util::fs::work_dir(&kernels, ".unpack-")?;
         deb::unpack_data(deb, tmp.path())?;
         if let Err(e) = std::fs::rename(tmp.path(), &root) {
             // Another kimg may have finished the same unpack first; theirs is as good.

@@ -92,10 +92,7 @@ pub fn fetch(cache: &Path, log: &dyn Fn(&str)) -> Result<PathBuf, SourceError> {
         ));
         let t = Instant::now();
         // Unpack beside the final place and rename, so a half unpack never looks done.
-        let tmp = tempfile::Builder::new()
-            .prefix(".unpack-")
-            .tempdir_in(&sources)
-            .with_path(&sources)?;
+        let tmp = kimg_util::fs::work_dir(&sources, ".unpack-")?;
         let deb_dir = tmp.path().join("deb");
         deb::unpack_data(&download.deb, &deb_dir)?;
         let usr_src = deb_dir.join("usr/src");
@@ -437,10 +434,7 @@ pub fn build(
         });
     }
     std::fs::create_dir_all(&builds).with_path(&builds)?;
-    let stage = tempfile::Builder::new()
-        .prefix(".stage-")
-        .tempdir_in(&builds)
-        .with_path(&builds)?;
+    let stage = kimg_util::fs::work_dir(&builds, ".stage-")?;
     let boot = stage.path().join("boot");
     std::fs::create_dir_all(&boot).with_path(&boot)?;
     let bz = build_dir.join("arch/x86/boot/bzImage");

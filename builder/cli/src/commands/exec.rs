@@ -16,7 +16,7 @@ pub struct Args {
     #[arg(long, default_value = super::DEFAULT_CLUSTER)]
     name: String,
     /// Kill the command after this many seconds.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = super::secs())]
     timeout: Option<u64>,
     /// The VM: vm-001, or just 1.
     vm: VmId,

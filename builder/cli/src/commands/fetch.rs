@@ -52,6 +52,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if let Some((_, pb)) = bars.borrow_mut().take() {
         pb.finish();
     }
+    for note in &got.notes {
+        eprintln!("kimg fetch: note: {note}");
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&got)?);
     } else {

@@ -33,6 +33,15 @@ pub const EXIT_FAILURE: u8 = 1;
 /// Default cluster name, shared by every cluster subcommand.
 pub const DEFAULT_CLUSTER: &str = "kimg";
 
+/// The largest `--wait`, `--timeout` or `--grace` in seconds (a year): anything
+/// larger means "forever" and would only overflow the clock arithmetic.
+pub const MAX_SECS: u64 = 365 * 24 * 3600;
+
+/// The value parser of a seconds option: 0..=[`MAX_SECS`].
+pub fn secs() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(..=MAX_SECS)
+}
+
 /// Parses sizes like `2G`, `512M`, `1073741824`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();

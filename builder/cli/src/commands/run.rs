@@ -54,7 +54,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     accel: AccelChoice,
     /// Wait until every VM reports ready (at most SECS seconds, default 120).
-    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "120", require_equals = true)]
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "120", require_equals = true, value_parser = super::secs())]
     wait: Option<u64>,
     /// Boot through UEFI (OVMF) from the image's own ESP (systemd-boot, its loader
     /// entry's command line) instead of giving QEMU the kernel: proves the image boots

@@ -15,7 +15,7 @@ pub struct OutArgs {
     #[arg(long, default_value = super::DEFAULT_CLUSTER)]
     name: String,
     /// Wait until the new VMs report ready (at most SECS seconds, default 120).
-    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "120", require_equals = true)]
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "120", require_equals = true, value_parser = super::secs())]
     wait: Option<u64>,
     /// The VMs to add.
     #[arg(required = true)]
@@ -30,7 +30,7 @@ pub struct InArgs {
     #[arg(long, default_value = super::DEFAULT_CLUSTER)]
     name: String,
     /// Seconds to wait for a clean poweroff before killing.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 15, value_parser = super::secs())]
     grace: u64,
     /// The VMs to remove.
     #[arg(required = true)]

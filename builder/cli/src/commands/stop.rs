@@ -13,7 +13,7 @@ pub struct Args {
     #[arg(long, default_value = super::DEFAULT_CLUSTER)]
     name: String,
     /// Seconds to wait for a clean poweroff before killing.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 15, value_parser = super::secs())]
     grace: u64,
     /// Print what happened as JSON.
     #[arg(long)]

@@ -218,10 +218,7 @@ pub fn build_disk(spec: &DiskSpec, out: &Path) -> Result<Vec<Partition>, DiskErr
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(".kimg-disk-")
-        .tempdir_in(parent)
-        .with_path(parent)?;
+    let tmp = kimg_util::fs::work_dir(parent, ".kimg-disk-")?;
 
     let raw_path = tmp.path().join("disk.raw");
     let raw = File::create(&raw_path).with_path(&raw_path)?;
@@ -320,10 +317,7 @@ pub fn extract_esp_files(
     dest_dir: &Path,
 ) -> Result<Vec<PathBuf>, DiskError> {
     fs::create_dir_all(dest_dir).with_path(dest_dir)?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".kimg-esp-")
-        .tempdir_in(dest_dir)
-        .with_path(dest_dir)?;
+    let tmp = kimg_util::fs::work_dir(dest_dir, ".kimg-esp-")?;
     let bad = |reason: String| DiskError::BadImage {
         image: image.to_path_buf(),
         reason,
