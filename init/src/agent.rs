@@ -1,10 +1,10 @@
-//! The agent: serves line-delimited JSON requests on the `kimg.agent` virtio-serial
-//! port. Status and errors are answered by the pure [`handle`]; each exec runs in its
-//! own thread; one writer thread owns the port's write side, so a host that is gone
-//! (writes block) never stalls reading or PID 1's main loop.
+//! The agent: serves line-delimited JSON requests on the `kimg.agent` control port
+//! (status, poweroff) and starts the session ports' servers ([`crate::session`]:
+//! exec, shells, copies). Status and errors are answered by the pure [`handle`]; one
+//! writer thread owns the port's write side, so a host that is gone (writes block)
+//! never stalls reading or PID 1's main loop.
 
-use crate::exec;
-use kimg_contract::agent::{self, BootState, ExecResult, Op, Reply, Request, Response, Status};
+use kimg_contract::agent::{self, BootState, Op, Reply, Request, Response, Status, MAX_LINE};
 use kimg_contract::{Role, VmId};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -24,8 +24,6 @@ pub const PROC_UPTIME: &str = "/proc/uptime";
 pub const PORT_WAIT: Duration = Duration::from_secs(5);
 /// Pause while no host client is connected (reads return EOF).
 const IDLE: Duration = Duration::from_millis(50);
-/// Longest accepted request line.
-const MAX_LINE: usize = 1 << 20;
 
 /// What the agent reports, fixed when the boot is done.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,15 +77,6 @@ pub fn status(state: &State) -> Status {
 pub enum Action {
     /// Send this answer.
     Reply(Response),
-    /// Run a program (in its own thread) and answer with id.
-    Exec {
-        /// Request id.
-        id: u64,
-        /// Program and arguments (non-empty).
-        argv: Vec<String>,
-        /// Kill after this long.
-        timeout: Option<Duration>,
-    },
     /// Send this answer, then power off.
     Poweroff(Response),
 }
@@ -110,14 +99,6 @@ pub fn handle(line: &str, state: &State) -> Action {
             id: req.id,
             reply: Reply::Status(status(state)),
         }),
-        Op::Exec { argv, .. } if argv.is_empty() => {
-            Action::Reply(error(req.id, "exec: empty argv".into()))
-        }
-        Op::Exec { argv, timeout_secs } => Action::Exec {
-            id: req.id,
-            argv,
-            timeout: timeout_secs.map(Duration::from_secs),
-        },
         // Set at once in the reader: the sooner, the closer to the host's time.
         Op::SetClock { secs, nanos } => Action::Reply(match crate::clock::set(secs, nanos) {
             Ok(()) => Response {
@@ -142,9 +123,14 @@ fn error(id: u64, message: String) -> Response {
 
 /// Finds the node of the virtio-serial port named [`agent::PORT_NAME`].
 pub fn find_port() -> Option<PathBuf> {
+    find_named_port(agent::PORT_NAME)
+}
+
+/// Finds the node of the virtio-serial port named `wanted`.
+pub fn find_named_port(wanted: &str) -> Option<PathBuf> {
     for entry in std::fs::read_dir(VIRTIO_PORTS).ok()?.flatten() {
         let name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
-        if name.trim() == agent::PORT_NAME {
+        if name.trim() == wanted {
             return Some(PathBuf::from(DEV_DIR).join(entry.file_name()));
         }
     }
@@ -179,6 +165,7 @@ fn serve(state: &State, poweroff: fn()) {
         std::thread::sleep(IDLE);
     };
     info!("agent: serving on {}", node.display());
+    crate::session::start();
     loop {
         match OpenOptions::new()
             .read(true)
@@ -268,29 +255,6 @@ fn send(tx: &Sender<Outgoing>, r: Response, done: Option<Sender<()>>) {
 fn dispatch(line: &str, tx: &Sender<Outgoing>, state: &State, poweroff: fn()) {
     match handle(line, state) {
         Action::Reply(r) => send(tx, r, None),
-        Action::Exec { id, argv, timeout } => {
-            let tx2 = tx.clone();
-            let spawned = std::thread::Builder::new()
-                .name("agent-exec".into())
-                .spawn(move || {
-                    let result: ExecResult = exec::run(&argv, timeout);
-                    send(
-                        &tx2,
-                        Response {
-                            id,
-                            reply: Reply::Exec(result),
-                        },
-                        None,
-                    );
-                });
-            if let Err(e) = spawned {
-                send(
-                    tx,
-                    error(id, format!("exec: cannot start a thread: {e}")),
-                    None,
-                );
-            }
-        }
         Action::Poweroff(r) => {
             info!("agent: poweroff requested");
             let (done_tx, done_rx) = mpsc::channel();
@@ -353,7 +317,6 @@ mod tests {
             ("garbage", 0),
             ("{\"id\":5,\"op\":\"reboot\"}", 5),
             ("{\"op\":\"status\"}", 0),
-            ("{\"id\":6,\"op\":\"exec\",\"argv\":[]}", 6),
         ] {
             let r = reply(handle(line, &st));
             assert_eq!(r.id, id, "{line}");
@@ -362,19 +325,8 @@ mod tests {
     }
 
     #[test]
-    fn exec_and_poweroff_are_actions() {
+    fn poweroff_is_an_action_and_exec_is_no_longer_a_request() {
         let st = state(&[]);
-        assert_eq!(
-            handle(
-                "{\"id\":3,\"op\":\"exec\",\"argv\":[\"true\"],\"timeout_secs\":2}",
-                &st
-            ),
-            Action::Exec {
-                id: 3,
-                argv: vec!["true".into()],
-                timeout: Some(Duration::from_secs(2))
-            }
-        );
         assert_eq!(
             handle("{\"id\":4,\"op\":\"poweroff\"}", &st),
             Action::Poweroff(Response {
@@ -382,5 +334,10 @@ mod tests {
                 reply: Reply::Ok
             })
         );
+        let r = reply(handle(
+            "{\"id\":3,\"op\":\"exec\",\"argv\":[\"true\"]}",
+            &st,
+        ));
+        assert!(matches!(r.reply, Reply::Error { .. }));
     }
 }

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod cdrom;
 pub mod cluster;
+pub mod exec;
 pub mod k8s;
 pub mod kernel;
 pub mod publish;

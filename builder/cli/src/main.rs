@@ -12,6 +12,7 @@ mod commands;
 ///   kimg build                    # Debian's cloud kernel -> out/hd.img + out/hd.json
 ///   kimg run --wait               # 4 nodes + 2 routers on closed networks
 ///   kimg exec vm-001 -- ip -br addr
+///   kimg shell vm-001             # a terminal in the VM (`kimg cp` copies files)
 ///   kimg status
 ///   kimg stop
 ///
@@ -37,6 +38,8 @@ enum Command {
     Run(commands::run::Args),
     Status(commands::status::Args),
     Exec(commands::exec::Args),
+    Shell(commands::shell::Args),
+    Cp(commands::cp::Args),
     Stop(commands::stop::Args),
     Bench(commands::bench::Args),
     Console(commands::console::Args),
@@ -67,6 +70,8 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run::run(a),
         Command::Status(a) => commands::status::run(a),
         Command::Exec(a) => commands::exec::run(a),
+        Command::Shell(a) => commands::shell::run(a),
+        Command::Cp(a) => commands::cp::run(a),
         Command::Stop(a) => commands::stop::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Console(a) => commands::console::run(a),

@@ -1,8 +1,11 @@
-//! Host side of the agent protocol: one request, one matching response, over the
-//! unix socket QEMU exposes for a VM's `kimg.agent` port.
+//! Host side of the agent's control port: one request, one matching response, over
+//! the unix socket QEMU exposes for a VM's `kimg.agent` port. The timeout is a
+//! deadline for the whole call (connect, write, every read), and an answer line is
+//! at most `MAX_LINE` bytes, so a guest that drips or floods costs a bounded time
+//! and memory.
 
-use kimg_contract::agent::{from_line, to_line, Op, Reply, Request, Response};
-use std::io::{self, BufRead, BufReader, Write};
+use kimg_contract::agent::{from_line, to_line, Op, Reply, Request, Response, MAX_LINE};
+use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +31,9 @@ pub enum AgentError {
     /// The agent closed the connection.
     #[error("the agent closed the connection")]
     Closed,
+    /// An answer line passed the limit.
+    #[error("the agent sent a line longer than {MAX_LINE} bytes")]
+    TooLong,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -38,7 +44,8 @@ fn next_id() -> u64 {
     (u64::from(std::process::id()) << 32) | NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Sends `op` and waits up to `timeout` for its answer.
+/// Sends `op` and waits up to `timeout` (a deadline for the whole call) for its
+/// answer.
 pub fn request(socket: &Path, op: Op, timeout: Duration) -> Result<Reply, AgentError> {
     let deadline = Instant::now() + timeout;
     let stream = UnixStream::connect(socket).map_err(|source| AgentError::Connect {
@@ -46,42 +53,59 @@ pub fn request(socket: &Path, op: Op, timeout: Duration) -> Result<Reply, AgentE
         source,
     })?;
     let id = next_id();
-    (&stream).write_all(to_line(&Request { id, op }).as_bytes())?;
-    let mut reader = BufReader::new(&stream);
-    let mut line = String::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(AgentError::Timeout(timeout));
-        }
-        stream.set_read_timeout(Some(left))?;
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) => return Err(AgentError::Closed),
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(AgentError::Timeout(timeout))
+    let left = |d: Instant| {
+        let l = d.saturating_duration_since(Instant::now());
+        (!l.is_zero())
+            .then_some(l)
+            .ok_or(AgentError::Timeout(timeout))
+    };
+    stream.set_write_timeout(Some(left(deadline)?))?;
+    (&stream)
+        .write_all(to_line(&Request { id, op }).as_bytes())
+        .map_err(|e| {
+            if is_timeout(&e) {
+                AgentError::Timeout(timeout)
+            } else {
+                e.into()
             }
+        })?;
+    let mut line: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        // Whole lines first: answers to earlier clients are skipped.
+        while let Some(nl) = line.iter().position(|b| *b == b'\n') {
+            let one: Vec<u8> = line.drain(..=nl).collect();
+            if let Ok(resp) = from_line::<Response>(&String::from_utf8_lossy(&one)) {
+                if resp.id == id {
+                    return Ok(resp.reply);
+                }
+            }
+        }
+        if line.len() > MAX_LINE {
+            return Err(AgentError::TooLong);
+        }
+        stream.set_read_timeout(Some(left(deadline)?))?;
+        match (&stream).read(&mut chunk) {
+            Ok(0) => return Err(AgentError::Closed),
+            Ok(n) => line.extend_from_slice(&chunk[..n]),
+            Err(e) if is_timeout(&e) => return Err(AgentError::Timeout(timeout)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }
-        // Lines for other ids (or garbage from a reset port) are skipped.
-        if let Ok(resp) = from_line::<Response>(&line) {
-            if resp.id == id {
-                return Ok(resp.reply);
-            }
-        }
     }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kimg_contract::agent::ExecResult;
+    use std::io::{BufRead, BufReader};
     use std::os::unix::net::UnixListener;
 
     #[test]
@@ -101,23 +125,17 @@ mod tests {
             };
             let ours = Response {
                 id: req.id,
-                reply: Reply::Exec(ExecResult {
-                    exit_code: 4,
-                    stdout: "x".into(),
-                    stderr: "".into(),
-                }),
+                reply: Reply::Error {
+                    message: "ours".into(),
+                },
             };
             (&s).write_all(b"garbage\n").unwrap();
             (&s).write_all(to_line(&stale).as_bytes()).unwrap();
             (&s).write_all(to_line(&ours).as_bytes()).unwrap();
         });
-        let op = Op::Exec {
-            argv: vec!["x".into()],
-            timeout_secs: None,
-        };
-        let reply = request(&sock, op, Duration::from_secs(5)).unwrap();
+        let reply = request(&sock, Op::Status, Duration::from_secs(5)).unwrap();
         assert!(
-            matches!(reply, Reply::Exec(ExecResult { exit_code: 4, .. })),
+            matches!(&reply, Reply::Error { message } if message == "ours"),
             "{reply:?}"
         );
         server.join().unwrap();
@@ -137,5 +155,61 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("none"), "{err}");
+    }
+
+    /// A fake guest on a real unix socket: accepts, reads the request, then runs
+    /// `behave` on the connection.
+    fn fake_guest(
+        behave: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        std::thread::JoinHandle<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            behave(s);
+        });
+        (dir, sock, t)
+    }
+
+    #[test]
+    fn a_dripping_guest_cannot_stretch_the_deadline() {
+        let (_dir, sock, t) = fake_guest(|mut s| {
+            // A byte every 100 ms, never a newline: per-read timeouts never fire.
+            for _ in 0..40 {
+                if s.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let start = Instant::now();
+        let err = request(&sock, Op::Status, Duration::from_millis(500)).unwrap_err();
+        let took = start.elapsed();
+        assert!(matches!(err, AgentError::Timeout(_)), "{err}");
+        assert!(took < Duration::from_millis(1500), "took {took:?}");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_flooding_guest_is_cut_at_the_line_limit() {
+        let (_dir, sock, t) = fake_guest(|mut s| {
+            let junk = vec![b'x'; 64 * 1024];
+            // Far more than the limit, without a newline; stops when the client leaves.
+            for _ in 0..(4 * MAX_LINE / junk.len()) {
+                if s.write_all(&junk).is_err() {
+                    return;
+                }
+            }
+        });
+        let err = request(&sock, Op::Status, Duration::from_secs(20)).unwrap_err();
+        assert!(matches!(err, AgentError::TooLong), "{err}");
+        t.join().unwrap();
     }
 }

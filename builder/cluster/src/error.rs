@@ -73,6 +73,14 @@ pub enum ClusterError {
         /// Why.
         source: AgentError,
     },
+    /// A session (exec, shell, copy) failed.
+    #[error("{vm}: {source}")]
+    Session {
+        /// VM.
+        vm: VmId,
+        /// Why.
+        source: crate::session::SessionError,
+    },
     /// The agent answered with an error.
     #[error("{vm}: the agent refused: {message}")]
     Refused {

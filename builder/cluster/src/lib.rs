@@ -6,11 +6,12 @@
 //! [`health`] (QEMU, console and agent status, the wait for ready), [`consoles`]
 //! (every VM's console in one tmux session), [`ops`] (exec,
 //! stop, scale), [`network`], [`qemu`] and [`accel`] (command lines and the
-//! accelerator), [`agent`] (the client), and [`addon`] with what a flavour adds to a
-//! cluster ([`k8s`]: the PKI of [`pki`] and the apiserver forward). [`snapshot`]
-//! saves a running cluster through each VM's QEMU monitor ([`qmp`]); [`restore`]
-//! starts clusters from snapshots (`run --from`, suspend and resume). [`list`]
-//! (`kimg ls`) and [`doctor`] (what this host has of what kimg needs).
+//! accelerator), [`agent`] (the control client), [`session`] (exec, shell and copy
+//! streams), and [`addon`] with what a flavour adds to a cluster ([`k8s`]: the PKI
+//! of [`pki`] and the apiserver forward). [`snapshot`] saves a running cluster
+//! through each VM's QEMU monitor ([`qmp`]); [`restore`] starts clusters from
+//! snapshots (`run --from`, suspend and resume). [`list`] (`kimg ls`) and [`doctor`]
+//! (what this host has of what kimg needs).
 
 pub mod accel;
 pub mod addon;
@@ -31,11 +32,13 @@ pub mod qemu;
 pub mod qmp;
 pub mod restore;
 pub mod snapshot;
+pub mod session;
 pub mod state;
 
 pub use error::ClusterError;
 pub use health::{console_tail, status, VmStatus};
 pub use launch::{run, RunEvent, RunOptions};
-pub use ops::{exec, scalein, scaleout, stop, StopReport};
+pub use ops::{scalein, scaleout, stop, StopReport};
 pub use process::{alive, qemu_pid};
+pub use session::{copy_in, copy_out, exec, exec_stream, CopyReport};
 pub use state::{cluster_dir, load, runtime_root, vm_paths, ClusterState, VmRecord};

@@ -1,4 +1,5 @@
-//! Operations on a running cluster: exec, stop, scale out and in.
+//! Operations on a running cluster: stop, scale out and in (exec and copies are
+//! sessions: [`crate::session`]).
 
 use crate::addon;
 use crate::agent;
@@ -10,7 +11,7 @@ use crate::network;
 use crate::process::{self, qemu_pid, KILL_WAIT};
 use crate::qemu::VmPaths;
 use crate::state::{cluster_dir, load, lock, read_manifest, save, ClusterState, VmRecord};
-use kimg_contract::agent::{ExecResult, Op, Reply};
+use kimg_contract::agent::Op;
 use kimg_contract::{Role, VmId};
 use kimg_util::fs::PathContext;
 use nix::sys::signal::{kill, Signal};
@@ -19,43 +20,6 @@ use serde::Serialize;
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
-
-/// Runs `argv` in a VM through its agent.
-pub fn exec(
-    name: &str,
-    vm: VmId,
-    argv: Vec<String>,
-    timeout: Option<Duration>,
-) -> Result<ExecResult, ClusterError> {
-    let (dir, state) = load(name)?;
-    if !state.vms.iter().any(|r| r.vm == vm) {
-        return Err(ClusterError::NoSuchVm {
-            name: name.to_string(),
-            vm,
-        });
-    }
-    let paths = VmPaths::new(&dir, vm);
-    if qemu_pid(&paths).is_none() {
-        return Err(ClusterError::Dead(vm));
-    }
-    let op = Op::Exec {
-        argv,
-        timeout_secs: timeout.map(|t| t.as_secs()),
-    };
-    // The agent enforces the command's own timeout; allow it a margin to answer.
-    let wait = timeout.map_or(Duration::from_secs(24 * 3600), |t| {
-        t.saturating_add(Duration::from_secs(10))
-    });
-    match agent::request(&paths.agent(), op, wait) {
-        Ok(Reply::Exec(r)) => Ok(r),
-        Ok(Reply::Error { message }) => Err(ClusterError::Refused { vm, message }),
-        Ok(other) => Err(ClusterError::Refused {
-            vm,
-            message: format!("unexpected answer {other:?}"),
-        }),
-        Err(source) => Err(ClusterError::Agent { vm, source }),
-    }
-}
 
 /// What `stop` did per VM.
 #[derive(Debug, Clone, Serialize)]

@@ -5,7 +5,7 @@
 //! virtio-serial port on a socket, virtio-rng fed from the host's urandom.
 
 use super::accel::Accel;
-use kimg_contract::agent::PORT_NAME;
+use kimg_contract::agent::{session_port_name, PORT_NAME, SESSION_PORTS};
 use kimg_contract::VmId;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,6 +45,14 @@ impl VmPaths {
     /// Unix socket of QEMU's QMP monitor (one client at a time; mode 0600).
     pub fn qmp(&self) -> PathBuf {
         self.dir.join("qmp.sock")
+    }
+    /// Unix socket of session port `k` (`kimg.agent.K`).
+    pub fn session_socket(&self, k: usize) -> PathBuf {
+        self.dir.join(format!("session-{k}.sock"))
+    }
+    /// Lock file a client holds while it uses session port `k`.
+    pub fn session_lock(&self, k: usize) -> PathBuf {
+        self.dir.join(format!("session-{k}.lock"))
     }
     /// Unix socket of the serial console.
     pub fn console(&self) -> PathBuf {
@@ -146,8 +154,21 @@ pub fn command(spec: &VmSpec, paths: &VmPaths) -> Command {
         .arg("-device")
         .arg(format!(
             "virtserialport,bus=vser.0,chardev=agent,name={PORT_NAME}"
-        ))
-        // The apiserver (and anything else) never waits for entropy.
+        ));
+    // Streams (exec, shells, copies) get ports of their own: see kimg_contract::agent.
+    for k in 0..SESSION_PORTS {
+        c.arg("-chardev")
+            .arg(format!(
+                "socket,id=session{k},path={},server=on,wait=off",
+                escape(&paths.session_socket(k))
+            ))
+            .arg("-device")
+            .arg(format!(
+                "virtserialport,bus=vser.0,chardev=session{k},name={}",
+                session_port_name(k)
+            ));
+    }
+    c // The apiserver (and anything else) never waits for entropy.
         .args(["-object", "rng-random,filename=/dev/urandom,id=rng0"])
         .args(["-device", "virtio-rng-pci,rng=rng0"])
         .arg("-qmp")
@@ -209,6 +230,11 @@ mod tests {
         };
         let line = kimg_util::cmd::display(&command(&spec, &paths));
         assert!(line.contains("name=kimg.agent"), "{line}");
+        assert!(
+            line.contains("path=/run/k,,1/vm-002/session-7.sock")
+                && line.contains("chardev=session7,name=kimg.agent.7"),
+            "{line}"
+        );
         assert!(line.contains("path=/run/k,,1/vm-002/agent.sock"), "{line}");
         assert!(line.contains("-accel tcg"), "{line}");
         assert!(line.contains("-m 384"), "{line}");

@@ -25,6 +25,32 @@ enum Suite {
     Kernel(KernelArgs),
     K8s(K8sArgs),
     Snapshot(SnapshotArgs),
+    Exec(ExecArgs),
+}
+
+/// The agent's streams in one VM: exec round trip of `true` (median of 50) next to a
+/// `status` round trip, and `kimg cp` host -> VM of a 100 MB file next to the VM
+/// reading the same bytes from its cdrom (cold page cache).
+#[derive(clap::Args)]
+struct ExecArgs {
+    /// Image built by `kimg build`.
+    #[arg(long, default_value = "out/hd.img")]
+    image: PathBuf,
+    /// Memory of the VM in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem: u32,
+    /// Size of the copied file in MB.
+    #[arg(long, default_value_t = 100)]
+    mb: u64,
+    /// Round trips per median.
+    #[arg(long, default_value_t = 50)]
+    runs: usize,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The Kubernetes image: hd-k8s.img's size (qcow2 bytes and xz-compressed) next to
@@ -189,6 +215,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Suite::Kernel(k) => kernel(k),
         Suite::K8s(k) => k8s(k),
         Suite::Snapshot(s) => snapshot(s),
+        Suite::Exec(e) => exec(e),
     }
 }
 
@@ -527,6 +554,39 @@ fn kernel(a: KernelArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Progress lines on stderr, unless the figures go out as JSON.
+fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tempfile::Builder::new()
+        .prefix("kimg-bench-rt-")
+        .tempdir_in("/tmp")?;
+    let opts = bench::exec::ExecBenchOptions {
+        image: a.image,
+        mem_mb: a.mem,
+        mb: a.mb,
+        runs: a.runs.max(1),
+        accel: a.accel,
+        runtime: runtime.path().to_path_buf(),
+    };
+    let r = bench::exec::run(&opts, &progress(a.json))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "round trip, median of {:<3}         status {:7.1} ms   exec true {:7.1} ms   ratio {:.2}",
+        opts.runs, r.status_ms, r.exec_true_ms, r.exec_ratio
+    );
+    println!(
+        "host -> VM, {:.0} MB                  kimg cp {:6.1} MB/s ({:.2} s)   cdrom read {:6.1} MB/s ({:.2} s)   ratio {:.2}",
+        r.bytes as f64 / 1e6,
+        r.cp_mb_s,
+        r.cp_secs,
+        r.cdrom_mb_s,
+        r.cdrom_secs,
+        r.cp_ratio
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn progress(quiet: bool) -> impl Fn(&str) {
     move |line| {
         if !quiet {

@@ -68,8 +68,21 @@ fn service_log(
         Some(n) => vec!["tail".into(), "-n".into(), n.to_string(), path],
         None => vec!["cat".into(), path],
     };
-    let r = cluster::exec(name, vm, argv, Some(std::time::Duration::from_secs(30)))?;
-    std::io::stdout().write_all(r.stdout.as_bytes())?;
-    std::io::stderr().write_all(r.stderr.as_bytes())?;
-    Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(1)))
+    // Streamed: neither kimg-init nor kimg holds the log whole.
+    let spec = kimg_contract::agent::ExecSpec {
+        argv,
+        tty: None,
+        stdin: false,
+        login: false,
+        timeout_secs: None,
+    };
+    let code = cluster::exec_stream(
+        name,
+        vm,
+        spec,
+        None,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    )?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
