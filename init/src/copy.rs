@@ -368,7 +368,8 @@ mod tests {
             all
         });
         assert_eq!(send(&mut port, t.to_str().unwrap()), Ok(Some(0)));
-        port.flush_all(std::time::Duration::from_secs(5)).unwrap();
+        port.flush_all(std::time::Duration::from_secs(5), std::time::Duration::ZERO)
+            .unwrap();
         drop(port);
         let sent = reader.join().unwrap();
         let fr = frames(&sent);

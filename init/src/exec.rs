@@ -31,6 +31,8 @@ pub const CWD: &str = "/";
 pub const SHELL: &str = "/bin/sh";
 /// Output kept per stream by [`run`] (kimg-init's own uses); the rest is dropped.
 pub const CAPTURE_MAX: usize = 1 << 20;
+/// After the exit, how long bytes the pipes said they hold may fail to come.
+const DRAIN_STUCK: Duration = Duration::from_secs(2);
 /// Longest pause between checks for the program's exit.
 const MAX_TICK: Duration = Duration::from_millis(50);
 
@@ -131,6 +133,11 @@ pub fn spawn(spec: &ExecSpec) -> Result<Child, SpawnError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+        // SAFETY: runs in the forked child before exec; pthread_sigmask is
+        // async-signal-safe and touches nothing of the parent's memory.
+        unsafe {
+            cmd.pre_exec(unblock_signals);
+        }
         let mut child = REAPER.spawn(&mut cmd).map_err(|e| spawn_error(prog, &e))?;
         let pid = child.id() as i32;
         let input = child.stdin.take().map(OwnedFd::from);
@@ -180,6 +187,7 @@ pub fn spawn(spec: &ExecSpec) -> Result<Child, SpawnError> {
     // an int argument, and fd 0 is the PTY slave (std dup2'd it before this runs).
     unsafe {
         cmd.pre_exec(|| {
+            unblock_signals()?;
             nix::unistd::setsid()?;
             tiocsctty(0, 0)?;
             Ok(())
@@ -199,6 +207,14 @@ pub fn spawn(spec: &ExecSpec) -> Result<Child, SpawnError> {
         outputs: vec![(Kind::Stdout, pty.master)],
         pty: true,
     })
+}
+
+/// PID 1 blocks the signals its main loop reads (SIGINT, SIGTERM, ...), and a
+/// blocked mask is inherited: a command must start with none blocked, or ctrl-c
+/// would not reach it.
+fn unblock_signals() -> std::io::Result<()> {
+    nix::sys::signal::SigSet::empty().thread_set_mask()?;
+    Ok(())
 }
 
 fn winsize(rows: u16, cols: u16) -> Winsize {
@@ -295,6 +311,7 @@ pub fn pump(mut child: Child, sink: &mut dyn Sink, timeout: Option<Duration>) ->
     let mut drain: Option<(i32, Vec<usize>)> = None;
     let mut tick = Duration::from_millis(1);
     let mut timed_out = false;
+    let mut last_read = Instant::now();
     loop {
         // Hand waiting stdin bytes to the program (non-blocking; the rest waits).
         let mut close_input = false;
@@ -364,7 +381,6 @@ pub fn pump(mut child: Child, sink: &mut dyn Sink, timeout: Option<Duration>) ->
             }
         }
         let _ = input_at; // stdin is retried every round; POLLOUT only wakes us
-        let mut read_any = false;
         for (slot, &i) in which.iter().enumerate() {
             if revents[slot].is_empty() || !sink.has_room() {
                 continue;
@@ -377,7 +393,7 @@ pub fn pump(mut child: Child, sink: &mut dyn Sink, timeout: Option<Duration>) ->
             match read_some(fd.as_fd(), &mut buf[..limit]) {
                 Some(0) => open[i] = false,
                 Some(n) => {
-                    read_any = true;
+                    last_read = Instant::now();
                     sink.output(*kind, &buf[..n]);
                     if let Some((_, left)) = &mut drain {
                         left[i] = left[i].saturating_sub(n);
@@ -398,6 +414,7 @@ pub fn pump(mut child: Child, sink: &mut dyn Sink, timeout: Option<Duration>) ->
                     .map(|(_, fd)| pending(fd.as_fd()))
                     .collect();
                 drain = Some((code, left));
+                last_read = Instant::now();
             } else if deadline.is_some_and(|d| Instant::now() >= d) && !timed_out {
                 timed_out = true;
                 if let Err(e) = REAPER.kill_group(child.pid, Signal::SIGKILL) {
@@ -410,7 +427,9 @@ pub fn pump(mut child: Child, sink: &mut dyn Sink, timeout: Option<Duration>) ->
         }
         if let Some((code, left)) = &drain {
             let done = left.iter().zip(&open).all(|(n, o)| *n == 0 || !*o);
-            if done || (!read_any && ready == 0 && sink.has_room()) {
+            // The safety net: bytes said to be there that never come.
+            let stuck = sink.has_room() && last_read.elapsed() > DRAIN_STUCK;
+            if done || stuck {
                 return Ended::Exited(*code);
             }
         }
@@ -533,6 +552,13 @@ mod tests {
     }
 
     #[test]
+    fn output_written_just_before_the_exit_after_a_quiet_while_is_kept() {
+        start_test_reaper();
+        let r = run(&sv(&["sh", "-c", "sleep 3; echo late"]), None);
+        assert_eq!(r.stdout, "late\n");
+    }
+
+    #[test]
     fn output_beyond_the_pipe_size_is_all_drained() {
         start_test_reaper();
         let r = run(
@@ -583,6 +609,20 @@ mod tests {
         start_test_reaper();
         let r = run(&sv(&["true"]), Some(Duration::from_secs(u64::MAX)));
         assert_eq!(r.exit_code, 0);
+    }
+
+    #[test]
+    fn commands_start_with_no_signal_blocked() {
+        start_test_reaper();
+        let mut mask = nix::sys::signal::SigSet::empty();
+        mask.add(Signal::SIGINT);
+        // As PID 1 has it; only this test's thread, and only while it spawns.
+        let old = mask
+            .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
+            .unwrap();
+        let r = run(&sv(&["sh", "-c", "grep SigBlk /proc/self/status"]), None);
+        old.thread_set_mask().unwrap();
+        assert_eq!(r.stdout.trim(), "SigBlk:\t0000000000000000", "{}", r.stdout);
     }
 
     #[test]

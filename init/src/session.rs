@@ -22,6 +22,8 @@ const IDLE: Duration = Duration::from_millis(20);
 const OUT_ROOM: usize = 2 * (HEADER_LEN + MAX_FRAME);
 /// How long the last frames of a session may wait for a host that does not read.
 const FLUSH_WAIT: Duration = Duration::from_secs(30);
+/// How long "no host" on a port is not believed right after a client's bytes came.
+const HUP_GRACE: Duration = Duration::from_secs(5);
 
 /// One session port: its descriptor, unparsed input, unsent output.
 pub struct Port {
@@ -153,15 +155,18 @@ impl Port {
         Ok(())
     }
 
-    /// Writes everything queued, waiting for the host up to `wait`.
-    pub fn flush_all(&mut self, wait: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + wait;
+    /// Writes everything queued, waiting for the host up to `wait`. A port that
+    /// says the host is gone (POLLHUP) is believed only after `hup_grace`: the
+    /// kernel learns of a new connection through a control message handled in a
+    /// work queue, which can come after the client's first bytes under load.
+    pub fn flush_all(&mut self, wait: Duration, hup_grace: Duration) -> Result<(), String> {
+        let start = Instant::now();
         loop {
             self.flush_some()?;
             if self.out.is_empty() {
                 return Ok(());
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = wait.saturating_sub(start.elapsed());
             if left.is_zero() {
                 return Err(format!("host did not read for {wait:?}"));
             }
@@ -171,7 +176,10 @@ impl Port {
             let _ = poll(&mut fds, t);
             let rev = fds[0].revents().unwrap_or(PollFlags::empty());
             if rev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
-                return Err("host went away".into());
+                if start.elapsed() >= hup_grace {
+                    return Err("host went away".into());
+                }
+                std::thread::sleep(IDLE);
             }
         }
     }
@@ -187,6 +195,8 @@ impl Port {
     /// Blocks until an Open frame is at the head of the input; stale frames and
     /// garbage before it are dropped.
     pub fn wait_open(&mut self) -> Vec<u8> {
+        // Since when the port has said "no host" with no byte in between.
+        let mut gone_since: Option<Instant> = None;
         loop {
             match parse_frame(&self.inbuf) {
                 Ok(Some((Kind::Open, range, used))) => {
@@ -205,15 +215,20 @@ impl Port {
                 }
             }
             match self.fill() {
-                Fill::Some => {}
+                Fill::Some => gone_since = None,
                 Fill::Nothing => {
                     if !self.wait_input() {
                         std::thread::sleep(IDLE);
                     }
                 }
                 Fill::Gone => {
-                    // No host: a partial frame of a client that left is dropped.
-                    self.inbuf.clear();
+                    // A partial frame of a client that left is dropped, once the port
+                    // has been without a host for a while: a new client's first bytes
+                    // can come before the kernel knows it is connected.
+                    let since = *gone_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= HUP_GRACE {
+                        self.inbuf.clear();
+                    }
                     std::thread::sleep(IDLE);
                 }
             }
@@ -317,11 +332,16 @@ pub fn run_session(port: &mut Port, open: &[u8]) {
         Ok(o) => o,
         Err(e) => {
             port.queue(Kind::Error, format!("bad open frame: {e}").as_bytes());
-            let _ = port.flush_all(FLUSH_WAIT);
+            let _ = port.flush_all(FLUSH_WAIT, HUP_GRACE);
             return;
         }
     };
     port.queue(Kind::Ready, &open.nonce.to_be_bytes());
+    // A copy into the VM only reads until its end: the host waits for Ready first.
+    if let Err(e) = port.flush_all(FLUSH_WAIT, HUP_GRACE) {
+        warn!("session {}: {e}", port.name);
+        return;
+    }
     let end = match open.session {
         Session::Exec(spec) => exec_session(port, &spec),
         Session::CopyIn { dest, name } => crate::copy::receive(port, &dest, &name),
@@ -332,7 +352,7 @@ pub fn run_session(port: &mut Port, open: &[u8]) {
         Ok(None) => return, // the host went away
         Err(msg) => port.queue(Kind::Error, msg.as_bytes()),
     }
-    if let Err(e) = port.flush_all(FLUSH_WAIT) {
+    if let Err(e) = port.flush_all(FLUSH_WAIT, Duration::ZERO) {
         warn!("session {}: last frames not delivered: {e}", port.name);
     }
 }

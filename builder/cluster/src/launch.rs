@@ -330,7 +330,11 @@ fn start_vm(
     // QEMU wrote its pid file before daemonizing returned: record who it is.
     crate::process::record_start(&paths.pidfile())?;
     // QEMU's -daemonize sets umask 027 before creating the sockets: tighten them.
-    for sock in [paths.agent(), paths.console(), paths.qmp()] {
+    let sessions = (0..kimg_contract::agent::SESSION_PORTS).map(|k| paths.session_socket(k));
+    for sock in [paths.agent(), paths.console(), paths.qmp()]
+        .into_iter()
+        .chain(sessions)
+    {
         fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).with_path(&sock)?;
     }
     Ok(())
