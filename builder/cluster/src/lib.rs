@@ -31,8 +31,8 @@ pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod restore;
-pub mod snapshot;
 pub mod session;
+pub mod snapshot;
 pub mod state;
 
 pub use error::ClusterError;

@@ -282,7 +282,11 @@ fn start_vm(
     qemu.args(network::attach(state.net, &state.name, dir, spec.vm)?);
     qemu.args(addon.qemu_args(spec.vm, state));
     cmd::run(&mut network::wrap(state.net, &state.name, qemu))?;
-    for sock in [paths.agent(), paths.console(), paths.qmp()] {
+    let sessions = (0..kimg_contract::agent::SESSION_PORTS).map(|k| paths.session_socket(k));
+    for sock in [paths.agent(), paths.console(), paths.qmp()]
+        .into_iter()
+        .chain(sessions)
+    {
         fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).with_path(&sock)?;
     }
     Ok(())
