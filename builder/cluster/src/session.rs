@@ -27,7 +27,7 @@ pub const OPEN_WAIT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// Every session port is taken.
-    #[error("all {SESSION_PORTS} session ports are in use (close a shell or wait)")]
+    #[error("all {SESSION_PORTS} session ports stayed in use (close a shell, or run fewer sessions at once)")]
     Busy,
     /// The port's lock file could not be made.
     #[error("lock {path}: {source}")]
@@ -91,7 +91,23 @@ fn nonce() -> u64 {
 
 impl Session {
     /// Takes a free session port of the VM at `paths` and opens `op` on it.
+    /// When every port is taken it waits for one, up to `wait`: like docker exec,
+    /// a script may start more sessions at once than a VM has ports.
     pub fn open(paths: &VmPaths, op: Op, wait: Duration) -> Result<Session, SessionError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(s) = Self::try_open(paths, &op, wait)? {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                return Err(SessionError::Busy);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Takes the first free port and opens `op` on it; `None` when all are taken.
+    fn try_open(paths: &VmPaths, op: &Op, wait: Duration) -> Result<Option<Session>, SessionError> {
         for k in 0..SESSION_PORTS {
             let lock_path = paths.session_lock(k);
             let f = std::fs::OpenOptions::new()
@@ -118,10 +134,10 @@ impl Session {
                 inbuf: Vec::new(),
                 _lock: lock,
             };
-            s.start(op, &sock, wait)?;
-            return Ok(s);
+            s.start(op.clone(), &sock, wait)?;
+            return Ok(Some(s));
         }
-        Err(SessionError::Busy)
+        Ok(None)
     }
 
     /// Sends the Open and skips what an earlier client left until our Ready.
