@@ -91,11 +91,7 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
             routers: 0,
             mem_mb: BENCH_MEM_MB,
             cpus: 1,
-            accel: if accel == Accel::Kvm {
-                AccelChoice::Kvm
-            } else {
-                AccelChoice::Tcg
-            },
+            accel: accel.into(),
             wait: Some(Duration::from_secs(120)),
             ..RunOptions::default()
         };

@@ -147,11 +147,7 @@ fn boot_to_ready(which: &'static str, image: &Path, accel: Accel) -> Result<f64,
         routers: 0,
         mem_mb: BENCH_MEM_MB,
         cpus: 1,
-        accel: if accel == Accel::Kvm {
-            AccelChoice::Kvm
-        } else {
-            AccelChoice::Tcg
-        },
+        accel: accel.into(),
         wait: Some(Duration::from_secs(180)),
         ..RunOptions::default()
     };

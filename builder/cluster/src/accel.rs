@@ -43,6 +43,16 @@ pub enum AccelChoice {
     Tcg,
 }
 
+impl From<Accel> for AccelChoice {
+    /// The choice that gives exactly `accel` (e.g. to boot again as a first run did).
+    fn from(accel: Accel) -> AccelChoice {
+        match accel {
+            Accel::Kvm => AccelChoice::Kvm,
+            Accel::Tcg => AccelChoice::Tcg,
+        }
+    }
+}
+
 /// How long the probe guest may take before KVM counts as hanging.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Exit status QEMU returns when the probe guest writes 1 to isa-debug-exit.

@@ -233,12 +233,7 @@ fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitCode> {
         runtime: runtime.path().to_path_buf(),
         cache: cache.path().to_path_buf(),
     };
-    let quiet = a.json;
-    let r = bench::snapshot::run(&opts, &|l| {
-        if !quiet {
-            eprintln!("kimg bench: {l}");
-        }
-    })?;
+    let r = bench::snapshot::run(&opts, &progress(a.json))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(ExitCode::SUCCESS);
@@ -271,12 +266,7 @@ fn k8s(a: K8sArgs) -> anyhow::Result<ExitCode> {
         runtime: runtime.path().to_path_buf(),
         scratch: scratch.path().to_path_buf(),
     };
-    let quiet = a.json;
-    let r = bench::k8s::run(&opts, &|l| {
-        if !quiet {
-            eprintln!("kimg bench: {l}");
-        }
-    })?;
+    let r = bench::k8s::run(&opts, &progress(a.json))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(ExitCode::SUCCESS);
