@@ -24,11 +24,12 @@ fn double_release(dir: &Path) -> PathBuf {
         .args(["-static", "-O2", "-o"])
         .arg(&out)
         .arg(&src)
+        .args(["-lssl", "-lcrypto"])
         .status()
         .unwrap();
     assert!(
         st.success(),
-        "gcc -static of the test double (apt-get install gcc libc6-dev)"
+        "gcc -static of the test double (apt-get install gcc libc6-dev libssl-dev)"
     );
     for name in K8S_BINARIES {
         std::fs::copy(&out, bin.join(name)).unwrap();

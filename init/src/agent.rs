@@ -8,6 +8,7 @@ use kimg_contract::agent::{self, BootState, Op, Reply, Request, Response, Status
 use kimg_contract::{Role, VmId};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -24,6 +25,9 @@ pub const PROC_UPTIME: &str = "/proc/uptime";
 pub const PORT_WAIT: Duration = Duration::from_secs(5);
 /// Pause while no host client is connected (reads return EOF).
 const IDLE: Duration = Duration::from_millis(50);
+/// Longest sleep with no host on a port whose events wake us (see
+/// [`crate::hostwait`]): the bound on a request's latency if one were missed.
+const ARMED_IDLE: Duration = Duration::from_millis(500);
 
 /// What the agent reports, fixed when the boot is done.
 #[derive(Debug, Clone, PartialEq)]
@@ -175,8 +179,13 @@ fn serve(state: &State, poweroff: fn()) {
         {
             Ok(port) => match port.try_clone() {
                 Ok(w) => {
+                    // Sleep until the host connects, not in IDLE steps (an idle VM's
+                    // CPU under TCG).
+                    let armed = crate::hostwait::arm(port.as_fd())
+                        .inspect_err(|e| warn!("agent: port events: {e}; polling"))
+                        .is_ok();
                     let tx = start_writer(w);
-                    read_requests(port, &tx, state, poweroff);
+                    read_requests(port, &tx, state, poweroff, armed);
                 }
                 Err(e) => error!("agent: dup {}: {e}", node.display()),
             },
@@ -209,7 +218,13 @@ fn start_writer(mut port: File) -> Sender<Outgoing> {
 }
 
 /// Reads lines until a read error (EOF just means "no host connected": wait, go on).
-fn read_requests(mut port: File, tx: &Sender<Outgoing>, state: &State, poweroff: fn()) {
+fn read_requests(
+    mut port: File,
+    tx: &Sender<Outgoing>,
+    state: &State,
+    poweroff: fn(),
+    armed: bool,
+) {
     let mut pending: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -217,7 +232,11 @@ fn read_requests(mut port: File, tx: &Sender<Outgoing>, state: &State, poweroff:
             Ok(0) => {
                 // No host client: a partial line from a client that left is dropped.
                 pending.clear();
-                std::thread::sleep(IDLE);
+                if armed {
+                    crate::hostwait::wait(ARMED_IDLE);
+                } else {
+                    std::thread::sleep(IDLE);
+                }
                 continue;
             }
             Ok(n) => n,

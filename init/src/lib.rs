@@ -15,6 +15,7 @@ pub mod emergency;
 pub mod error;
 pub mod exec;
 pub mod hooks;
+pub mod hostwait;
 pub mod modules;
 pub mod mounts;
 pub mod net;

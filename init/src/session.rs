@@ -16,8 +16,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
 /// Pause while no host client is connected (the port reads EOF and polls HUP then,
-/// so there is nothing to block on). It is the latency of a session's start.
+/// so there is nothing to block on), on a port whose events cannot wake us
+/// ([`crate::hostwait`] failed, or a test's socket).
 const IDLE: Duration = Duration::from_millis(20);
+/// Longest sleep of an armed port with no host: its events end the sleep at once,
+/// this bounds the latency of a session's start if one were missed.
+const ARMED_IDLE: Duration = Duration::from_millis(500);
 /// Outgoing bytes held before the program's output is no longer read.
 const OUT_ROOM: usize = 2 * (HEADER_LEN + MAX_FRAME);
 /// How long the last frames of a session may wait for a host that does not read.
@@ -29,6 +33,8 @@ const HUP_GRACE: Duration = Duration::from_secs(5);
 pub struct Port {
     file: File,
     name: String,
+    /// Whether the port's events wake this thread ([`crate::hostwait::arm`]).
+    armed: bool,
     inbuf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -60,6 +66,7 @@ impl Port {
         Port {
             file,
             name: name.to_string(),
+            armed: false,
             inbuf: Vec::with_capacity(HEADER_LEN + MAX_FRAME),
             out: Vec::with_capacity(OUT_ROOM),
         }
@@ -97,6 +104,24 @@ impl Port {
             Fill::Nothing
         } else {
             Fill::Some
+        }
+    }
+
+    /// Has the port's events (host connected, bytes in) wake this thread while it
+    /// waits for a host; without it the port is looked at every [`IDLE`].
+    pub fn arm(&mut self) {
+        match crate::hostwait::arm(self.file.as_fd()) {
+            Ok(()) => self.armed = true,
+            Err(e) => warn!("session {}: port events: {e}; polling", self.name),
+        }
+    }
+
+    /// Waits for the host (no client now): until the port's event, or [`IDLE`].
+    fn idle(&self) {
+        if self.armed {
+            crate::hostwait::wait(ARMED_IDLE);
+        } else {
+            std::thread::sleep(IDLE);
         }
     }
 
@@ -218,7 +243,7 @@ impl Port {
                 Fill::Some => gone_since = None,
                 Fill::Nothing => {
                     if !self.wait_input() {
-                        std::thread::sleep(IDLE);
+                        self.idle();
                     }
                 }
                 Fill::Gone => {
@@ -229,7 +254,7 @@ impl Port {
                     if since.elapsed() >= HUP_GRACE {
                         self.inbuf.clear();
                     }
-                    std::thread::sleep(IDLE);
+                    self.idle();
                 }
             }
         }
@@ -319,6 +344,7 @@ fn serve(node: &std::path::Path, name: &str) {
             }
         }
     };
+    port.arm();
     loop {
         let open = port.wait_open();
         run_session(&mut port, &open);

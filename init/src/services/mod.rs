@@ -23,8 +23,16 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-/// How often the supervisor looks at its services.
+/// How often the supervisor looks at its services while one is starting or
+/// waiting.
 const TICK: Duration = Duration::from_millis(50);
+/// How often once every service is ready, done or failed: an exit is seen (and a
+/// restart's back-off begins) this late at most; an idle VM under TCG pays for
+/// every wake-up.
+const SETTLED_TICK: Duration = Duration::from_millis(500);
+/// How often the logs' sizes are looked at (a service writes at most this long
+/// past [`LOG_MAX`] before its log is rotated).
+const ROTATE_EVERY: Duration = Duration::from_secs(1);
 /// Longest pause before a restart.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a service that missed its readiness timeout has between SIGTERM and
@@ -237,23 +245,45 @@ pub fn start(specs: Vec<ServiceSpec>) -> std::io::Result<()> {
         .name("services".into())
         .spawn(move || {
             let mut os = RealOs;
+            let mut rotated = Instant::now();
             loop {
                 if !*lock(&STOPPING) {
                     step(&mut services, Instant::now(), &mut os);
                     publish(&services);
-                    for s in services.iter().filter(|s| s.status.pid.is_some()) {
-                        let log = log_path(&s.spec.name);
-                        match rotate_log(&log, LOG_MAX) {
-                            Ok(true) => info!("services: rotated {}", log.display()),
-                            Ok(false) => {}
-                            Err(e) => warn!("services: rotate {}: {e}", log.display()),
-                        }
+                    if rotated.elapsed() >= ROTATE_EVERY {
+                        rotated = Instant::now();
+                        rotate_logs(&services);
                     }
                 }
-                std::thread::sleep(TICK);
+                std::thread::sleep(if settled(&services) {
+                    SETTLED_TICK
+                } else {
+                    TICK
+                });
             }
         })?;
     Ok(())
+}
+
+/// Whether no service is starting or waiting (to start, or to be restarted).
+fn settled(services: &[Service]) -> bool {
+    services.iter().all(|s| {
+        !matches!(
+            s.status.state,
+            ServiceState::Waiting | ServiceState::Starting
+        )
+    })
+}
+
+fn rotate_logs(services: &[Service]) {
+    for s in services.iter().filter(|s| s.status.pid.is_some()) {
+        let log = log_path(&s.spec.name);
+        match rotate_log(&log, LOG_MAX) {
+            Ok(true) => info!("services: rotated {}", log.display()),
+            Ok(false) => {}
+            Err(e) => warn!("services: rotate {}: {e}", log.display()),
+        }
+    }
 }
 
 fn publish(services: &[Service]) {
