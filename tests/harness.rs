@@ -166,6 +166,24 @@ impl TestCluster {
         serde_json::from_slice(&o.stdout).expect("status --json is JSON")
     }
 
+    /// Waits until `path` exists on `vm` (a service's process writes it some time
+    /// after its service counts as started, e.g. behind a readiness wait); its text.
+    pub fn wait_file(&self, vm: &str, path: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let o = self.exec(vm, &["cat", path]);
+            if o.status.success() {
+                return String::from_utf8_lossy(&o.stdout).into_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{vm}: no {path} after {timeout:?}: {}",
+                text(&o)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// Waits until service `name` on `vm` is in one of `states`; its last status.
     pub fn wait_service(
         &self,

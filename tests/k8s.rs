@@ -4,8 +4,7 @@
 //!
 //! No Kubernetes release can be downloaded on the test machines: the release used
 //! here is made of test doubles (tests/doubles/k8s-double.c, built static), which
-//! record their arguments and stay up; a real release given by `KIMG_K8S_RELEASE`
-//! is run by `k8s_real_release_nodes_ready_and_pods_reach_each_other`.
+//! record their arguments and stay up; the real release is run by tests/k8s_real.rs.
 
 use kimg_tests::{kimg, kimg_bin, text, TestCluster};
 use std::path::{Path, PathBuf};
@@ -340,7 +339,12 @@ fn scaleout_node_gets_its_credentials(c: &TestCluster) {
     let o = c.kimg("scaleout", &["vm-003", "--wait=300"]);
     assert!(o.status.success(), "kimg scaleout:\n{}", text(&o));
     c.wait_service("vm-003", "kubelet", &["ready"], Duration::from_secs(120));
-    let args = c.exec_ok("vm-003", &["cat", "/var/log/kimg-doubles/kubelet.args"]);
+    // The kubelet (a double) starts once the apiserver (a double) answers /readyz.
+    let args = c.wait_file(
+        "vm-003",
+        "/var/log/kimg-doubles/kubelet.args",
+        Duration::from_secs(120),
+    );
     let kc = "/etc/kubernetes/kubelet-vm-003.kubeconfig";
     assert!(args.contains(kc), "{args}");
     assert!(c
@@ -532,6 +536,19 @@ fn control_plane_and_pki(c: &TestCluster, work: &Path) {
             c.wait_service(vm, s, &["ready"], Duration::from_secs(120));
         }
     }
+    // Each runs behind a wait for the apiserver's /readyz (curl, the cluster CA):
+    // its arguments are written once that wait is over.
+    for (vm, comp) in [
+        ("vm-001", "kube-controller-manager"),
+        ("vm-001", "kube-scheduler"),
+        ("vm-001", "kubelet"),
+        ("vm-001", "kube-proxy"),
+        ("vm-002", "kubelet"),
+        ("vm-002", "kube-proxy"),
+    ] {
+        let path = format!("/var/log/kimg-doubles/{comp}.args");
+        c.wait_file(vm, &path, Duration::from_secs(120));
+    }
     // Start order on vm-001: the apiserver found etcd up; the controller-manager and
     // the scheduler came after the apiserver listened.
     let order = c.exec_ok("vm-001", &["cat", "/var/log/kimg-doubles/order"]);
@@ -657,132 +674,4 @@ fn control_plane_and_pki(c: &TestCluster, work: &Path) {
         .output()
         .unwrap();
     assert!(v.status.success(), "{}", text(&v));
-}
-
-/// A real Kubernetes cluster, when `KIMG_K8S_RELEASE` names a release folder (with
-/// kubernetes/server/bin/) and `KIMG_K8S_IMAGES` a folder of image tarballs (`*.tar`)
-/// holding at least registry.k8s.io/pause:3.9 and the pod image `KIMG_K8S_POD_IMAGE`
-/// (default docker.io/library/busybox:latest): every node Ready through the host's
-/// forward, and a pod on vm-001 pings a pod on vm-002. Skipped otherwise (no release
-/// can be downloaded on the test machines). Passes with v1.20.2 (2 nodes Ready about
-/// 150 s after `kimg run` under TCG on 2 cores).
-#[test]
-fn k8s_real_release_nodes_ready_and_pods_reach_each_other() {
-    let (Some(release), Some(images)) = (
-        std::env::var_os("KIMG_K8S_RELEASE"),
-        std::env::var_os("KIMG_K8S_IMAGES"),
-    ) else {
-        eprintln!(
-            "SKIPPED: set KIMG_K8S_RELEASE (a Kubernetes release folder) and KIMG_K8S_IMAGES \
-             (image tarballs incl. registry.k8s.io/pause:3.9) to run the real Kubernetes test"
-        );
-        return;
-    };
-    let pod_image = std::env::var("KIMG_K8S_POD_IMAGE")
-        .unwrap_or_else(|_| "docker.io/library/busybox:latest".into());
-    let work = tempfile::tempdir().unwrap();
-    let out = build_k8s(Path::new(&release), work.path());
-    // The image tarballs as an overlay (kimg-images imports them before kubelet).
-    let ovl = work.path().join("ovl");
-    let dir = ovl.join("k8s-images/root/var/lib/kimg/images");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(ovl.join("k8s-images/overlay.toml"), "").unwrap();
-    // The tarballs only (what kimg-images imports); the folder may hold more.
-    for e in std::fs::read_dir(&images).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() && p.extension().is_some_and(|x| x == "tar") {
-            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-        }
-    }
-    let c = TestCluster::new("e2e-k8s-real");
-    let image = out.join("hd-k8s.img");
-    let started = std::time::Instant::now();
-    let run = c.kimg(
-        "run",
-        &[
-            "--image",
-            image.to_str().unwrap(),
-            "--nodes",
-            "2",
-            "--routers",
-            "1",
-            "--mem",
-            "2048",
-            "--wait=600",
-            "--ovlpath",
-            ovl.to_str().unwrap(),
-            "k8s-images",
-        ],
-    );
-    assert!(run.status.success(), "kimg run:\n{}", text(&run));
-    let kubeconfig = c.runtime.path().join(&c.name).join("admin.kubeconfig");
-    // `kimg build` takes a release laid out like kubernetes-server-linux-amd64 or a
-    // flat folder of binaries: kubectl is wherever the release has it.
-    let kubectl_bin = ["kubernetes/server/bin/kubectl", "kubectl"]
-        .iter()
-        .map(|p| Path::new(&release).join(p))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("no kubectl in {release:?} (kubernetes/server/bin/kubectl or kubectl)")
-        });
-    let kubectl = |args: &[&str]| {
-        Command::new(&kubectl_bin)
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let until = |what: &str, ok: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(600);
-        while !ok() {
-            assert!(std::time::Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_secs(2));
-        }
-    };
-    until("both nodes Ready", &|| {
-        let o = kubectl(&["get", "nodes", "--no-headers"]);
-        let t = String::from_utf8_lossy(&o.stdout).to_string();
-        ["vm-001", "vm-002"]
-            .iter()
-            .all(|n| t.lines().any(|l| l.starts_with(n) && l.contains(" Ready ")))
-    });
-    eprintln!(
-        "both nodes Ready {:.0} s after `kimg run` started",
-        started.elapsed().as_secs_f64()
-    );
-    // Pods are admitted once the controller-manager has made the namespace's
-    // default service account (under TCG, a minute or so after the nodes).
-    until("the default service account", &|| {
-        kubectl(&["get", "serviceaccount", "default"])
-            .status
-            .success()
-    });
-    for (pod, node) in [("p1", "vm-001"), ("p2", "vm-002")] {
-        let overrides = format!(r#"{{"spec":{{"nodeName":"{node}"}}}}"#);
-        let o = kubectl(&[
-            "run",
-            pod,
-            "--image",
-            &pod_image,
-            "--image-pull-policy=Never",
-            "--overrides",
-            &overrides,
-            "--",
-            "sleep",
-            "100000",
-        ]);
-        assert!(o.status.success(), "{}", text(&o));
-    }
-    for pod in ["p1", "p2"] {
-        until(&format!("{pod} Running"), &|| {
-            let o = kubectl(&["get", "pod", pod, "-o", "jsonpath={.status.phase}"]);
-            o.stdout == b"Running"
-        });
-    }
-    let ip = kubectl(&["get", "pod", "p2", "-o", "jsonpath={.status.podIP}"]);
-    let ip = String::from_utf8_lossy(&ip.stdout).to_string();
-    assert!(ip.starts_with("10.244.2."), "{ip}");
-    let ping = kubectl(&["exec", "p1", "--", "ping", "-c", "1", "-W", "5", &ip]);
-    assert!(ping.status.success(), "p1 -> p2 {ip}: {}", text(&ping));
 }
