@@ -506,6 +506,7 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
     assert!(k.status.success(), "{}", text(&k));
     let args = c.exec_ok("vm-001", &["cat", "/var/log/kimg-doubles/kubectl.args"]);
     assert!(args.contains("get\nnodes\n-o\nwide\n--\n"), "{args}");
+    kubectl_in_vm_streams_and_takes_stdin(&c);
     let st = c.kimg("status", &[]);
     assert!(
         String::from_utf8_lossy(&st.stdout).contains("admin.kubeconfig"),
@@ -553,6 +554,70 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
     secrets_only_where_a_role_needs_them(&c);
     pod_network(&c);
     scaleout_node_gets_its_credentials(&c);
+}
+
+/// `kimg kubectl --in-vm` forwards a piped stdin (`apply -f -`) and streams the
+/// output: a watch's first line arrives while the watch still runs (the double
+/// stays up after it, as `kubectl get -w` does), and ending kimg ends it in the VM.
+fn kubectl_in_vm_streams_and_takes_stdin(c: &TestCluster) {
+    use std::io::{BufRead, Write};
+    use std::process::Stdio;
+    let kubectl = |args: &[&str]| {
+        let mut cmd = Command::new(kimg_bin());
+        cmd.args(["kubectl", "--name", &c.name, "--in-vm"])
+            .args(args)
+            .env("KIMG_RUNTIME_DIR", c.runtime.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: from-stdin\n";
+    let mut apply = kubectl(&["apply", "-f", "-"]);
+    apply
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pod.as_bytes())
+        .unwrap(); // then closed
+    let o = apply.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        c.exec_ok("vm-001", &["cat", "/var/log/kimg-doubles/kubectl.stdin"]),
+        pod
+    );
+
+    let mut watch = kubectl(&["get", "pods", "-w"]);
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60));
+    let still_running = watch.try_wait().unwrap().is_none();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(
+        line.as_deref(),
+        Ok("NAME   READY   STATUS   RESTARTS   AGE\n"),
+        "the watch's first line did not come while it ran"
+    );
+    assert!(still_running, "kimg kubectl returned while the watch ran");
+    // The watch in the VM went with kimg (the agent kills what its host left).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ps = c.exec_ok("vm-001", &["ps", "-o", "args"]);
+        if !ps.lines().any(|l| l.contains("kubectl get pods -w")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "watch left running: {ps}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// A node added to the running cluster gets a kubelet kubeconfig of its own from
