@@ -44,6 +44,22 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// A kimg cache of its own (for `KIMG_CACHE`) that shares only the downloaded kernel
+/// packages and unpacked kernels with the user's: whatever else a test caches
+/// (kimg-init, overlays, downloads) starts empty and goes with it.
+pub fn own_cache() -> tempfile::TempDir {
+    let cache = tempfile::Builder::new()
+        .prefix("kimg-cache-")
+        .tempdir()
+        .unwrap();
+    let shared = kimg_util::cache::cache_dir();
+    for sub in ["debs", "kernels"] {
+        std::fs::create_dir_all(shared.join(sub)).unwrap();
+        std::os::unix::fs::symlink(shared.join(sub), cache.path().join(sub)).unwrap();
+    }
+    cache
+}
+
 /// An image built once per test process by `kimg build`.
 pub struct BuiltImage {
     /// Directory holding hd.img and hd.json.

@@ -47,7 +47,8 @@ fn installed() -> &'static PathBuf {
 }
 
 /// A directory far from the checkout, with a cache of its own that shares only the
-/// downloaded kernel packages (so kimg-init and the overlays must come from the binary).
+/// downloaded kernel packages ([`kimg_tests::own_cache`]: kimg-init and the overlays
+/// must come from the binary).
 struct Elsewhere {
     cwd: tempfile::TempDir,
     cache: tempfile::TempDir,
@@ -56,15 +57,7 @@ struct Elsewhere {
 
 impl Elsewhere {
     fn new() -> Elsewhere {
-        let cache = tempfile::Builder::new()
-            .prefix("kimg-cache-")
-            .tempdir()
-            .unwrap();
-        let shared = kimg_util::cache::cache_dir();
-        for sub in ["debs", "kernels"] {
-            std::fs::create_dir_all(shared.join(sub)).unwrap();
-            std::os::unix::fs::symlink(shared.join(sub), cache.path().join(sub)).unwrap();
-        }
+        let cache = kimg_tests::own_cache();
         Elsewhere {
             cwd: tempfile::Builder::new()
                 .prefix("kimg-cwd-")

@@ -132,6 +132,228 @@ fn k8s_build_without_release_fails_before_any_work_naming_the_binaries() {
     assert!(!target.exists(), "work was done before the check");
 }
 
+/// A local release mirror: a tiny HTTP server on 127.0.0.1 serving `dir` (GET only,
+/// 404 for what is not there) in dl.k8s.io's layout, until [`Mirror::stop`].
+struct Mirror {
+    base: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Mirror {
+    fn serve(dir: PathBuf) -> Mirror {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return; // the listener goes with the thread: connections are refused
+                }
+                let Ok(mut conn) = conn else { continue };
+                let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                while let Ok(n) = r.read_line(&mut String::new()) {
+                    if n <= 2 {
+                        break; // the blank line after the headers
+                    }
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("/");
+                let _ = match std::fs::read(dir.join(path.trim_start_matches('/'))) {
+                    Ok(body) => conn
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .and_then(|()| conn.write_all(&body)),
+                    Err(_) => conn.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    ),
+                };
+            }
+        });
+        Mirror { base, stop, thread }
+    }
+
+    /// Stops the server and closes its port.
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.base.trim_start_matches("http://"));
+        self.thread.join().unwrap();
+    }
+}
+
+/// A stand-in for the official kubernetes-server-linux-amd64.tar.gz (300 MB, which
+/// cannot be downloaded on the test machines): the test doubles' release (static
+/// x86-64 ELF programs under kubernetes/server/bin, kubernetes/version) as a tarball
+/// at `mirror/VERSION/`, with the `.sha512` beside it that dl.k8s.io publishes (the
+/// hex digest alone), or `sums` instead. Returns the tarball's real sha512.
+fn standin_release_on_mirror(
+    release: &Path,
+    mirror: &Path,
+    version: &str,
+    sums: Option<&str>,
+) -> String {
+    use sha2::Digest;
+    let dir = mirror.join(version);
+    std::fs::create_dir_all(&dir).unwrap();
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut t = tar::Builder::new(gz);
+    t.append_dir_all("kubernetes", release.join("kubernetes"))
+        .unwrap();
+    let bytes = t.into_inner().unwrap().finish().unwrap();
+    let name = "kubernetes-server-linux-amd64.tar.gz";
+    std::fs::write(dir.join(name), &bytes).unwrap();
+    let digest = hex::encode(sha2::Sha512::digest(&bytes));
+    std::fs::write(dir.join(format!("{name}.sha512")), sums.unwrap_or(&digest)).unwrap();
+    digest
+}
+
+/// `kimg build --k8s --k8s-version` against a local mirror serving a stand-in release
+/// tarball (see [`standin_release_on_mirror`]): downloaded, verified and cached, then
+/// built again with the mirror gone; a wrong `.sha512` and a missing release fail
+/// before any work, naming the URL, and cache nothing. Builds only, no boot.
+#[test]
+fn k8s_version_downloads_standin_release_from_local_mirror_then_builds_offline() {
+    let work = tempfile::tempdir().unwrap();
+    let release = double_release(&work.path().join("release"));
+    let mirror_dir = work.path().join("mirror");
+    let digest = standin_release_on_mirror(&release, &mirror_dir, "v1.31.0", None);
+    let wrong = "0".repeat(128);
+    standin_release_on_mirror(&release, &mirror_dir, "v1.31.1", Some(&wrong));
+    let cache = kimg_tests::own_cache();
+    let releases = cache.path().join("k8s-releases");
+    let build = |version: &str, out: &Path, mirror: &str| {
+        Command::new(kimg_bin())
+            .args(["build", "--k8s", "--k8s-version", version, "--out"])
+            .arg(out)
+            .env("KIMG_CACHE", cache.path())
+            .env("KIMG_K8S_MIRROR", mirror)
+            .output()
+            .unwrap()
+    };
+    let mirror = Mirror::serve(mirror_dir);
+    let base = mirror.base.clone();
+    let url = format!("{base}/v1.31.0/kubernetes-server-linux-amd64.tar.gz");
+
+    // Downloaded, verified, cached, built from (the flag wins over the variable).
+    let out1 = work.path().join("out1");
+    let o = Command::new(kimg_bin())
+        .args([
+            "build",
+            "--k8s",
+            "--k8s-version",
+            "v1.31.0",
+            "--k8s-mirror",
+            &base,
+        ])
+        .arg("--out")
+        .arg(&out1)
+        .env("KIMG_CACHE", cache.path())
+        .env("KIMG_K8S_MIRROR", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "kimg build --k8s-version:\n{}",
+        text(&o)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("{url} downloaded, sha512 {digest} verified")),
+        "{err}"
+    );
+    let cached = releases.join("v1.31.0/kubernetes-server-linux-amd64.tar.gz");
+    assert!(cached.is_file(), "{err}");
+    let manifest = |out: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("hd-k8s.json")).unwrap()).unwrap()
+    };
+    let kubelet = |m: &serde_json::Value| {
+        m["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "kubelet")
+            .map(|c| c["version"].clone())
+    };
+    // The binaries are the downloaded tarball's (its version file).
+    assert_eq!(
+        kubelet(&manifest(&out1)),
+        Some(serde_json::json!("v1.31.0-test-double"))
+    );
+
+    // The mirror gone, the cached release builds the same image.
+    mirror.stop();
+    let out2 = work.path().join("out2");
+    let o = build("v1.31.0", &out2, &base);
+    assert!(o.status.success(), "offline build:\n{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("(cached)"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(manifest(&out1), manifest(&out2));
+    assert!(
+        std::fs::read(out1.join("hd-k8s.img")).unwrap()
+            == std::fs::read(out2.join("hd-k8s.img")).unwrap(),
+        "same release, same image"
+    );
+
+    // A wrong .sha512: the URL and both sums named, nothing cached, no work done.
+    let mirror = Mirror::serve(work.path().join("mirror"));
+    let base = mirror.base.clone();
+    let out3 = work.path().join("out3");
+    let o = build("v1.31.1", &out3, &base);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "{base}/v1.31.1/kubernetes-server-linux-amd64.tar.gz: sha512 is {digest}, but {base}/v1.31.1/kubernetes-server-linux-amd64.tar.gz.sha512 says {wrong}; nothing was cached"
+        )),
+        "{err}"
+    );
+    assert!(!releases.join("v1.31.1").exists());
+    assert!(!out3.exists(), "work was done before the check");
+
+    // A release the mirror does not have: 404, named, with what to check.
+    let o = build("v1.31.2", &out3, &base);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "{base}/v1.31.2/kubernetes-server-linux-amd64.tar.gz.sha512 is not there (HTTP 404)"
+        )) && err.contains("--k8s-mirror"),
+        "{err}"
+    );
+    assert!(!releases.join("v1.31.2").exists());
+    mirror.stop();
+
+    // --k8s-version and --k8s-release exclude each other.
+    let o = Command::new(kimg_bin())
+        .args([
+            "build",
+            "--k8s",
+            "--k8s-version",
+            "v1.31.0",
+            "--k8s-release",
+        ])
+        .arg(&release)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cannot be used with"),
+        "{}",
+        text(&o)
+    );
+}
+
 #[test]
 fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
     let work = tempfile::tempdir().unwrap();
@@ -284,6 +506,7 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
     assert!(k.status.success(), "{}", text(&k));
     let args = c.exec_ok("vm-001", &["cat", "/var/log/kimg-doubles/kubectl.args"]);
     assert!(args.contains("get\nnodes\n-o\nwide\n--\n"), "{args}");
+    kubectl_in_vm_streams_and_takes_stdin(&c);
     let st = c.kimg("status", &[]);
     assert!(
         String::from_utf8_lossy(&st.stdout).contains("admin.kubeconfig"),
@@ -331,6 +554,70 @@ fn k8s_image_runs_containerd_on_nodes_and_etcd_on_vm_001() {
     secrets_only_where_a_role_needs_them(&c);
     pod_network(&c);
     scaleout_node_gets_its_credentials(&c);
+}
+
+/// `kimg kubectl --in-vm` forwards a piped stdin (`apply -f -`) and streams the
+/// output: a watch's first line arrives while the watch still runs (the double
+/// stays up after it, as `kubectl get -w` does), and ending kimg ends it in the VM.
+fn kubectl_in_vm_streams_and_takes_stdin(c: &TestCluster) {
+    use std::io::{BufRead, Write};
+    use std::process::Stdio;
+    let kubectl = |args: &[&str]| {
+        let mut cmd = Command::new(kimg_bin());
+        cmd.args(["kubectl", "--name", &c.name, "--in-vm"])
+            .args(args)
+            .env("KIMG_RUNTIME_DIR", c.runtime.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: from-stdin\n";
+    let mut apply = kubectl(&["apply", "-f", "-"]);
+    apply
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pod.as_bytes())
+        .unwrap(); // then closed
+    let o = apply.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        c.exec_ok("vm-001", &["cat", "/var/log/kimg-doubles/kubectl.stdin"]),
+        pod
+    );
+
+    let mut watch = kubectl(&["get", "pods", "-w"]);
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60));
+    let still_running = watch.try_wait().unwrap().is_none();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(
+        line.as_deref(),
+        Ok("NAME   READY   STATUS   RESTARTS   AGE\n"),
+        "the watch's first line did not come while it ran"
+    );
+    assert!(still_running, "kimg kubectl returned while the watch ran");
+    // The watch in the VM went with kimg (the agent kills what its host left).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ps = c.exec_ok("vm-001", &["ps", "-o", "args"]);
+        if !ps.lines().any(|l| l.contains("kubectl get pods -w")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "watch left running: {ps}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// A node added to the running cluster gets a kubelet kubeconfig of its own from

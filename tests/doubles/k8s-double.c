@@ -3,7 +3,9 @@
  * Kubernetes release can be downloaded on the test machines. Built static by the
  * tests and installed under each binary's name; records its arguments in
  * /var/log/kimg-doubles/NAME.args (one per line, "--" after each run) and stays up
- * like a daemon until killed. kubectl exits at once.
+ * like a daemon until killed. kubectl exits at once, except that, like the real one,
+ * with `-f -` it reads its stdin (copied to /var/log/kimg-doubles/kubectl.stdin),
+ * and with `-w` (a watch) it prints a header line and stays up until killed.
  *
  * kube-apiserver also listens on port 6443 of every address, like the real one.
  * A client that starts a TLS handshake gets one, with the cluster's real apiserver
@@ -76,8 +78,27 @@ int main(int argc, char **argv) {
         fprintf(f, "--\n");
         fclose(f);
     }
-    if (strcmp(name, "kubectl") == 0)
+    if (strcmp(name, "kubectl") == 0) {
+        for (int i = 1; i < argc; i++) {
+            if (strcmp(argv[i], "-f") == 0 && i + 1 < argc && strcmp(argv[i + 1], "-") == 0) {
+                FILE *in = fopen("/var/log/kimg-doubles/kubectl.stdin", "a");
+                char buf[4096];
+                size_t n;
+                while ((n = fread(buf, 1, sizeof buf, stdin)) > 0)
+                    if (in)
+                        fwrite(buf, 1, n, in);
+                if (in)
+                    fclose(in);
+            }
+            if (strcmp(argv[i], "-w") == 0) {
+                printf("NAME   READY   STATUS   RESTARTS   AGE\n");
+                fflush(stdout);
+                for (;;)
+                    pause();
+            }
+        }
         return 0;
+    }
     FILE *o = fopen("/var/log/kimg-doubles/order", "a");
     if (o) {
         if (strcmp(name, "kube-apiserver") == 0)

@@ -198,17 +198,24 @@ fn split_src(src: &str) -> Result<(String, String), FetchError> {
     Ok((stem.to_string(), format!("{dir}{stem}.json")))
 }
 
-fn agent() -> ureq::Agent {
+pub(crate) fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(30))
         .timeout_read(Duration::from_secs(60))
         .build()
 }
 
-fn http_err(url: &str, e: ureq::Error) -> FetchError {
+pub(crate) fn http_err(url: &str, e: ureq::Error) -> FetchError {
     let why = match e {
         ureq::Error::Status(code, r) => format!("HTTP {code} {}", r.status_text()),
-        ureq::Error::Transport(t) => t.to_string(),
+        // ureq names the URL itself; it is said once, first.
+        ureq::Error::Transport(t) => {
+            let text = t.to_string();
+            match text.strip_prefix(url).and_then(|t| t.strip_prefix(": ")) {
+                Some(rest) => rest.to_string(),
+                None => text,
+            }
+        }
     };
     FetchError::Http {
         url: url.into(),
@@ -236,7 +243,7 @@ fn read_text(src: &str) -> Result<String, FetchError> {
 
 /// Downloads `url` to `part`, resuming from its current length when the server
 /// answers a `Range` request with 206.
-fn download(url: &str, part: &Path, progress: Progress) -> Result<(), FetchError> {
+pub(crate) fn download(url: &str, part: &Path, progress: Progress) -> Result<(), FetchError> {
     let have = fs::metadata(part).map_or(0, |m| m.len());
     let mut req = agent().get(url);
     if have > 0 {

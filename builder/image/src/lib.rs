@@ -10,5 +10,7 @@ pub mod overlay;
 pub mod plan;
 pub mod publish;
 pub mod rootfs;
+#[cfg(test)]
+mod testserver;
 
 pub use build::{build, default_init, source_date_epoch, BuildError, BuildOptions, DEFAULT_SIZE};

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use kimg_contract::Flavour;
+use kimg_image::k8s::download;
 use kimg_image::{self as image, BuildOptions};
 use kimg_kernel::KernelSource;
 use std::path::PathBuf;
@@ -13,7 +14,15 @@ use std::process::ExitCode;
 ///
 /// Writes OUT/hd.img (qcow2: GPT with a FAT32 ESP and an ext4 root) and OUT/hd.json
 /// (the manifest: kernel, command line, partitions, every component's sha256).
+///
+/// The Kubernetes flavour (OUT/hd-k8s.img) needs the Kubernetes server binaries:
+///
+///   kimg build --k8s --k8s-version v1.31.4        # downloaded once, then from the cache
+///   kimg build --k8s --k8s-release kubernetes-server-linux-amd64.tar.gz
+///   kimg build --k8s --k8s-release "$(scripts/k8s-release)"   # built from Debian's source
+///   KIMG_K8S_MIRROR=http://mirror.lan/k8s kimg build --k8s --k8s-version v1.31.4
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {
     /// Output directory.
     #[arg(long, default_value = "out")]
@@ -42,8 +51,8 @@ pub struct Args {
     busybox: PathBuf,
     /// Build the Kubernetes flavour (hd-k8s.img): containerd, runc, CNI plugins, etcd,
     /// iptables, conntrack, ipset from this host's Debian packages, and the
-    /// Kubernetes binaries from --k8s-release; the kernel is checked against
-    /// kernel-configs/k8s.config too (with --kernel-source, it is built with it).
+    /// Kubernetes binaries from --k8s-version or --k8s-release; the kernel is checked
+    /// against kernel-configs/k8s.config too (with --kernel-source, it is built with it).
     #[arg(long)]
     k8s: bool,
     /// A Kubernetes release: kubernetes-server-linux-amd64.tar.gz or its folder
@@ -51,6 +60,23 @@ pub struct Args {
     /// `images/` folder (the pause image, a test image) go into the image pre-pulled.
     #[arg(long, value_name = "PATH", requires = "k8s")]
     k8s_release: Option<PathBuf>,
+    /// A Kubernetes release to download, e.g. v1.31.4: its
+    /// kubernetes-server-linux-amd64.tar.gz from --k8s-mirror, verified against the
+    /// published .sha512 and cached in ~/.cache/kimg/k8s-releases/VERSION/; later
+    /// builds of that version use the cache and need no network. The official
+    /// tarball has no pause image: give one with --k8s-images for pods to start offline.
+    #[arg(
+        long,
+        value_name = "VERSION",
+        requires = "k8s",
+        conflicts_with = "k8s_release"
+    )]
+    k8s_version: Option<String>,
+    /// Where --k8s-version downloads from: a base URL holding
+    /// VERSION/kubernetes-server-linux-amd64.tar.gz and its .sha512, as dl.k8s.io does
+    /// [default: $KIMG_K8S_MIRROR, else https://dl.k8s.io/release].
+    #[arg(long, value_name = "URL", requires = "k8s_version")]
+    k8s_mirror: Option<String>,
     /// A folder of container image tarballs (`*.tar`, as `docker save` writes) to
     /// carry pre-pulled: nodes import them at boot, so pods start offline. Repeatable.
     #[arg(long, value_name = "DIR", requires = "k8s")]
@@ -63,7 +89,11 @@ pub struct Args {
 /// Runs `kimg build`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let flavour = super::kernel::flavour(a.k8s);
-    let k8s = (flavour, a.k8s_release.clone(), a.k8s_images.clone());
+    let release = match &a.k8s_version {
+        Some(version) => Some(download_release(version, a.k8s_mirror.as_deref())?),
+        None => a.k8s_release.clone(),
+    };
+    let k8s = (flavour, release, a.k8s_images.clone());
     if let Some(tree) = &a.kernel_source {
         use kimg_kernel::source::{self, Base, Fragment};
         let built = source::assemble_and_build(
@@ -87,6 +117,37 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         _ => KernelSource::DebianDefault,
     };
     build_with(a.out, kernel, a.size, a.init, a.busybox, k8s, a.json)
+}
+
+/// The tarball of Kubernetes `version`: from kimg's cache, else downloaded from
+/// `mirror` (else `$KIMG_K8S_MIRROR`, else dl.k8s.io), verified, then cached.
+fn download_release(version: &str, mirror: Option<&str>) -> anyhow::Result<PathBuf> {
+    let version = download::parse_version(version)?;
+    let env = std::env::var(download::MIRROR_ENV).ok();
+    let mirror = mirror
+        .or(env.as_deref().filter(|m| !m.is_empty()))
+        .unwrap_or(download::DEFAULT_MIRROR);
+    let mirror = download::parse_mirror(mirror)?;
+    let bars = super::fetch::StepBars::default();
+    let got = download::fetch_release(
+        &version,
+        &mirror,
+        &kimg_util::cache::cache_dir(),
+        &|step, done, total| bars.update(step, done, total),
+    )?;
+    bars.finish();
+    match &got.downloaded {
+        Some(sha512) => eprintln!(
+            "kimg build: Kubernetes {version}: {} downloaded, sha512 {sha512} verified, cached as {}",
+            got.url,
+            got.tarball.display()
+        ),
+        None => eprintln!(
+            "kimg build: Kubernetes {version}: {} (cached)",
+            got.tarball.display()
+        ),
+    }
+    Ok(got.tarball)
 }
 
 fn build_with(

@@ -26,9 +26,37 @@ pub struct Args {
     json: bool,
 }
 
+/// One progress bar per step (`download`, `verify`) of a download, each finished
+/// when the next starts; hidden when stderr is no terminal.
+#[derive(Default)]
+pub struct StepBars(RefCell<Option<(&'static str, indicatif::ProgressBar)>>);
+
+impl StepBars {
+    /// Shows `done` of `total` bytes for `step`.
+    pub fn update(&self, step: &'static str, done: u64, total: Option<u64>) {
+        let mut b = self.0.borrow_mut();
+        if b.as_ref().map(|(s, _)| *s) != Some(step) {
+            if let Some((_, old)) = b.take() {
+                old.finish();
+            }
+            *b = Some((step, super::publish::bar(total, step)));
+        }
+        if let Some((_, pb)) = b.as_ref() {
+            pb.set_position(done);
+        }
+    }
+
+    /// Finishes the last bar.
+    pub fn finish(&self) {
+        if let Some((_, pb)) = self.0.borrow_mut().take() {
+            pb.finish();
+        }
+    }
+}
+
 /// Runs `kimg fetch`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let bars: RefCell<Option<(&'static str, indicatif::ProgressBar)>> = RefCell::new(None);
+    let bars = StepBars::default();
     let got = fetch::fetch(
         &FetchOptions {
             src: a.src,
@@ -36,22 +64,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             name: a.name,
             cache: kimg_util::cache::cache_dir(),
         },
-        &|step, done, total| {
-            let mut b = bars.borrow_mut();
-            if b.as_ref().map(|(s, _)| *s) != Some(step) {
-                if let Some((_, old)) = b.take() {
-                    old.finish();
-                }
-                *b = Some((step, super::publish::bar(total, step)));
-            }
-            if let Some((_, pb)) = b.as_ref() {
-                pb.set_position(done);
-            }
-        },
+        &|step, done, total| bars.update(step, done, total),
     )?;
-    if let Some((_, pb)) = bars.borrow_mut().take() {
-        pb.finish();
-    }
+    bars.finish();
     for note in &got.notes {
         eprintln!("kimg fetch: note: {note}");
     }

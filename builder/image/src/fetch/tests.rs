@@ -1,11 +1,9 @@
-//! fetch from a local file and from an HTTP server on 127.0.0.1 (with Range support)
-//! started by the test.
+//! fetch from a local file and from an HTTP server on 127.0.0.1 (with Range support,
+//! [`crate::testserver`]) started by the test.
 
 use super::*;
 use crate::publish::{publish, Codec, PublishOptions};
-use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use crate::testserver::serve;
 
 /// A published fake image: returns (dir with hd.img.xz/.sha256/hd.json, raw bytes).
 fn published(dir: &Path, codec: Codec) -> (PathBuf, Vec<u8>) {
@@ -88,86 +86,12 @@ fn mismatch_is_an_error_and_caches_nothing() {
     assert!(e.contains("--sha256"), "{e}");
 }
 
-/// What the test server saw: one `Range` header value (or "") per request of the archive.
-type Seen = Arc<Mutex<Vec<String>>>;
-
-/// Serves `dir` on 127.0.0.1 with `Range: bytes=N-` support. The first request of
-/// `*.xz` sends half of its body and hangs up, like a dropped connection.
-fn serve(dir: PathBuf) -> (String, Seen) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let seen: Seen = Arc::default();
-    let seen2 = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let _ = handle(stream, &dir, &seen2);
-        }
-    });
-    (base, seen)
-}
-
-fn handle(mut stream: TcpStream, dir: &Path, seen: &Seen) -> io::Result<()> {
-    let mut r = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    let mut range = None;
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h)?;
-        if h.trim().is_empty() {
-            break;
-        }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("range:") {
-            range = Some(v.trim().to_string());
-        }
-    }
-    let Ok(body) = fs::read(dir.join(path.trim_start_matches('/'))) else {
-        return stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
-    };
-    let start = range
-        .as_deref()
-        .and_then(|v| v.strip_prefix("bytes="))
-        .and_then(|v| v.strip_suffix('-'))
-        .and_then(|v| v.parse::<usize>().ok());
-    let first_archive_request = if path.ends_with(".xz") {
-        let mut s = seen.lock().unwrap();
-        s.push(range.clone().unwrap_or_default());
-        s.len() == 1
-    } else {
-        false
-    };
-    let (head, part) = match start {
-        Some(s) if s < body.len() => (
-            format!(
-                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {s}-{}/{}\r\n",
-                body.len() - s,
-                body.len() - 1,
-                body.len()
-            ),
-            &body[s..],
-        ),
-        _ => (
-            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n", body.len()),
-            &body[..],
-        ),
-    };
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(b"Connection: close\r\n\r\n")?;
-    if first_archive_request {
-        stream.write_all(&part[..part.len() / 2])?;
-        return stream.shutdown(std::net::Shutdown::Both);
-    }
-    stream.write_all(part)
-}
-
 #[test]
 fn http_download_resumes_with_range_and_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let (out, data) = published(dir.path(), Codec::Xz);
-    let (base, seen) = serve(out);
+    let (base, seen) = serve(out, Some(".xz"));
     let o = opts(format!("{base}/hd.img.xz"), &cache);
     // The connection drops halfway: an error that says how to resume, no image cached.
     let e = fetch(&o, &|_, _, _| {}).unwrap_err().to_string();

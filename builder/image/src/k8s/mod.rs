@@ -1,7 +1,9 @@
 //! The Kubernetes flavour's inputs: the Kubernetes server binaries from a release
-//! folder or `kubernetes-server-linux-amd64.tar.gz`, checked before any work starts,
-//! and their version, which the service files depend on ([`version`]).
+//! folder or `kubernetes-server-linux-amd64.tar.gz` (given, or downloaded by version:
+//! [`download`]), checked before any work starts, and their version, which the
+//! service files depend on ([`version`]).
 
+pub mod download;
 pub mod version;
 
 use kimg_formats::elf::{elf_kind, ElfKind};
@@ -24,8 +26,9 @@ pub const K8S_BINARIES: &[&str] = &[
 pub use kimg_contract::k8s::IMAGES_DIR;
 
 /// Where users get the binaries, for error messages.
-pub const WHERE_TO_GET: &str = "download kubernetes-server-linux-amd64.tar.gz of a release \
-(see kubernetes.io/releases/download) and pass it, or its unpacked folder, with --k8s-release";
+pub const WHERE_TO_GET: &str = "give a release version with --k8s-version (e.g. v1.31.4: \
+kimg downloads its kubernetes-server-linux-amd64.tar.gz once, verified, into its cache), or \
+a local kubernetes-server-linux-amd64.tar.gz or its unpacked folder with --k8s-release";
 
 /// Folders inside a release where the binaries are looked for, in order.
 const BIN_DIRS: &[&str] = &["", "kubernetes/server/bin", "server/bin", "bin"];
@@ -33,7 +36,7 @@ const BIN_DIRS: &[&str] = &["", "kubernetes/server/bin", "server/bin", "bin"];
 /// Errors finding the Kubernetes binaries.
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
-    /// `--k8s` without `--k8s-release`.
+    /// `--k8s` without `--k8s-release` or `--k8s-version`.
     #[error("--k8s needs the Kubernetes binaries {}: {WHERE_TO_GET}", K8S_BINARIES.join(", "))]
     NoRelease,
     /// Some binaries are missing or not x86-64 programs.
@@ -66,6 +69,84 @@ pub enum K8sError {
     /// A file of rootfs/k8s.toml could not be rendered for the release.
     #[error("rootfs/k8s.toml: {0}")]
     Render(String),
+    /// `--k8s-version` is not an exact release version kimg supports.
+    #[error("--k8s-version {given:?}: {why}")]
+    BadVersion {
+        /// The version given.
+        given: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The mirror is not an http(s) URL.
+    #[error(
+        "Kubernetes mirror {url:?} (--k8s-mirror or ${}): not an http(s) URL; give the base \
+         that holds VERSION/{}, like {}",
+        download::MIRROR_ENV,
+        download::TARBALL,
+        download::DEFAULT_MIRROR
+    )]
+    BadMirror {
+        /// The mirror given.
+        url: String,
+    },
+    /// The mirror has no such release.
+    #[error(
+        "Kubernetes {version}: {url} is not there (HTTP 404); check the version \
+         (https://kubernetes.io/releases lists them) and the mirror (--k8s-mirror or ${}, \
+         default {})",
+        download::MIRROR_ENV,
+        download::DEFAULT_MIRROR
+    )]
+    NotFound {
+        /// The version asked for.
+        version: String,
+        /// The URL that answered 404.
+        url: String,
+    },
+    /// Downloading the release failed.
+    #[error(
+        "downloading Kubernetes {version}: {error}\nkimg needs the network once per release, \
+         then builds from {}; offline, pass a local {} or its folder with --k8s-release",
+        cache.display(),
+        download::TARBALL
+    )]
+    Download {
+        /// The version asked for.
+        version: String,
+        /// Where it would have been cached.
+        cache: PathBuf,
+        /// What failed.
+        #[source]
+        error: crate::fetch::FetchError,
+    },
+    /// The published sha512 is not a sha512.
+    #[error(
+        "{url}: not a sha512 file (128 hex digits, optionally followed by the file name), \
+         it starts {start:?}; check the mirror (--k8s-mirror or ${})",
+        download::MIRROR_ENV
+    )]
+    BadSums {
+        /// The `.sha512` URL.
+        url: String,
+        /// The start of what it held.
+        start: String,
+    },
+    /// The download does not match its published sha512.
+    #[error(
+        "{url}: sha512 is {actual}, but {sums_url} says {expected}; nothing was cached \
+         (run again to download it afresh; if it fails the same way, the mirror serves a \
+         file that does not match its checksum: try another --k8s-mirror)"
+    )]
+    Checksum {
+        /// The tarball's URL.
+        url: String,
+        /// The `.sha512` URL.
+        sums_url: String,
+        /// The published digest.
+        expected: String,
+        /// The digest of what was downloaded.
+        actual: String,
+    },
     /// The release could not be read or unpacked.
     #[error(transparent)]
     Io(#[from] IoError),
@@ -333,12 +414,12 @@ mod tests {
         assert!(err.contains("--k8s-release"), "{err}");
     }
 
-    #[test]
-    fn a_release_tarball_is_found_and_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let tgz = dir.path().join("kubernetes-server-linux-amd64.tar.gz");
+    /// A stand-in for kubernetes-server-linux-amd64.tar.gz (the real one is 300 MB
+    /// and cannot be downloaded here): its layout, with busybox as every binary (a
+    /// real x86-64 ELF program) and `version`.
+    pub(super) fn standin_release_tarball(tgz: &Path, version: &str) {
         let gz = flate2::write::GzEncoder::new(
-            fs::File::create(&tgz).unwrap(),
+            fs::File::create(tgz).unwrap(),
             flate2::Compression::fast(),
         );
         let mut b = tar::Builder::new(gz);
@@ -351,13 +432,21 @@ mod tests {
             b.append_data(&mut h, format!("kubernetes/server/bin/{name}"), &data[..])
                 .unwrap();
         }
+        let text = format!("{version}\n");
         let mut h = tar::Header::new_gnu();
-        h.set_size(8);
+        h.set_size(text.len() as u64);
         h.set_mode(0o644);
         h.set_cksum();
-        b.append_data(&mut h, "kubernetes/version", &b"v1.31.0\n"[..])
+        b.append_data(&mut h, "kubernetes/version", text.as_bytes())
             .unwrap();
         b.into_inner().unwrap().finish().unwrap();
+    }
+
+    #[test]
+    fn a_release_tarball_is_found_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let tgz = dir.path().join("kubernetes-server-linux-amd64.tar.gz");
+        standin_release_tarball(&tgz, "v1.31.0");
         let r = find_release(&tgz, dir.path()).unwrap();
         assert_eq!(r.binaries.len(), K8S_BINARIES.len());
         assert_eq!(r.version, "v1.31.0");
