@@ -118,6 +118,12 @@ no_arg_command!(
     MigrationInfo
 );
 no_arg_command!(
+    /// Cancels the migration under way (one whose reader is gone).
+    MigrateCancel,
+    "migrate_cancel",
+    Empty
+);
+no_arg_command!(
     /// The run state.
     QueryStatus,
     "query-status",
