@@ -142,24 +142,18 @@ fn apply_vm(dir: &Path, vm: VmId, iso: &Path, sha256: &str) -> (VmApplied, bool)
             QMP_CALL,
         )
     });
+    let ejected = eject.is_ok();
     let result = match (result, eject) {
-        (Ok(report), Err(e)) => {
-            // Applied, but the medium stayed: say so rather than hide it.
-            let mut report = report;
+        // Applied, but the medium stayed: say so rather than hide it.
+        (Ok(mut report), Err(e)) => {
             report.problems.push(format!(
                 "the apply cdrom was not ejected from {CDROM_DEVICE}: {e}"
             ));
-            (Ok(report), false)
+            Ok(report)
         }
-        (r, e) => (r, e.is_ok()),
+        (r, _) => r,
     };
-    (
-        VmApplied {
-            vm,
-            result: result.0,
-        },
-        result.1,
-    )
+    (VmApplied { vm, result }, ejected)
 }
 
 /// The apply session: kimg-init's report, or its error.
