@@ -962,3 +962,96 @@ fn control_plane_and_pki(c: &TestCluster, work: &Path) {
         .unwrap();
     assert!(v.status.success(), "{}", text(&v));
 }
+
+/// Kubernetes flavour with the test doubles: a cluster saved while its services run
+/// comes back from `kimg run --from` with the same service processes running and
+/// ready (no restart), containerd answering, and etcd healthy.
+#[test]
+fn k8s_services_run_after_snapshot_save_and_run_from() {
+    let work = tempfile::tempdir().unwrap();
+    let release = double_release(&work.path().join("release"));
+    let out = build_k8s(&release, work.path());
+    let image = out.join("hd-k8s.img");
+    let cache = work.path().join("cache");
+    let with_cache = |c: &TestCluster, args: &[&str]| {
+        let (sub, rest) = args.split_first().unwrap();
+        let o = Command::new(kimg_bin())
+            .arg(sub)
+            .args(rest)
+            .args(["--name", &c.name])
+            .env("KIMG_RUNTIME_DIR", c.runtime.path())
+            .env("KIMG_CACHE", &cache)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "kimg {args:?}:\n{}", text(&o));
+    };
+    let c = TestCluster::new("k8s-snap");
+    let run = c.kimg(
+        "run",
+        &[
+            "--image",
+            image.to_str().unwrap(),
+            "--nodes",
+            "2",
+            "--routers",
+            "1",
+            "--mem",
+            "512",
+            "--wait=240",
+        ],
+    );
+    assert!(run.status.success(), "kimg run:\n{}", text(&run));
+    let wanted: [(&str, &[&str]); 2] = [
+        (
+            "vm-001",
+            &[
+                "containerd",
+                "etcd",
+                "kube-apiserver",
+                "kube-controller-manager",
+                "kube-scheduler",
+                "kubelet",
+                "kube-proxy",
+            ],
+        ),
+        ("vm-002", &["containerd", "kubelet", "kube-proxy"]),
+    ];
+    let mut pids = Vec::new();
+    for (vm, services) in wanted {
+        for s in services {
+            let st = c.wait_service(vm, s, &["ready"], Duration::from_secs(180));
+            pids.push((vm, *s, st["pid"].as_u64().unwrap()));
+        }
+    }
+    with_cache(&c, &["snapshot", "save", "k8s-warm", "--stop"]);
+    let r = TestCluster::new("k8s-from");
+    with_cache(&r, &["run", "--from", "k8s-warm", "--wait=240"]);
+    for (vm, s, pid) in &pids {
+        let st = r.wait_service(vm, s, &["ready"], Duration::from_secs(60));
+        assert_eq!(st["pid"].as_u64(), Some(*pid), "{vm} {s} restarted: {st}");
+        r.exec_ok(vm, &["kill", "-0", &pid.to_string()]);
+    }
+    for vm in ["vm-001", "vm-002"] {
+        let v = r.exec_ok(
+            vm,
+            &[
+                "ctr",
+                "--address",
+                "/run/containerd/containerd.sock",
+                "version",
+            ],
+        );
+        assert!(v.contains("Server:"), "{vm}: {v}");
+    }
+    let h = r.exec(
+        "vm-001",
+        &[
+            "etcdctl",
+            "--endpoints",
+            "http://127.0.0.1:2379",
+            "endpoint",
+            "health",
+        ],
+    );
+    assert!(h.status.success(), "{}", text(&h));
+}

@@ -1,6 +1,7 @@
 //! End-to-end: snapshots. A saved cluster comes back from `kimg run --from` with its
 //! files, processes and networks, its clocks set to now, twice at once; `kimg
-//! suspend` / `kimg resume` bring the same VMs back; a damaged snapshot is refused.
+//! suspend` / `kimg resume` bring the same VMs back; a damaged snapshot is refused;
+//! a save killed midway leaves no snapshot and VMs that run on.
 //! Each test has its own cache (KIMG_CACHE) so no user's snapshots are touched.
 
 use kimg_tests::{image, kimg_bin, text, TestCluster};
@@ -285,4 +286,73 @@ fn damaged_snapshot_is_refused_naming_the_file() {
         "run --from good",
     );
     assert!(r.exec("vm-001", &["true"]).status.success());
+}
+
+/// `kimg snapshot save` killed while the VMs are paused for it: no snapshot (ls
+/// shows none, no directory by its name), the next `kimg status` lets the VMs run
+/// again (their clocks set), and the next save removes the killed one's leftovers.
+#[test]
+fn a_killed_save_leaves_no_snapshot_and_the_vms_run_on() {
+    let cache = tempfile::tempdir().unwrap();
+    let c = TestCluster::new("snap-kill");
+    boot(&c, cache.path(), "1", "1");
+    let pid = start_sleeper(&c);
+    let snaps = cache.path().join("snapshots");
+    let mut save = Command::new(kimg_bin())
+        .args(["snapshot", "save", "--name", &c.name, "killed"])
+        .env("KIMG_RUNTIME_DIR", c.runtime.path())
+        .env("KIMG_CACHE", cache.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The VMs are paused before the save makes a VM's directory in its temp dir.
+    let paused = || {
+        std::fs::read_dir(&snaps)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.file_name().to_string_lossy().starts_with(".tmp-killed-")
+                    && e.path().join("vm-001").is_dir()
+            })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !paused() {
+        assert!(
+            save.try_wait().unwrap().is_none(),
+            "the save ended before it could be killed"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the save never paused the VMs"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    save.kill().unwrap();
+    save.wait().unwrap();
+
+    let ls = ok(k(&c, cache.path(), &["snapshot", "ls", "--json"]), "ls");
+    assert_eq!(ls.trim(), "[]", "{ls}");
+    assert!(!snaps.join("killed").exists());
+    // Status notices the VMs a save left paused and lets them run.
+    let o = k(&c, cache.path(), &["status"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("resumed vm-001"),
+        "{}",
+        text(&o)
+    );
+    assert!(sleeper_runs(&c, "vm-001", &pid));
+    assert!(clock_skew(&c, "vm-001").abs() <= 2.0);
+    pings(&c, "vm-001", &["192.168.1.201"]);
+    // The next save works, and nothing of the killed one is left.
+    ok(k(&c, cache.path(), &["snapshot", "save", "after"]), "save");
+    let left: Vec<String> = std::fs::read_dir(&snaps)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["after"], "{left:?}");
+    assert!(sleeper_runs(&c, "vm-001", &pid));
 }

@@ -201,6 +201,8 @@ pub enum Kind {
     Data = 11,
     /// Either: the file is complete; its sha256 (32 bytes) as the sender read it.
     FileEnd = 12,
+    /// Guest: what an apply did, an [`ApplyReport`] as JSON; [`Kind::Exit`] follows.
+    Report = 13,
 }
 
 impl Kind {
@@ -208,7 +210,8 @@ impl Kind {
     pub fn from_byte(b: u8) -> Option<Kind> {
         use Kind::*;
         [
-            Open, Ready, Stdin, StdinEof, Resize, Stdout, Stderr, Exit, Error, Entry, Data, FileEnd,
+            Open, Ready, Stdin, StdinEof, Resize, Stdout, Stderr, Exit, Error, Entry, Data,
+            FileEnd, Report,
         ]
         .into_iter()
         .find(|k| *k as u8 == b)
@@ -329,6 +332,39 @@ pub enum Session {
         /// Absolute source path in the VM (a symlink there is sent as a symlink).
         src: String,
     },
+    /// Apply the overlay cdrom the host just put into the VM's drive (`kimg apply`):
+    /// mount it, check every overlay, unpack them in name order as at boot, run the
+    /// start hooks they brought, apply sysctls, start new services and restart those
+    /// whose service file changed, unmount. Answered with [`Kind::Report`] and
+    /// [`Kind::Exit`], or [`Kind::Error`] naming the overlay (and file) that failed.
+    /// One apply at a time per VM.
+    Apply {
+        /// The cdrom's content hash (its volume descriptor's), so the guest knows
+        /// the medium in the drive is the one meant.
+        cdrom_sha256: String,
+    },
+}
+
+/// What an apply did on one VM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ApplyReport {
+    /// Each overlay, in the order unpacked.
+    pub overlays: Vec<crate::cdrom::OverlayReport>,
+    /// The start hooks run (the ones these overlays carry), with `: ok` or
+    /// why they failed.
+    #[serde(default)]
+    pub hooks: Vec<String>,
+    /// Services started because the overlays added their files.
+    #[serde(default)]
+    pub started: Vec<String>,
+    /// Services restarted because their file changed.
+    #[serde(default)]
+    pub restarted: Vec<String>,
+    /// What failed after the unpacking (hooks, sysctls, service files), one line each.
+    #[serde(default)]
+    pub problems: Vec<String>,
+    /// Seconds from the request to the report.
+    pub secs: f64,
 }
 
 /// A program to run in a session.
@@ -544,6 +580,16 @@ mod tests {
             r#"{"nonce":5,"session":{"op":"exec","argv":["true"],"stdin":true,"login":false}}"#
         );
         assert_eq!(serde_json::from_str::<Open>(&json).unwrap(), open);
+        let apply = Session::Apply {
+            cdrom_sha256: "ab".into(),
+        };
+        let json = serde_json::to_string(&apply).unwrap();
+        assert_eq!(json, r#"{"op":"apply","cdrom_sha256":"ab"}"#);
+        assert_eq!(serde_json::from_str::<Session>(&json).unwrap(), apply);
+        let report: ApplyReport = serde_json::from_str(r#"{"overlays":[],"secs":0.5}"#).unwrap();
+        assert_eq!(report.secs, 0.5);
+        assert!(report.started.is_empty() && report.problems.is_empty());
+        assert_eq!(Kind::from_byte(13), Some(Kind::Report));
         let e = Entry {
             path: "a/b".into(),
             mode: 0o700,

@@ -36,29 +36,39 @@ pub fn list(dir: &Path) -> Vec<PathBuf> {
 
 /// Runs every hook; returns one problem line per failed hook.
 pub fn run_all(hostname: &str) -> Vec<String> {
-    let hooks = list(Path::new(START_DIR));
+    run(&list(Path::new(START_DIR)), hostname)
+        .into_iter()
+        .filter_map(Result::err)
+        .collect()
+}
+
+/// Runs `hooks` in the order given: for each, `Ok(line)` when it succeeded or
+/// `Err(problem)`, both naming the hook.
+pub fn run(hooks: &[PathBuf], hostname: &str) -> Vec<Result<String, String>> {
     if hooks.is_empty() {
         return vec![];
     }
     let vm = hostname.parse::<VmId>().ok();
     let number = vm.map_or(String::new(), |v| v.number().to_string());
     let role = vm.map_or("reserved".to_string(), |v| v.role().to_string());
-    let mut problems = Vec::new();
     if let Some(d) = Path::new(START_LOG).parent() {
         let _ = fs::create_dir_all(d);
     }
+    let mut out = Vec::new();
     for hook in hooks {
         let shown = hook.display().to_string();
-        match run_one(&hook, &number, &role, hostname) {
-            Ok(0) => info!("start hook {shown}: ok"),
-            Ok(code) => problems.push(format!("start hook {shown}: exit {code}")),
-            Err(e) => problems.push(format!("start hook {shown}: {e}")),
+        let r = match run_one(hook, &number, &role, hostname) {
+            Ok(0) => Ok(format!("start hook {shown}: ok")),
+            Ok(code) => Err(format!("start hook {shown}: exit {code} (see {START_LOG})")),
+            Err(e) => Err(format!("start hook {shown}: {e}")),
+        };
+        match &r {
+            Ok(line) => info!("{line}"),
+            Err(p) => error!("{p}"),
         }
+        out.push(r);
     }
-    for p in &problems {
-        error!("{p}");
-    }
-    problems
+    out
 }
 
 fn run_one(hook: &Path, number: &str, role: &str, hostname: &str) -> std::io::Result<i32> {
@@ -83,7 +93,7 @@ fn run_one(hook: &Path, number: &str, role: &str, hostname: &str) -> std::io::Re
     let child = REAPER.spawn(&mut cmd)?;
     let pid = child.id() as i32;
     let deadline = Instant::now() + TIMEOUT;
-    // PID 1's signal loop is not running yet: reap here.
+    // At boot PID 1's signal loop is not running yet: reap here.
     let code = loop {
         REAPER.reap_all();
         if let Some(code) = REAPER.wait(pid, Some(Instant::now() + Duration::from_millis(20))) {

@@ -6,6 +6,7 @@
 #[macro_use]
 pub mod log;
 pub mod agent;
+pub mod apply;
 pub mod boot;
 pub mod clock;
 pub mod cni;

@@ -49,6 +49,17 @@ pub fn parse_pvd(pvd: &[u8]) -> Option<String> {
 
 /// Waits up to `wait` for a /dev/sr* carrying a kimg cdrom.
 pub fn find(wait: Duration) -> Option<Cdrom> {
+    find_matching(wait, |_| true)
+}
+
+/// Waits up to `wait` for a /dev/sr* carrying the kimg cdrom whose hash is `sha256`
+/// (a medium the host just inserted: the kernel notices it when the device is
+/// opened, which probing does).
+pub fn find_hash(sha256: &str, wait: Duration) -> Option<Cdrom> {
+    find_matching(wait, |h| h == sha256)
+}
+
+fn find_matching(wait: Duration, wanted: impl Fn(&str) -> bool) -> Option<Cdrom> {
     let deadline = Instant::now() + wait;
     loop {
         let mut devs: Vec<PathBuf> = fs::read_dir("/dev")
@@ -61,7 +72,7 @@ pub fn find(wait: Duration) -> Option<Cdrom> {
             .unwrap_or_default();
         devs.sort();
         for dev in devs {
-            if let Some(sha256) = probe(&dev) {
+            if let Some(sha256) = probe(&dev).filter(|h| wanted(h)) {
                 return Some(Cdrom { dev, sha256 });
             }
         }
@@ -137,7 +148,8 @@ fn failures(reports: &[OverlayReport]) -> Vec<String> {
         .collect()
 }
 
-fn mount(dev: &Path) -> std::io::Result<()> {
+/// Mounts the cdrom `dev` read-only on [`MOUNT_POINT`].
+pub fn mount(dev: &Path) -> std::io::Result<()> {
     use nix::mount::MsFlags;
     fs::create_dir_all(MOUNT_POINT)?;
     nix::mount::mount(
@@ -170,54 +182,71 @@ pub fn read_index(dir: &Path, cdrom_sha256: &str) -> Result<Vec<IndexEntry>, Str
     parse_index(&text)
 }
 
+/// The overlays on the cdrom mounted at `dir`, in name order (the index left out).
+pub fn names(dir: &Path) -> Result<Vec<String>, String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map_err(|e| format!("read {}: {e}", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != INDEX_NAME)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// Unpacks every overlay of `dir` in name order onto `root`; `index` (checked by
 /// [`read_index`], may be empty) gives their hashes.
 pub fn unpack_all(dir: &Path, root: &Path, index: &[IndexEntry]) -> Vec<OverlayReport> {
-    let mut names: Vec<String> = match fs::read_dir(dir) {
-        Ok(d) => d
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != INDEX_NAME)
-            .collect(),
+    let names = match names(dir) {
+        Ok(n) => n,
         Err(e) => {
-            error!("overlays: read {}: {e}", dir.display());
+            error!("overlays: {e}");
             return vec![];
         }
     };
-    names.sort();
-    let mut reports = Vec::new();
-    for name in &names {
-        let t = Instant::now();
-        let mut log = |line: &str| warn!("overlay {name}: {line}");
-        let known = index
-            .iter()
-            .find(|e| e.name == *name)
-            .map(|e| (e.sha256.as_str(), e.size));
-        let o = unpack::unpack_file(&dir.join(name), root, &mut log, known);
-        let secs = t.elapsed().as_secs_f64();
-        let result = match (&o.failed, o.refused.len()) {
-            (Some(why), _) => format!("failed: {why}"),
-            (None, 0) => "ok".to_string(),
-            (None, n) => format!("ok, {n} entries refused"),
-        };
-        if o.failed.is_some() {
-            error!("overlay {name}: {result}");
-        } else {
-            info!(
-                "overlay {name}: {result} ({} entries, {secs:.2}s)",
-                o.written
-            );
-        }
-        reports.push(OverlayReport {
-            name: name.clone(),
-            sha256: o.sha256,
-            size: o.size,
-            secs,
-            result,
-            this_boot: true,
-        });
+    names
+        .iter()
+        .map(|name| unpack_one(dir, name, root, index).0)
+        .collect()
+}
+
+/// Unpacks overlay `name` of `dir` onto `root`: its report, and the entries refused.
+pub fn unpack_one(
+    dir: &Path,
+    name: &str,
+    root: &Path,
+    index: &[IndexEntry],
+) -> (OverlayReport, Vec<String>) {
+    let t = Instant::now();
+    let mut log = |line: &str| warn!("overlay {name}: {line}");
+    let known = index
+        .iter()
+        .find(|e| e.name == *name)
+        .map(|e| (e.sha256.as_str(), e.size));
+    let o = unpack::unpack_file(&dir.join(name), root, &mut log, known);
+    let secs = t.elapsed().as_secs_f64();
+    let result = match (&o.failed, o.refused.len()) {
+        (Some(why), _) => format!("failed: {why}"),
+        (None, 0) => "ok".to_string(),
+        (None, n) => format!("ok, {n} entries refused"),
+    };
+    if o.failed.is_some() {
+        error!("overlay {name}: {result}");
+    } else {
+        info!(
+            "overlay {name}: {result} ({} entries, {secs:.2}s)",
+            o.written
+        );
     }
-    reports
+    let report = OverlayReport {
+        name: name.to_string(),
+        sha256: o.sha256,
+        size: o.size,
+        secs,
+        result,
+        this_boot: true,
+    };
+    (report, o.refused)
 }
 
 fn save(applied: &Applied) -> std::io::Result<()> {

@@ -1,5 +1,5 @@
 //! The session ports (`kimg.agent.0` ..): one thread per port serves one session at
-//! a time (exec, shell, copy in, copy out) in the framed protocol of
+//! a time (exec, shell, copy in, copy out, apply) in the framed protocol of
 //! [`kimg_contract::agent`]. The thread lives as long as PID 1; a session starts no
 //! other thread. What a session holds is bounded: one incoming frame, a couple of
 //! outgoing ones.
@@ -372,6 +372,10 @@ pub fn run_session(port: &mut Port, open: &[u8]) {
         Session::Exec(spec) => exec_session(port, &spec),
         Session::CopyIn { dest, name } => crate::copy::receive(port, &dest, &name),
         Session::CopyOut { src } => crate::copy::send(port, &src),
+        Session::Apply { cdrom_sha256 } => crate::apply::apply(&cdrom_sha256).map(|report| {
+            port.queue(Kind::Report, &crate::apply::report_json(&report));
+            Some(i32::from(!report.problems.is_empty()))
+        }),
     };
     match end {
         Ok(Some(code)) => port.queue(Kind::Exit, &code.to_be_bytes()),

@@ -60,6 +60,7 @@ enum Command {
     Snapshot(commands::snapshot::Args),
     Suspend(commands::suspend::SuspendArgs),
     Resume(commands::suspend::ResumeArgs),
+    Apply(commands::apply::Args),
 }
 
 fn main() -> ExitCode {
@@ -92,6 +93,7 @@ fn main() -> ExitCode {
         Command::Snapshot(a) => commands::snapshot::run(a),
         Command::Suspend(a) => commands::suspend::run_suspend(a),
         Command::Resume(a) => commands::suspend::run_resume(a),
+        Command::Apply(a) => commands::apply::run(a),
     };
     match result {
         Ok(code) => code,

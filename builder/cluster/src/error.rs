@@ -26,7 +26,7 @@ pub enum ClusterError {
     #[error("no cluster named {0:?} (start one with `kimg run --name {0}`)")]
     NotFound(String),
     /// Another kimg holds the cluster's lock.
-    #[error("cluster {0:?} is being started or stopped by another kimg (lock {1})")]
+    #[error("cluster {0:?} is busy: another kimg is starting, stopping, saving or applying to it (lock {1}); try again when it is done")]
     Locked(String, PathBuf),
     /// The image or its manifest is missing or unreadable.
     #[error("image {path}: {why}")]

@@ -94,11 +94,48 @@ pub struct VmStatus {
     /// Last console lines of a dead VM.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub last_console: Vec<String>,
+    /// Its overlays: the boot's (as its agent reports them), then what `kimg apply`
+    /// put onto it (as the cluster's state records it).
+    pub overlays: Vec<VmOverlay>,
+}
+
+/// One overlay of a VM, and when it came.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmOverlay {
+    /// Its name on the cdrom (`NN-NAME.tar[.zst]`).
+    pub name: String,
+    /// `at boot`, or `applied at YYYY-MM-DD HH:MM UTC`.
+    pub when: String,
+    /// Unix time of the apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub applied_at: Option<u64>,
+}
+
+/// The overlays of `vm`: `boot` (its agent's report), then those of `applied`.
+fn vm_overlays(
+    vm: VmId,
+    boot: &[kimg_contract::cdrom::OverlayReport],
+    applied: &[crate::state::AppliedOverlays],
+) -> Vec<VmOverlay> {
+    let at_boot = boot.iter().map(|o| VmOverlay {
+        name: o.name.clone(),
+        when: "at boot".into(),
+        applied_at: None,
+    });
+    let later = applied.iter().filter(|a| a.vm == vm).flat_map(|a| {
+        a.overlays.iter().map(|name| VmOverlay {
+            name: name.clone(),
+            when: format!("applied at {} UTC", kimg_image::fetch::utc_date(a.at)),
+            applied_at: Some(a.at),
+        })
+    });
+    at_boot.chain(later).collect()
 }
 
 /// Queries every VM of a cluster.
 pub fn status(name: &str) -> Result<(ClusterState, Vec<VmStatus>), ClusterError> {
     let (dir, state) = load(name)?;
+    let state_ref = &state;
     let list = std::thread::scope(|s| {
         let handles: Vec<_> = state
             .vms
@@ -113,6 +150,7 @@ pub fn status(name: &str) -> Result<(ClusterState, Vec<VmStatus>), ClusterError>
                         state: "booting".into(),
                         agent: None,
                         last_console: Vec::new(),
+                        overlays: Vec::new(),
                     };
                     if qemu_pid(&paths).is_none() {
                         st.state = "dead".into();
@@ -126,6 +164,8 @@ pub fn status(name: &str) -> Result<(ClusterState, Vec<VmStatus>), ClusterError>
                             .unwrap_or_default();
                         st.agent = Some(a);
                     }
+                    let boot = st.agent.as_ref().map_or(&[][..], |a| &a.overlays[..]);
+                    st.overlays = vm_overlays(rec.vm, boot, &state_ref.applied);
                     st
                 })
             })

@@ -151,6 +151,7 @@ fn start(
         net: opts.net,
         api_port: None,
         restored_from: None,
+        applied: Vec::new(),
     };
     addon.prepare(&mut state)?;
     addon.generate(dir, &state)?;

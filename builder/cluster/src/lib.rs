@@ -10,12 +10,14 @@
 //! streams), and [`addon`] with what a flavour adds to a cluster ([`k8s`]: the PKI
 //! of [`pki`] and the apiserver forward). [`snapshot`] saves a running cluster
 //! through each VM's QEMU monitor ([`qmp`]); [`restore`] starts clusters from
-//! snapshots (`run --from`, suspend and resume). [`list`] (`kimg ls`) and [`doctor`]
+//! snapshots (`run --from`, suspend and resume). [`apply`] puts overlays onto
+//! running VMs (`kimg apply`). [`list`] (`kimg ls`) and [`doctor`]
 //! (what this host has of what kimg needs).
 
 pub mod accel;
 pub mod addon;
 pub mod agent;
+pub mod apply;
 pub mod bootfiles;
 pub mod consoles;
 pub mod doctor;

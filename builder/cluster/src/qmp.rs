@@ -118,6 +118,12 @@ no_arg_command!(
     MigrationInfo
 );
 no_arg_command!(
+    /// Cancels the migration under way (one whose reader is gone).
+    MigrateCancel,
+    "migrate_cancel",
+    Empty
+);
+no_arg_command!(
     /// The run state.
     QueryStatus,
     "query-status",
@@ -322,8 +328,14 @@ impl Qmp {
             version: Version::default(),
         };
         let deadline = Instant::now() + timeout;
-        let line = q.read_line(deadline, "the greeting", timeout)?;
-        let greeting: Greeting = serde_json::from_str(&line).map_err(|e| q.protocol(e))?;
+        // A reply QEMU owed a client that went away (a killed kimg) can come first.
+        let greeting: Greeting = loop {
+            let line = q.read_line(deadline, "the greeting", timeout)?;
+            let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| q.protocol(e))?;
+            if v.get("QMP").is_some() {
+                break serde_json::from_value(v).map_err(|e| q.protocol(e))?;
+            }
+        };
         let v = greeting.qmp.version;
         q.version = Version {
             qemu: format!("{}.{}.{}", v.qemu.major, v.qemu.minor, v.qemu.micro),
@@ -554,6 +566,26 @@ mod tests {
                 "cont"
             ]
         );
+    }
+
+    #[test]
+    fn a_reply_owed_to_a_client_gone_is_skipped_before_the_greeting() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            writeln!(w, "{{\"return\": {{}}, \"id\": 3}}\n{GREETING}").unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            writeln!(w, "{{\"return\": {{}}, \"id\": {}}}", v["id"]).unwrap();
+        });
+        let q = Qmp::connect(&sock, Duration::from_secs(5)).unwrap();
+        assert_eq!(q.version().qemu, "7.2.22");
+        server.join().unwrap();
     }
 
     #[test]

@@ -57,7 +57,8 @@ pub fn suspend(name: &str) -> Result<SnapshotManifest, ClusterError> {
     snapshot::save_into(&snapshot::suspended_root(), name, name, true)
 }
 
-/// Resumes a suspended cluster; its suspended state is consumed.
+/// Resumes a suspended cluster; its suspended state is consumed. A running cluster
+/// whose VMs a killed save left paused gets them running again.
 pub fn resume(
     name: &str,
     wait: Option<Duration>,
@@ -66,6 +67,16 @@ pub fn resume(
     cluster_dir(name)?;
     let dir = snapshot::suspended_root().join(name);
     if !dir.is_dir() {
+        // Running, with VMs a killed save or suspend left paused: let them run.
+        if let Ok((_, state)) = crate::state::load(name) {
+            let resumed = snapshot::resume_abandoned(name)?;
+            if !resumed.is_empty() {
+                for vm in resumed {
+                    on_event(RunEvent::Started(vm));
+                }
+                return Ok(state);
+            }
+        }
         return Err(ClusterError::Snapshot {
             path: dir,
             why: format!("cluster {name:?} is not suspended (`kimg suspend --name {name}`)"),

@@ -153,6 +153,8 @@ pub(crate) fn save_into(
 ) -> Result<SnapshotManifest, ClusterError> {
     let _lock = lock(cluster)?;
     let (dir, state) = load(cluster)?;
+    // A save killed earlier left VMs paused: they run again before this one pauses them.
+    resume_paused_locked(&dir, &state)?;
     let target = root.join(snap);
     if target.exists() {
         return Err(ClusterError::Snapshot {
@@ -181,6 +183,61 @@ pub(crate) fn save_into(
         stop_locked(cluster, &dir, Duration::from_secs(5))?;
     }
     Ok(manifest)
+}
+
+/// VMs a killed `kimg snapshot save` or `kimg suspend` left paused: with the
+/// cluster's lock free no save is under way, so each VM QEMU reports paused (or
+/// done migrating out) runs again, its clock set. Returns those VMs; a cluster
+/// started by an older kimg (no QMP socket) is left as it is.
+pub fn resume_abandoned(name: &str) -> Result<Vec<VmId>, ClusterError> {
+    let (dir, state) = load(name)?;
+    let Ok(_lock) = lock(name) else {
+        return Ok(Vec::new()); // another kimg is at work: its pauses are its own
+    };
+    remove_stale_temps(&snapshots_root());
+    remove_stale_temps(&suspended_root());
+    resume_paused_locked(&dir, &state)
+}
+
+/// [`resume_abandoned`] for a caller that holds the cluster's lock.
+pub(crate) fn resume_paused_locked(
+    dir: &Path,
+    state: &ClusterState,
+) -> Result<Vec<VmId>, ClusterError> {
+    let mut resumed = Vec::new();
+    for r in &state.vms {
+        let paths = VmPaths::new(dir, r.vm);
+        if qemu_pid(&paths).is_none() || !paths.qmp().exists() {
+            continue;
+        }
+        let qerr = |source| ClusterError::Qmp { vm: r.vm, source };
+        let mut q = Qmp::connect(&paths.qmp(), QMP_CALL).map_err(qerr)?;
+        // A migration still under way would pause the VM again when it completes.
+        let deadline = Instant::now() + QMP_CALL;
+        loop {
+            let m = q.execute(&qmp::QueryMigrate, QMP_CALL).map_err(qerr)?;
+            let busy = matches!(
+                m.status.as_deref(),
+                Some("setup" | "active" | "pre-switchover" | "device" | "cancelling")
+            );
+            if !busy || Instant::now() > deadline {
+                break;
+            }
+            if m.status.as_deref() != Some("cancelling") {
+                q.execute(&qmp::MigrateCancel, QMP_CALL).map_err(qerr)?;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let st = q.execute(&qmp::QueryStatus, QMP_CALL).map_err(qerr)?;
+        if matches!(st.status.as_str(), "paused" | "postmigrate") {
+            q.execute(&qmp::Cont, QMP_CALL).map_err(qerr)?;
+            resumed.push(r.vm);
+        }
+    }
+    if !resumed.is_empty() {
+        crate::restore::set_clocks(dir, &resumed)?;
+    }
+    Ok(resumed)
 }
 
 /// Temp dirs of saves whose kimg is gone (killed): nothing of them counts.

@@ -130,6 +130,21 @@ pub struct ClusterState {
     /// The snapshot the cluster was restored from (`kimg run --from`, `kimg resume`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
+    /// What `kimg apply` put onto running VMs, oldest first (kept across snapshots:
+    /// the VMs' disks and memory carry the overlays).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<AppliedOverlays>,
+}
+
+/// Overlays one `kimg apply` put onto one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedOverlays {
+    /// The VM.
+    pub vm: VmId,
+    /// Unix time of the apply.
+    pub at: u64,
+    /// The overlays as named on the apply's cdrom (`NN-NAME.tar[.zst]`), in order.
+    pub overlays: Vec<String>,
 }
 
 /// One VM of a cluster.

@@ -45,6 +45,13 @@ pub const LOG_MAX: u64 = 4 << 20;
 
 /// What the agent reports; updated by the supervisor thread.
 static TABLE: Mutex<Vec<ServiceStatus>> = Mutex::new(Vec::new());
+/// The services the supervisor runs, as last handed to it (by [`start`] or
+/// [`reload`]); `None` until the supervisor thread exists.
+static SPECS: Mutex<Option<Vec<ServiceSpec>>> = Mutex::new(None);
+/// A new list for the supervisor thread, taken at its next tick.
+static PENDING: Mutex<Option<Vec<ServiceSpec>>> = Mutex::new(None);
+/// How long [`reload`] waits for the supervisor to take a new list.
+const TAKE_WAIT: Duration = Duration::from_secs(5);
 /// Whether power off began. Held across every start, so once [`stop`] returns no
 /// start is under way and none follows: the shutdown's kill rounds come after the
 /// last process the supervisor made.
@@ -236,11 +243,19 @@ fn runnable(
 
 /// Starts the supervisor thread for `specs` (already in start order).
 pub fn start(specs: Vec<ServiceSpec>) -> std::io::Result<()> {
+    let mut current = lock(&SPECS);
+    if specs.is_empty() {
+        publish(&[]);
+        return Ok(()); // no thread until a reload brings services
+    }
+    spawn_supervisor(specs.clone())?;
+    *current = Some(specs);
+    Ok(())
+}
+
+fn spawn_supervisor(specs: Vec<ServiceSpec>) -> std::io::Result<()> {
     let mut services: Vec<Service> = specs.into_iter().map(Service::new).collect();
     publish(&services);
-    if services.is_empty() {
-        return Ok(());
-    }
     std::thread::Builder::new()
         .name("services".into())
         .spawn(move || {
@@ -248,6 +263,11 @@ pub fn start(specs: Vec<ServiceSpec>) -> std::io::Result<()> {
             let mut rotated = Instant::now();
             loop {
                 if !*lock(&STOPPING) {
+                    let pending = lock(&PENDING).take();
+                    if let Some(new) = pending {
+                        services =
+                            replace(std::mem::take(&mut services), new, Instant::now(), &mut os);
+                    }
                     step(&mut services, Instant::now(), &mut os);
                     publish(&services);
                     if rotated.elapsed() >= ROTATE_EVERY {
@@ -284,6 +304,105 @@ fn rotate_logs(services: &[Service]) {
             Err(e) => warn!("services: rotate {}: {e}", log.display()),
         }
     }
+}
+
+/// What a [`reload`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Services new to this VM, started.
+    pub started: Vec<String>,
+    /// Services whose file changed, restarted with the new one.
+    pub restarted: Vec<String>,
+}
+
+/// Reads the services directory again (after `kimg apply`): services new to this VM
+/// start, services whose file changed are stopped (SIGTERM, SIGKILL after
+/// [`KILL_GRACE`]) and started with the new file, the others are left alone (one
+/// whose file went bad keeps running as it was). Waits, bounded, until the
+/// supervisor has taken the new list.
+pub fn reload(vm: VmId, problems: &mut Vec<String>) -> Changes {
+    let specs = load(vm, problems);
+    let mut current = lock(&SPECS);
+    let old = current.clone().unwrap_or_default();
+    let (merged, changes) = merge(&old, specs);
+    if changes == Changes::default() {
+        return changes;
+    }
+    if current.is_some() {
+        *lock(&PENDING) = Some(merged.clone());
+    } else if let Err(e) = spawn_supervisor(merged.clone()) {
+        problems.push(format!("services: cannot start the supervisor thread: {e}"));
+        return Changes::default();
+    }
+    *current = Some(merged);
+    drop(current);
+    let deadline = Instant::now() + TAKE_WAIT;
+    while lock(&PENDING).is_some() && Instant::now() < deadline {
+        std::thread::sleep(TICK);
+    }
+    changes
+}
+
+/// The supervisor's new list: `new` (in start order), then what `old` had that
+/// `new` lacks (left running); and what differs.
+fn merge(old: &[ServiceSpec], new: Vec<ServiceSpec>) -> (Vec<ServiceSpec>, Changes) {
+    let mut changes = Changes::default();
+    for spec in &new {
+        match old.iter().find(|o| o.name == spec.name) {
+            None => changes.started.push(spec.name.clone()),
+            Some(o) if o != spec => changes.restarted.push(spec.name.clone()),
+            Some(_) => {}
+        }
+    }
+    let kept: Vec<ServiceSpec> = old
+        .iter()
+        .filter(|o| !new.iter().any(|n| n.name == o.name))
+        .cloned()
+        .collect();
+    let mut merged = new;
+    merged.extend(kept);
+    (merged, changes)
+}
+
+/// Swaps the supervisor's services for `specs`: an unchanged service keeps its
+/// process and state; a changed one is asked to stop and its new version waits
+/// for that exit before it starts; a new one starts.
+fn replace(
+    old: Vec<Service>,
+    specs: Vec<ServiceSpec>,
+    now: Instant,
+    os: &mut dyn Os,
+) -> Vec<Service> {
+    let mut old: Vec<Option<Service>> = old.into_iter().map(Some).collect();
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let same_name = old
+            .iter_mut()
+            .find(|s| s.as_ref().is_some_and(|s| s.spec.name == spec.name))
+            .and_then(Option::take);
+        let Some(prev) = same_name else {
+            out.push(Service::new(spec));
+            continue;
+        };
+        if prev.spec == spec {
+            out.push(prev);
+            continue;
+        }
+        let mut s = Service::new(spec);
+        s.status.restarts = prev.status.restarts;
+        s.status.message = Some("restarted: its service file changed".into());
+        // A process still of the old version (or one stopping already) must go first.
+        let stopping = prev.replacing.map(|(pid, _)| pid);
+        if let Some(pid) = prev.status.pid.or(stopping) {
+            os.terminate(pid);
+            s.replacing = Some((pid, now));
+        }
+        info!("service {}: file changed; restarting", s.spec.name);
+        out.push(s);
+    }
+    // Services the new list lacks run on as they were.
+    out.extend(old.into_iter().flatten());
+    out
 }
 
 fn publish(services: &[Service]) {
@@ -348,6 +467,9 @@ pub struct Service {
     terminated: Option<Instant>,
     /// Whether SIGKILL followed.
     killed: bool,
+    /// The process of the version this one replaces, and when it was asked to
+    /// stop: this one starts once it is gone.
+    replacing: Option<(u32, Instant)>,
 }
 
 impl Service {
@@ -367,6 +489,7 @@ impl Service {
             not_before: None,
             terminated: None,
             killed: false,
+            replacing: None,
         }
     }
 }
@@ -392,6 +515,18 @@ pub fn step(services: &mut [Service], now: Instant, os: &mut dyn Os) {
         let s = &mut rest[0];
         match s.status.state {
             ServiceState::Waiting => {
+                if let Some((pid, since)) = s.replacing {
+                    if os.exited(pid).is_none() {
+                        // SIGTERM may be ignored; the restart must still come.
+                        if !s.killed && now.saturating_duration_since(since) > KILL_GRACE {
+                            os.kill(pid);
+                            s.killed = true;
+                        }
+                        continue;
+                    }
+                    s.replacing = None;
+                    s.killed = false;
+                }
                 if s.not_before.is_some_and(|t| now < t) {
                     continue;
                 }

@@ -318,3 +318,54 @@ fn service_logs_are_rotated_and_stay_bounded() {
     assert!(rotate_log(&link, 1).is_err());
     assert_eq!(std::fs::metadata(&old).unwrap().len(), max);
 }
+
+/// `kimg apply`: an unchanged service keeps its process, a changed one is stopped
+/// and its new version starts only once the old process is gone (killed if it
+/// ignores SIGTERM), a new one starts, one the new list lacks runs on.
+#[test]
+fn a_reload_restarts_changed_services_after_the_old_process_is_gone() {
+    use ServiceState::*;
+    let spec = |name: &str, extra: &str| {
+        ServiceSpec::parse(name, &format!("command = [\"/bin/{name}\"]\n{extra}")).unwrap()
+    };
+    let mut os = FakeOs::default();
+    let t0 = Instant::now();
+    let mut s = vec![svc("same", ""), svc("web", ""), svc("old", "")];
+    step(&mut s, t0, &mut os);
+    assert_eq!(states(&s), [Ready, Ready, Ready]);
+    let pids: Vec<u32> = s.iter().map(|s| s.status.pid.unwrap()).collect();
+
+    let (merged, changes) = merge(
+        &[spec("same", ""), spec("web", ""), spec("old", "")],
+        vec![
+            spec("same", ""),
+            spec("web", "env = { V = \"2\" }"),
+            spec("new", ""),
+        ],
+    );
+    assert_eq!(changes.started, ["new"]);
+    assert_eq!(changes.restarted, ["web"]);
+    let names: Vec<&str> = merged.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["same", "web", "new", "old"]);
+
+    let mut s = replace(s, merged, t0, &mut os);
+    assert_eq!(os.terminated, [pids[1]]);
+    step(&mut s, t0, &mut os);
+    assert_eq!(s[0].status.pid, Some(pids[0]), "unchanged: same process");
+    assert_eq!(states(&s), [Ready, Waiting, Ready, Ready]);
+    assert_eq!(s[3].status.pid, Some(pids[2]), "left out: runs on");
+    assert!(
+        !os.spawned[3..].contains(&"web".to_string()),
+        "{:?}",
+        os.spawned
+    );
+    // The old web ignores SIGTERM: killed after the grace, then the new one starts.
+    let later = t0 + KILL_GRACE + Duration::from_secs(1);
+    step(&mut s, later, &mut os);
+    assert_eq!(os.killed, [pids[1]]);
+    os.exits.insert(pids[1], 137);
+    step(&mut s, later, &mut os);
+    assert_eq!(states(&s), [Ready, Ready, Ready, Ready]);
+    assert_ne!(s[1].status.pid, Some(pids[1]));
+    assert_eq!(s[1].spec.env.get("V").map(String::as_str), Some("2"));
+}

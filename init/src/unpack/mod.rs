@@ -144,8 +144,7 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Unpacks the tar in `raw`, a stream that is being hashed. A plain tar is read
-/// straight from it (no buffer copy in between); the decoders get buffered input.
+/// Unpacks the tar in `raw`, a stream that is being hashed.
 fn unpack_stream(
     raw: &mut (dyn Read + Send),
     kind: Compression,
@@ -153,17 +152,24 @@ fn unpack_stream(
     log: &mut dyn FnMut(&str),
     out: &mut Outcome,
 ) -> io::Result<()> {
+    with_tar(raw, kind, &mut |tar| unpack_tar(tar, root, log, out))
+}
+
+/// Hands `f` the tar inside `raw`, decompressed by `kind`. A plain tar is read
+/// straight from `raw` (no buffer copy in between); the decoders get buffered input.
+fn with_tar(
+    raw: &mut (dyn Read + Send),
+    kind: Compression,
+    f: &mut dyn FnMut(&mut dyn Read) -> io::Result<()>,
+) -> io::Result<()> {
     let buffered = |raw| BufReader::with_capacity(1 << 20, raw);
     match kind {
-        Compression::None => unpack_tar(raw, root, log, out),
-        Compression::Gzip => {
-            let z = flate2::read::MultiGzDecoder::new(buffered(raw));
-            unpack_tar(z, root, log, out)
-        }
+        Compression::None => f(raw),
+        Compression::Gzip => f(&mut flate2::read::MultiGzDecoder::new(buffered(raw))),
         Compression::Zstd => {
-            let z = ruzstd::decoding::StreamingDecoder::new(buffered(raw))
+            let mut z = ruzstd::decoding::StreamingDecoder::new(buffered(raw))
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("zstd: {e}")))?;
-            unpack_tar(z, root, log, out)
+            f(&mut z)
         }
         Compression::Xz => {
             // lzma-rs decodes from a reader into a writer: a thread feeds a pipe.
@@ -174,7 +180,7 @@ fn unpack_stream(
                     lzma_rs::xz_decompress(&mut buf, &mut wr)
                         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("xz: {e}")))
                 });
-                let r = unpack_tar(BufReader::with_capacity(1 << 20, rd), root, log, out);
+                let r = f(&mut BufReader::with_capacity(1 << 20, rd));
                 let x = t
                     .join()
                     .unwrap_or_else(|_| Err(io::Error::other("xz thread panicked")));
@@ -183,6 +189,51 @@ fn unpack_stream(
             })
         }
     }
+}
+
+/// Reads `archive` through without writing anything and returns (at most `max` of)
+/// the entries the unpacker refuses whatever the target holds: a `..` component,
+/// a path into /proc, /sys, /dev or /run, a hard link to such a path, a device
+/// node. `Err` when the archive cannot be read. A hot apply checks every overlay
+/// this way first, so a bad one changes nothing on a running VM.
+pub fn precheck(archive: &Path, max: usize) -> Result<Vec<String>, String> {
+    let mut file = File::open(archive).map_err(|e| format!("open {}: {e}", archive.display()))?;
+    let mut head = [0u8; 6];
+    let n = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0)
+        .map_err(|e| format!("read {}: {e}", archive.display()))?;
+    let mut refused = Vec::new();
+    let mut check = |tar: &mut dyn Read| -> io::Result<()> {
+        for entry in tar::Archive::new(tar).entries()? {
+            let entry = entry?;
+            let kind = entry.header().entry_type();
+            let shown = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let lexical = |path: &[u8]| {
+                pathsafe::entry_components(path)
+                    .and_then(|c| pathsafe::resolve(&c, false, &mut |_| None))
+            };
+            let why = match lexical(&entry.path_bytes()) {
+                Err(Refusal::Empty) if kind.is_dir() => None,
+                Err(r) => Some(r.to_string()),
+                Ok(_) if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) => {
+                    Some("device nodes are not unpacked".to_string())
+                }
+                Ok(_) if kind == tar::EntryType::Link => entry
+                    .link_name_bytes()
+                    .and_then(|t| lexical(&t).err())
+                    .map(|r| format!("hard link target: {r}")),
+                Ok(_) => None,
+            };
+            if let Some(why) = why {
+                if refused.len() < max {
+                    refused.push(format!("{shown}: {why}"));
+                }
+            }
+        }
+        Ok(())
+    };
+    with_tar(&mut file, sniff(&head[..n]), &mut check)
+        .map_err(|e| format!("read {}: {e}", archive.display()))?;
+    Ok(refused)
 }
 
 /// A directory whose mtime and mode are set once the archive is done (writing

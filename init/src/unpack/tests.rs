@@ -328,3 +328,39 @@ fn corrupt_and_truncated_archives_fail_with_a_reason() {
         assert!(o.failed.is_some(), "{a} (known hash): {o:?}");
     }
 }
+
+/// The hot-apply check names each entry that could never be written and writes
+/// nothing; a clean archive (compressed too) has nothing to name.
+#[test]
+fn precheck_names_what_is_always_refused_and_writes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let bad = raw_tar(&[
+        ("./", tar::EntryType::Directory, None, 0o755, b""),
+        ("etc/ok", tar::EntryType::Regular, None, 0o644, b"fine"),
+        ("../../etc/evil", tar::EntryType::Regular, None, 0o644, b"x"),
+        ("proc/x", tar::EntryType::Regular, None, 0o644, b"x"),
+        ("etc/disk", tar::EntryType::Block, None, 0o600, b""),
+        ("etc/l", tar::EntryType::Link, Some("../shadow"), 0o644, b""),
+    ]);
+    let p = t.path().join("bad.tar");
+    fs::write(&p, &bad).unwrap();
+    let refused = precheck(&p, 10).unwrap();
+    assert_eq!(refused.len(), 4, "{refused:?}");
+    assert!(refused[0].starts_with("../../etc/evil: "), "{refused:?}");
+    assert!(refused[1].contains("/proc"), "{refused:?}");
+    assert!(refused[2].contains("device"), "{refused:?}");
+    assert!(
+        refused[3].starts_with("etc/l: hard link target"),
+        "{refused:?}"
+    );
+    assert_eq!(precheck(&p, 1).unwrap().len(), 1);
+    let good = raw_tar(&[("etc/ok", tar::EntryType::Regular, None, 0o644, b"fine")]);
+    let z = t.path().join("good.tar.gz");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &good).unwrap();
+    fs::write(&z, gz.finish().unwrap()).unwrap();
+    assert_eq!(precheck(&z, 10).unwrap(), Vec::<String>::new());
+    fs::write(&z, b"\x1f\x8bnot gzip").unwrap();
+    assert!(precheck(&z, 10).unwrap_err().contains("good.tar.gz"));
+    assert!(!t.path().join("etc").exists());
+}

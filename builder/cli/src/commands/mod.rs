@@ -1,5 +1,6 @@
 //! One module per subcommand: its arguments and a `run` that calls the library.
 
+pub mod apply;
 pub mod bench;
 pub mod build;
 pub mod completions;

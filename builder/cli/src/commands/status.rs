@@ -4,8 +4,9 @@ use kimg_cluster as cluster;
 use std::process::ExitCode;
 
 /// Show each VM of a cluster: role, state (booting, ready, degraded, dead),
-/// addresses, uptime and problems, under the cluster's network plan. A dead VM shows
-/// its last console lines.
+/// addresses, uptime, problems and overlays ("at boot" or "applied at"), under the
+/// cluster's network plan. A dead VM shows its last console lines. VMs a killed
+/// `kimg snapshot save` left paused are resumed first.
 #[derive(clap::Args)]
 pub struct Args {
     /// Cluster name.
@@ -18,6 +19,21 @@ pub struct Args {
 
 /// Runs `kimg status`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    // VMs a killed `snapshot save` left paused would not answer: let them run.
+    match cluster::snapshot::resume_abandoned(&a.name) {
+        Ok(vms) if !vms.is_empty() => {
+            let names: Vec<String> = vms.iter().map(|v| v.to_string()).collect();
+            eprintln!(
+                "kimg status: resumed {} (left paused by a snapshot save that did not finish)",
+                names.join(", ")
+            );
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!(
+            "kimg status: paused VMs not resumed: {e} (try `kimg resume --name {}`)",
+            a.name
+        ),
+    }
     let (state, vms) = cluster::status(&a.name)?;
     let kubeconfig = cluster::cluster_dir(&a.name)
         .ok()
@@ -63,6 +79,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             "{:<8} {:<8} {:<9} {:>8}  {:<44} {}",
             v.vm, v.role, v.state, uptime, addresses, problems
         );
+        for o in &v.overlays {
+            println!("         overlay {} ({})", o.name, o.when);
+        }
         for l in &v.last_console {
             println!("         | {l}");
         }
