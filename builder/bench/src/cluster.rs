@@ -12,8 +12,10 @@
 use super::{step, BenchError};
 use kimg_cluster::accel::{Accel, AccelChoice};
 use kimg_cluster::network::NetBackend;
+use kimg_cluster::process;
 use kimg_cluster::qemu::VmPaths;
 use kimg_cluster::{self as cluster, RunOptions};
+use nix::unistd::Pid;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -107,33 +109,14 @@ fn timed_run(opts: &RunOptions) -> Result<(f64, Vec<i32>, Accel), BenchError> {
 
 /// utime + stime of a process in seconds.
 fn cpu_secs(pid: i32) -> Result<f64, BenchError> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(step(&format!("/proc/{pid}/stat")))?;
-    // Fields after the command name: state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
-    let ticks = |i: usize| {
-        f.get(i - 3)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    Ok((ticks(14) + ticks(15)) as f64 / hz)
+    process::cpu_time(Pid::from_raw(pid))
+        .map(|d| d.as_secs_f64())
+        .ok_or_else(|| step("QEMU CPU time")(format!("process {pid} is gone")))
 }
 
 /// Resident set of a process in MB (VmRSS).
 fn rss_mb(pid: i32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_ascii_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    process::rss_kib(Pid::from_raw(pid)).map_or(0.0, |kb| kb as f64 / 1024.0)
 }
 
 /// Runs the suite; `log` gets one line per measurement. A failed step leaves no

@@ -4,7 +4,7 @@
 use crate::agent::{self, AgentError};
 use crate::error::ClusterError;
 use crate::launch::RunEvent;
-use crate::process::qemu_pid;
+use crate::process::{qemu_pid, rss_kib};
 use crate::qemu::VmPaths;
 use crate::state::{load, ClusterState};
 use kimg_contract::agent::{BootState, Op, Reply, Status};
@@ -91,6 +91,9 @@ pub struct VmStatus {
     pub state: String,
     /// What the agent reported, when it answered.
     pub agent: Option<Status>,
+    /// Resident memory of the VM's QEMU in KiB (host side: guest RAM it touched, the
+    /// TCG code buffer, QEMU itself), while it runs.
+    pub qemu_rss_kib: Option<u64>,
     /// Last console lines of a dead VM.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub last_console: Vec<String>,
@@ -149,13 +152,17 @@ pub fn status(name: &str) -> Result<(ClusterState, Vec<VmStatus>), ClusterError>
                         role: rec.vm.role(),
                         state: "booting".into(),
                         agent: None,
+                        qemu_rss_kib: None,
                         last_console: Vec::new(),
                         overlays: Vec::new(),
                     };
-                    if qemu_pid(&paths).is_none() {
+                    let Some(pid) = qemu_pid(&paths) else {
                         st.state = "dead".into();
                         st.last_console = console_tail(&paths, 10);
-                    } else if let Ok(Reply::Status(a)) =
+                        return st;
+                    };
+                    st.qemu_rss_kib = rss_kib(pid);
+                    if let Ok(Reply::Status(a)) =
                         agent::request(&paths.agent(), Op::Status, Duration::from_secs(3))
                     {
                         st.state = serde_json::to_value(a.state)

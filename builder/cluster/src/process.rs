@@ -120,6 +120,34 @@ pub fn qemu_pid(paths: &VmPaths) -> Option<Pid> {
     daemon_pid(&paths.pidfile(), "qemu")
 }
 
+/// The resident set of process `pid` in KiB (`VmRSS` of /proc/PID/status), if it runs.
+pub fn rss_kib(pid: Pid) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The CPU time (utime + stime) process `pid` used so far, if it runs.
+pub fn cpu_time(pid: Pid) -> Option<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name: state is field 3, utime 14, stime 15.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let ticks = |i: usize| f.get(i - 3)?.parse::<u64>().ok();
+    let hz = match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(hz)) if hz > 0 => hz as f64,
+        _ => 100.0,
+    };
+    Some(Duration::from_secs_f64(
+        (ticks(14)? + ticks(15)?) as f64 / hz,
+    ))
+}
+
 /// Whether process `pid` exists and is not a zombie (a killed daemon whose parent,
 /// e.g. a container's PID 1, does not reap keeps its /proc entry).
 pub fn alive(pid: i32) -> bool {
@@ -156,6 +184,21 @@ pub fn kill_and_wait(pid: Pid, running: impl Fn() -> bool, wait: Duration) -> bo
 mod tests {
     use super::*;
     use std::process::Command;
+
+    #[test]
+    fn own_rss_and_cpu_time_are_read() {
+        let me = Pid::this();
+        let rss = rss_kib(me).unwrap();
+        assert!(rss > 100 && rss < 10 << 20, "{rss} KiB");
+        // Burn a little CPU so that at least one tick is counted.
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(cpu_time(me).unwrap() > Duration::ZERO);
+        assert_eq!(rss_kib(Pid::from_raw(i32::MAX - 1)), None);
+    }
 
     #[test]
     fn deadlines_saturate() {

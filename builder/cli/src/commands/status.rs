@@ -4,9 +4,10 @@ use kimg_cluster as cluster;
 use std::process::ExitCode;
 
 /// Show each VM of a cluster: role, state (booting, ready, degraded, dead),
-/// addresses, uptime, problems and overlays ("at boot" or "applied at"), under the
-/// cluster's network plan. A dead VM shows its last console lines. VMs a killed
-/// `kimg snapshot save` left paused are resumed first.
+/// uptime, its QEMU's resident memory on the host, addresses, problems and overlays
+/// ("at boot" or "applied at"), under the cluster's network plan. A dead VM shows
+/// its last console lines. VMs a killed `kimg snapshot save` left paused are resumed
+/// first.
 #[derive(clap::Args)]
 pub struct Args {
     /// Cluster name.
@@ -59,9 +60,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         println!("  kubeconfig {} (or `kimg kubectl ...`)", k.display());
     }
     println!(
-        "{:<8} {:<8} {:<9} {:>8}  {:<44} PROBLEMS",
-        "VM", "ROLE", "STATE", "UPTIME", "ADDRESSES"
+        "{:<8} {:<8} {:<9} {:>8} {:>8}  {:<44} PROBLEMS",
+        "VM", "ROLE", "STATE", "UPTIME", "RSS", "ADDRESSES"
     );
+    let total_kib: u64 = vms.iter().filter_map(|v| v.qemu_rss_kib).sum();
     for v in &vms {
         let uptime = v
             .agent
@@ -75,9 +77,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             .agent
             .as_ref()
             .map_or(String::new(), |a| a.addresses.join(" "));
+        let rss = v
+            .qemu_rss_kib
+            .map_or("-".to_string(), |k| format!("{}M", k / 1024));
         println!(
-            "{:<8} {:<8} {:<9} {:>8}  {:<44} {}",
-            v.vm, v.role, v.state, uptime, addresses, problems
+            "{:<8} {:<8} {:<9} {:>8} {:>8}  {:<44} {}",
+            v.vm, v.role, v.state, uptime, rss, addresses, problems
         );
         for o in &v.overlays {
             println!("         overlay {} ({})", o.name, o.when);
@@ -86,5 +91,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             println!("         | {l}");
         }
     }
+    println!(
+        "QEMU resident memory: {} MiB in all ({} VMs)",
+        total_kib / 1024,
+        vms.len()
+    );
     Ok(ExitCode::SUCCESS)
 }
