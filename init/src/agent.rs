@@ -25,9 +25,6 @@ pub const PROC_UPTIME: &str = "/proc/uptime";
 pub const PORT_WAIT: Duration = Duration::from_secs(5);
 /// Pause while no host client is connected (reads return EOF).
 const IDLE: Duration = Duration::from_millis(50);
-/// Longest sleep with no host on a port whose events wake us (see
-/// [`crate::hostwait`]): the bound on a request's latency if one were missed.
-const ARMED_IDLE: Duration = Duration::from_millis(500);
 
 /// What the agent reports, fixed when the boot is done.
 #[derive(Debug, Clone, PartialEq)]
@@ -232,11 +229,7 @@ fn read_requests(
             Ok(0) => {
                 // No host client: a partial line from a client that left is dropped.
                 pending.clear();
-                if armed {
-                    crate::hostwait::wait(ARMED_IDLE);
-                } else {
-                    std::thread::sleep(IDLE);
-                }
+                crate::hostwait::idle(armed, IDLE);
                 continue;
             }
             Ok(n) => n,

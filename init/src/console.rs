@@ -110,6 +110,13 @@ fn spawn(tty: &Path) -> std::io::Result<i32> {
         .stdin(t.try_clone()?)
         .stdout(t.try_clone()?)
         .stderr(t);
+    with_controlling_tty(&mut cmd);
+    REAPER.spawn(&mut cmd).map(|c| c.id() as i32)
+}
+
+/// Has `cmd` start a session whose controlling terminal is its stdin (a tty), so
+/// ctrl-c and job control reach it (console shells, the emergency shell).
+pub fn with_controlling_tty(cmd: &mut Command) {
     // SAFETY: the closure runs in the forked child before exec and only makes two
     // async-signal-safe system calls (setsid, ioctl) on fd 0, which is the tty.
     unsafe {
@@ -121,7 +128,6 @@ fn spawn(tty: &Path) -> std::io::Result<i32> {
             Ok(())
         });
     }
-    REAPER.spawn(&mut cmd).map(|c| c.id() as i32)
 }
 
 #[cfg(test)]

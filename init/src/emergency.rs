@@ -3,7 +3,6 @@
 
 use crate::log::CONSOLE;
 use std::fs::{File, OpenOptions};
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -41,17 +40,7 @@ fn spawn() -> std::io::Result<i32> {
         .stdin(tty.try_clone()?)
         .stdout(tty.try_clone()?)
         .stderr(tty);
-    // SAFETY: the closure runs in the forked child before exec and only makes two
-    // async-signal-safe system calls (setsid, ioctl) on fd 0, which is the console.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid()?;
-            if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 1) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::console::with_controlling_tty(&mut cmd);
     cmd.spawn().map(|c| c.id() as i32)
 }
 

@@ -12,6 +12,10 @@ use nix::sys::signal::{SigSet, Signal};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
+/// Longest sleep of an armed port with no host: its events end the sleep at once;
+/// this bounds a request's latency if one were missed.
+pub const MAX_WAIT: Duration = Duration::from_millis(500);
+
 /// The signal the kernel sends for a port's events.
 const SIG: Signal = Signal::SIGIO;
 // Linux's fcntl ABI (asm-generic/fcntl.h); the libc crate lacks them for musl.
@@ -62,6 +66,16 @@ pub fn wait(max: Duration) {
     // call and a null siginfo pointer (allowed); it only consumes a pending signal.
     unsafe {
         nix::libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), ts.as_ref());
+    }
+}
+
+/// Waits while a port has no host: until its event (at most [`MAX_WAIT`]) if it was
+/// [`arm`]ed, else `poll_every` (arming failed, or a test's socket).
+pub fn idle(armed: bool, poll_every: Duration) {
+    if armed {
+        wait(MAX_WAIT);
+    } else {
+        std::thread::sleep(poll_every);
     }
 }
 

@@ -19,9 +19,6 @@ use std::time::{Duration, Instant};
 /// so there is nothing to block on), on a port whose events cannot wake us
 /// ([`crate::hostwait`] failed, or a test's socket).
 const IDLE: Duration = Duration::from_millis(20);
-/// Longest sleep of an armed port with no host: its events end the sleep at once,
-/// this bounds the latency of a session's start if one were missed.
-const ARMED_IDLE: Duration = Duration::from_millis(500);
 /// Outgoing bytes held before the program's output is no longer read.
 const OUT_ROOM: usize = 2 * (HEADER_LEN + MAX_FRAME);
 /// How long the last frames of a session may wait for a host that does not read.
@@ -118,11 +115,7 @@ impl Port {
 
     /// Waits for the host (no client now): until the port's event, or [`IDLE`].
     fn idle(&self) {
-        if self.armed {
-            crate::hostwait::wait(ARMED_IDLE);
-        } else {
-            std::thread::sleep(IDLE);
-        }
+        crate::hostwait::idle(self.armed, IDLE);
     }
 
     /// Kind of the next whole frame, without taking it.

@@ -3,7 +3,6 @@
 use anyhow::Context;
 use kimg_cluster as cluster;
 use kimg_contract::VmId;
-use nix::sys::termios::{self, SetArg};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
@@ -26,30 +25,6 @@ pub struct Args {
     name: String,
     /// The VM: vm-001, or just 1.
     vm: VmId,
-}
-
-/// Restores the terminal's mode when dropped.
-struct RawMode(Option<termios::Termios>);
-
-impl RawMode {
-    fn enter() -> RawMode {
-        let stdin = std::io::stdin();
-        let Ok(saved) = termios::tcgetattr(&stdin) else {
-            return RawMode(None); // not a terminal: pass bytes through as they are
-        };
-        let mut raw = saved.clone();
-        termios::cfmakeraw(&mut raw);
-        let _ = termios::tcsetattr(&stdin, SetArg::TCSANOW, &raw);
-        RawMode(Some(saved))
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        if let Some(saved) = &self.0 {
-            let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, saved);
-        }
-    }
 }
 
 /// The console log's unfinished last line (the shell's prompt, usually), at most 256
@@ -88,7 +63,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         UnixStream::connect(&sock).with_context(|| format!("connect to {}", sock.display()))?;
     let mut from_vm = stream.try_clone().context("clone console socket")?;
     eprintln!("kimg console: {} (detach with ctrl-])\r", a.vm);
-    let _raw = RawMode::enter();
+    let _raw = super::RawMode::enter();
     // The shell printed its prompt before we came: show that last line again.
     let mut out = std::io::stdout();
     let _ = out

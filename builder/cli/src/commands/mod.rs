@@ -45,6 +45,35 @@ pub fn secs() -> clap::builder::RangedU64ValueParser<u64> {
     clap::value_parser!(u64).range(..=MAX_SECS)
 }
 
+/// This terminal in raw mode (`kimg console`, `kimg shell`): keys go to the VM as
+/// typed. Restores the saved mode when dropped, on errors too; stdin that is no
+/// terminal is left alone (bytes pass through as they are).
+pub struct RawMode(Option<nix::sys::termios::Termios>);
+
+impl RawMode {
+    /// Puts stdin's terminal into raw mode, if stdin is one.
+    pub fn enter() -> RawMode {
+        use nix::sys::termios::{self, SetArg};
+        let stdin = std::io::stdin();
+        let Ok(saved) = termios::tcgetattr(&stdin) else {
+            return RawMode(None);
+        };
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        let _ = termios::tcsetattr(&stdin, SetArg::TCSANOW, &raw);
+        RawMode(Some(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let mode = nix::sys::termios::SetArg::TCSANOW;
+            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), mode, saved);
+        }
+    }
+}
+
 /// Parses sizes like `2G`, `512M`, `1073741824`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();

@@ -6,8 +6,7 @@ use kimg_cluster::session::{self, send_on};
 use kimg_contract::agent::{ExecSpec, Kind, Session, Tty};
 use kimg_contract::VmId;
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::termios::{self, SetArg};
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
@@ -89,33 +88,6 @@ pub fn host_tty() -> Tty {
     }
 }
 
-/// Restores the terminal's mode when dropped, on errors too.
-struct RawMode(Option<termios::Termios>);
-
-impl RawMode {
-    fn enter() -> RawMode {
-        let stdin = std::io::stdin();
-        if !stdin.is_terminal() {
-            return RawMode(None);
-        }
-        let Ok(saved) = termios::tcgetattr(&stdin) else {
-            return RawMode(None);
-        };
-        let mut raw = saved.clone();
-        termios::cfmakeraw(&mut raw);
-        let _ = termios::tcsetattr(&stdin, SetArg::TCSANOW, &raw);
-        RawMode(Some(saved))
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        if let Some(saved) = &self.0 {
-            let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, saved);
-        }
-    }
-}
-
 /// Runs `spec` (with a PTY) attached to this terminal; its exit code.
 pub fn interactive(name: &str, vm: VmId, spec: ExecSpec) -> anyhow::Result<i32> {
     // SIGWINCH is taken by a thread with sigwait: block it before any thread starts.
@@ -137,7 +109,7 @@ pub fn interactive(name: &str, vm: VmId, spec: ExecSpec) -> anyhow::Result<i32> 
             }
         }
     });
-    let raw = RawMode::enter();
+    let raw = super::RawMode::enter();
     // Keys go as they are typed; the process ends with the session, not with stdin.
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
