@@ -89,8 +89,8 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
             image: built.image.clone(),
             nodes: 1,
             routers: 0,
-            mem_mb: BENCH_MEM_MB,
-            cpus: 1,
+            mem_mb: Some(BENCH_MEM_MB),
+            cpus: Some(1),
             accel: accel.into(),
             wait: Some(Duration::from_secs(120)),
             ..RunOptions::default()

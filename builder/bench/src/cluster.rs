@@ -81,11 +81,11 @@ fn options(o: &ClusterBenchOptions, nodes: u16, routers: u16) -> RunOptions {
         nodes,
         routers,
         testers: 0,
-        mem_mb: o.mem_mb,
+        mem_mb: Some(o.mem_mb),
         mem_overrides: Vec::new(),
         cpus_overrides: Vec::new(),
         net: o.net,
-        cpus: 1,
+        cpus: Some(1),
         accel: o.accel,
         wait: Some(WAIT),
         ..RunOptions::default()

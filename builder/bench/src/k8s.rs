@@ -63,8 +63,8 @@ fn options(o: &K8sBenchOptions, image: &Path) -> RunOptions {
         name: NAME.into(),
         image: image.to_path_buf(),
         nodes: 1,
-        mem_mb: o.mem_mb,
-        cpus: 1,
+        mem_mb: Some(o.mem_mb),
+        cpus: Some(1),
         accel: o.accel,
         ..RunOptions::default()
     }

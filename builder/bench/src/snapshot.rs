@@ -86,9 +86,9 @@ fn measure(
         image: o.image.clone(),
         nodes: 4,
         routers: 2,
-        mem_mb: o.mem_mb,
+        mem_mb: Some(o.mem_mb),
         net: NetBackend::User,
-        cpus: 1,
+        cpus: Some(1),
         accel: o.accel,
         wait: Some(WAIT),
         ..RunOptions::default()

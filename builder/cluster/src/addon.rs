@@ -8,8 +8,29 @@ use kimg_contract::{Flavour, VmId};
 use kimg_image::overlay::Overlay;
 use std::path::Path;
 
+/// A VM's memory and vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    /// Memory in MiB.
+    pub mem_mb: u32,
+    /// vCPUs.
+    pub cpus: u32,
+}
+
+/// What a VM gets unless told otherwise: enough for kimg-init, a shell and the
+/// tools of a network-function developer.
+pub const BASE_SIZE: VmSize = VmSize {
+    mem_mb: 384,
+    cpus: 1,
+};
+
 /// A flavour's contribution to a cluster's life.
 pub trait Addon: Sync {
+    /// The size of `vm` when `kimg run` is not given one for it or for every VM.
+    fn default_size(&self, _vm: VmId) -> VmSize {
+        BASE_SIZE
+    }
+
     /// Whether the cluster may boot from a ready cdrom (`--cdrom`); an add-on that
     /// puts generated files first on the cdrom says no.
     fn takes_ready_cdrom(&self) -> bool {

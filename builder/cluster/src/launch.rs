@@ -37,16 +37,17 @@ pub struct RunOptions {
     pub routers: u16,
     /// Number of testers (vm-221..).
     pub testers: u16,
-    /// Memory per VM in MiB.
-    pub mem_mb: u32,
+    /// Memory per VM in MiB; `None`: the flavour's default for each VM
+    /// ([`Addon::default_size`](crate::addon::Addon::default_size)).
+    pub mem_mb: Option<u32>,
     /// Memory of particular VMs in MiB (`--mem vm-001=1024`).
     pub mem_overrides: Vec<(VmId, u32)>,
     /// vCPUs of particular VMs (`--cpus vm-201=2`).
     pub cpus_overrides: Vec<(VmId, u32)>,
     /// Network backend.
     pub net: NetBackend,
-    /// vCPUs per VM.
-    pub cpus: u32,
+    /// vCPUs per VM; `None`: the flavour's default for each VM.
+    pub cpus: Option<u32>,
     /// Accelerator choice.
     pub accel: AccelChoice,
     /// Wait for every VM to report ready, at most this long.
@@ -146,7 +147,7 @@ fn start(
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        vms: ids.iter().map(|&vm| vm_record(opts, vm)).collect(),
+        vms: ids.iter().map(|&vm| vm_record(opts, addon, vm)).collect(),
         size,
         net: opts.net,
         api_port: None,
@@ -170,19 +171,23 @@ fn start(
     Ok(state)
 }
 
-/// A VM's memory and vCPUs: the last `--mem`/`--cpus` naming it, else the default.
-fn vm_record(opts: &RunOptions, vm: VmId) -> VmRecord {
-    let pick = |overrides: &[(VmId, u32)], default: u32| {
+/// A VM's memory and vCPUs: the last `--mem`/`--cpus` naming it, else the one for
+/// every VM, else the flavour's default for it.
+fn vm_record(opts: &RunOptions, addon: &dyn Addon, vm: VmId) -> VmRecord {
+    let pick = |overrides: &[(VmId, u32)], all: Option<u32>, default: u32| {
         overrides
             .iter()
             .rev()
             .find(|(v, _)| *v == vm)
-            .map_or(default, |(_, x)| *x)
+            .map(|(_, x)| *x)
+            .or(all)
+            .unwrap_or(default)
     };
+    let default = addon.default_size(vm);
     VmRecord {
         vm,
-        mem_mb: pick(&opts.mem_overrides, opts.mem_mb),
-        cpus: pick(&opts.cpus_overrides, opts.cpus),
+        mem_mb: pick(&opts.mem_overrides, opts.mem_mb, default.mem_mb),
+        cpus: pick(&opts.cpus_overrides, opts.cpus, default.cpus),
     }
 }
 
@@ -339,4 +344,28 @@ fn start_vm(
         fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).with_path(&sock)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kimg_contract::Flavour;
+
+    #[test]
+    fn a_vm_is_sized_by_its_own_flag_then_every_vms_then_the_flavour() {
+        let vm = |n| VmId::new(n).unwrap();
+        let size = |o: &RunOptions, flavour, n| {
+            let r = vm_record(o, addon::of(flavour), vm(n));
+            (r.mem_mb, r.cpus)
+        };
+        let mut o = RunOptions::default();
+        assert_eq!(size(&o, Flavour::Base, 1), (384, 1));
+        assert_eq!(size(&o, Flavour::K8s, 1), (2048, 2));
+        assert_eq!(size(&o, Flavour::K8s, 2), (1536, 1));
+        assert_eq!(size(&o, Flavour::K8s, 201), (384, 1));
+        o.mem_mb = Some(1024);
+        o.cpus_overrides = vec![(vm(2), 3)];
+        assert_eq!(size(&o, Flavour::K8s, 1), (1024, 2));
+        assert_eq!(size(&o, Flavour::K8s, 2), (1024, 3));
+    }
 }

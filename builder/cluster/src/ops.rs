@@ -108,8 +108,9 @@ fn stop_vms(dir: &Path, vms: &[VmId], grace: Duration) -> StopReport {
     report
 }
 
-/// Adds VMs to a running cluster, like the others (memory and cpus of the first
-/// VM); with `wait`, until they report ready. The size the new VMs are told grows to
+/// Adds VMs to a running cluster, each sized like the last running VM of its role
+/// with the same default size (so a Kubernetes node is never sized like the control
+/// plane), else the flavour's default; with `wait`, until they report ready. The size the new VMs are told grows to
 /// include them; VMs already running keep their /etc/hosts.
 pub fn scaleout(
     name: &str,
@@ -119,6 +120,8 @@ pub fn scaleout(
 ) -> Result<ClusterState, ClusterError> {
     let _lock = lock(name)?;
     let (dir, mut state) = load(name)?;
+    let manifest = read_manifest(&state.image)?;
+    let addon = addon::of(manifest.flavour);
     let mut added = Vec::new();
     for &vm in vms {
         if vm.role() == Role::Reserved || vm.number() > 255 {
@@ -130,20 +133,23 @@ pub fn scaleout(
         if state.vms.iter().any(|r| r.vm == vm) || added.iter().any(|r: &VmRecord| r.vm == vm) {
             continue;
         }
-        let like = state.vms.first();
+        let default = addon.default_size(vm);
+        let like = state
+            .vms
+            .iter()
+            .rev()
+            .find(|r| r.vm.role() == vm.role() && addon.default_size(r.vm) == default);
         added.push(VmRecord {
             vm,
-            mem_mb: like.map_or(384, |r| r.mem_mb),
-            cpus: like.map_or(1, |r| r.cpus),
+            mem_mb: like.map_or(default.mem_mb, |r| r.mem_mb),
+            cpus: like.map_or(default.cpus, |r| r.cpus),
         });
         state.size = state.size.including(vm);
     }
-    let manifest = read_manifest(&state.image)?;
     let files = boot_files(&state.image, &manifest, &dir)?;
     let ids: Vec<VmId> = added.iter().map(|r| r.vm).collect();
     // The add-on's material for the new VMs (a node's kubelet credentials), then
     // their cdroms: their own when they get files of their own, else the cluster's.
-    let addon = addon::of(manifest.flavour);
     addon.add_vms(&dir, &ids)?;
     make_cdroms(&dir, &mut state, addon, &ids, false)?;
     let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));

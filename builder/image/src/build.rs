@@ -3,6 +3,7 @@
 //! Every step works in a temporary directory beside the output; the image and its
 //! manifest are renamed into place only when everything succeeded.
 
+use crate::k8s::preload;
 use crate::plan::Plan;
 use crate::rootfs::{self, RootfsInputs};
 use kimg_contract::boot;
@@ -347,6 +348,15 @@ fn stage_rootfs(
             extra_binaries: &plan.extra_binaries,
         },
     )?;
+    let mut components = components;
+    if !plan.preload_images.is_empty() {
+        let store = root.join(preload::CONTAINERD_ROOT.trim_start_matches('/'));
+        preload::import(&plan.preload_images, &store)?;
+        for (name, file) in &plan.preload_images {
+            let at = format!("{}{name}", preload::COMPONENT_PREFIX);
+            components.push(component(name, file, &at, None)?);
+        }
+    }
     rootfs::set_times(root, opts.mtime as i64)?;
     Ok(components)
 }
@@ -426,6 +436,11 @@ fn write_disk(
             seed,
             mtime: opts.mtime,
             compress: plan.compress,
+            keep_owners: if plan.preload_images.is_empty() {
+                &[]
+            } else {
+                &[preload::CONTAINERD_ROOT]
+            },
         },
         out,
     )?)

@@ -41,6 +41,10 @@ pub struct Plan {
     /// Files from outside the host's PATH: (file, path in the image, version).
     /// ELF binaries bring their library closure; image tarballs go as they are.
     pub extra_binaries: Vec<(PathBuf, String, Option<String>)>,
+    /// Container image tarballs (name, file) imported into the image's containerd
+    /// store at build time ([`k8s::preload`]); otherwise they are in
+    /// `extra_binaries`, for the import at boot.
+    pub preload_images: Vec<(String, PathBuf)>,
     /// Whether the qcow2's clusters are zstd-compressed.
     pub compress: bool,
     /// The Kubernetes release (kept: a tarball stays unpacked while it lives).
@@ -63,6 +67,7 @@ impl Plan {
                 rootfs::BASE_TOML,
             )?],
             extra_binaries: Vec::new(),
+            preload_images: Vec::new(),
             compress: false,
             release: None,
         };
@@ -92,12 +97,21 @@ impl Plan {
                     })
                     .collect();
                 // Pre-pulled images: the release's own (pause, test image), then the
-                // user's; kimg-images imports them at boot, before kubelet starts.
+                // user's; imported at build time where the host can, else by
+                // kimg-images at boot, before kubelet starts.
                 let mut dirs = vec![release.join("images")];
                 dirs.extend(opts.k8s_images.iter().cloned());
-                for (name, file) in k8s::image_tarballs(&dirs)? {
-                    plan.extra_binaries
-                        .push((file, format!("{}/{name}", k8s::IMAGES_DIR), None));
+                let tarballs = k8s::image_tarballs(&dirs)?;
+                if k8s::preload::unavailable().is_none() {
+                    plan.preload_images = tarballs;
+                } else {
+                    for (name, file) in tarballs {
+                        plan.extra_binaries.push((
+                            file,
+                            format!("{}/{name}", k8s::IMAGES_DIR),
+                            None,
+                        ));
+                    }
                 }
                 // The k8s image is mostly Go binaries: compressed clusters take it
                 // from 736 MB to 234 MB (v1.20.2) for ~10% longer to nodes Ready

@@ -40,15 +40,16 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     testers: u16,
     /// Memory in MiB: for every VM (`--mem 256`) or one VM (`--mem vm-001=1024`);
-    /// repeat to combine.
-    #[arg(long, value_name = "MB|VM=MB", default_value = "384", value_parser = parse_mem)]
+    /// repeat to combine. Default 384; a Kubernetes image: 2048 for vm-001 (the
+    /// control plane), 1536 for the other nodes, 384 for routers and testers.
+    #[arg(long, value_name = "MB|VM=MB", value_parser = parse_mem)]
     mem: Vec<PerVm>,
     /// Network backend: user (vde_switch, no root) or bridge (netns, root).
     #[arg(long, value_enum, default_value_t = NetBackend::User)]
     net: NetBackend,
     /// vCPUs: for every VM (`--cpus 2`) or one VM (`--cpus vm-201=2`); repeat to
-    /// combine.
-    #[arg(long, value_name = "N|VM=N", default_value = "1", value_parser = parse_cpus)]
+    /// combine. Default 1; a Kubernetes image: 2 for vm-001 (the control plane).
+    #[arg(long, value_name = "N|VM=N", value_parser = parse_cpus)]
     cpus: Vec<PerVm>,
     /// Accelerator.
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
@@ -131,13 +132,13 @@ fn parse_cpus(s: &str) -> Result<PerVm, String> {
     parse_per_vm(s, 1..=64, "vCPUs are a number")
 }
 
-/// The value for every VM and the per-VM ones, last word wins.
-fn split(args: &[PerVm], default: u32) -> (u32, Vec<(VmId, u32)>) {
-    let mut all = default;
+/// The value for every VM (if given) and the per-VM ones, last word wins.
+fn split(args: &[PerVm]) -> (Option<u32>, Vec<(VmId, u32)>) {
+    let mut all = None;
     let mut per = Vec::new();
     for a in args {
         match *a {
-            PerVm::All(n) => all = n,
+            PerVm::All(n) => all = Some(n),
             PerVm::Vm(vm, n) => per.push((vm, n)),
         }
     }
@@ -149,8 +150,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if let Some(snap) = &a.from {
         return run_from(&a, snap);
     }
-    let (mem_mb, mem_overrides) = split(&a.mem, 384);
-    let (cpus, cpus_overrides) = split(&a.cpus, 1);
+    let (mem_mb, mem_overrides) = split(&a.mem);
+    let (cpus, cpus_overrides) = split(&a.cpus);
     let opts = RunOptions {
         name: a.name.clone(),
         image: kimg_image::fetch::resolve_image(&a.image),
@@ -258,7 +259,9 @@ mod tests {
         }
         assert_eq!(parse_cpus("1=2"), Ok(PerVm::Vm(vm1, 2)));
         assert!(parse_cpus("0").is_err());
-        let (all, per) = split(&[PerVm::Vm(vm1, 2), PerVm::All(4)], 1);
-        assert_eq!((all, per), (4, vec![(vm1, 2)]));
+        let (all, per) = split(&[PerVm::Vm(vm1, 2), PerVm::All(4)]);
+        assert_eq!((all, per), (Some(4), vec![(vm1, 2)]));
+        // Nothing for every VM: the flavour's default applies.
+        assert_eq!(split(&[PerVm::Vm(vm1, 2)]).0, None);
     }
 }

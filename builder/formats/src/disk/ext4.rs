@@ -108,9 +108,9 @@ fn data_estimate(m: &fs::Metadata) -> u64 {
     bytes.div_ceil(BLOCK) * BLOCK
 }
 
-/// The debugfs script: ownership to 0:0 where needed, every timestamp to `mtime`,
-/// and no mount-count or interval driven fsck.
-pub fn fixup_script(staging: &Staging, mtime: u64) -> Vec<u8> {
+/// The debugfs script: ownership to 0:0 where needed (not below `keep_owners`),
+/// every timestamp to `mtime`, and no mount-count or interval driven fsck.
+pub fn fixup_script(staging: &Staging, mtime: u64, keep_owners: &[&str]) -> Vec<u8> {
     let mut s = Vec::new();
     s.extend_from_slice(b"ssv max_mnt_count -1\nssv checkinterval 0\n");
     let root = Entry {
@@ -124,10 +124,15 @@ pub fn fixup_script(staging: &Staging, mtime: u64) -> Vec<u8> {
             s.extend_from_slice(&e.fs_path);
             s.extend_from_slice(format!("\" {field} {value}\n").as_bytes());
         };
-        if e.uid != 0 {
+        let kept = keep_owners.iter().any(|k| {
+            e.fs_path
+                .strip_prefix(k.as_bytes())
+                .is_some_and(|rest| rest.first() == Some(&b'/'))
+        });
+        if e.uid != 0 && !kept {
             sif("uid", "0");
         }
-        if e.gid != 0 {
+        if e.gid != 0 && !kept {
             sif("gid", "0");
         }
         // Host atime/ctime change on every read or chown; fixed times keep builds
@@ -142,13 +147,15 @@ pub fn fixup_script(staging: &Staging, mtime: u64) -> Vec<u8> {
 
 /// Parameters of the root filesystem.
 #[derive(Debug, Clone, Copy)]
-pub struct Ext4Params {
+pub struct Ext4Params<'a> {
     /// Filesystem UUID.
     pub uuid: Guid,
     /// Directory hash seed.
     pub hash_seed: Guid,
     /// Timestamp for all metadata (SOURCE_DATE_EPOCH).
     pub mtime: u64,
+    /// Paths below which entries keep their staging tree's owners.
+    pub keep_owners: &'a [&'a str],
 }
 
 /// Makes the ext4 from `root_dir` in place at byte `offset` of the raw disk file
@@ -187,7 +194,7 @@ pub fn build(
     )?;
 
     let script = work.join("fixup.debugfs");
-    fs::write(&script, fixup_script(staging, params.mtime))
+    fs::write(&script, fixup_script(staging, params.mtime, params.keep_owners))
         .map_err(|source| DiskError::Io(IoError::new(script.clone(), source)))?;
     // The `?` introduces I/O options, so name the disk relative to its directory,
     // whose path may contain anything.
@@ -246,6 +253,7 @@ mod tests {
         fs::write(root.join("b/c/f"), vec![1u8; 5000]).unwrap();
         std::os::unix::fs::symlink("a file", root.join("l")).unwrap();
         std::os::unix::fs::lchown(root.join("l"), Some(1000), Some(1001)).unwrap();
+        std::os::unix::fs::lchown(root.join("b/c/f"), Some(1000), Some(1001)).unwrap();
         let st = walk(root).unwrap();
         let paths: Vec<String> = st
             .entries
@@ -265,11 +273,16 @@ mod tests {
             .iter()
             .any(|e| e.fs_path.ends_with(b"sock")));
         fs::remove_file(root.join("b/sparse")).unwrap();
-        let script = String::from_utf8(fixup_script(&st, 42)).unwrap();
+        let script = String::from_utf8(fixup_script(&st, 42, &[])).unwrap();
         assert!(
             script.contains("sif \"/l\" uid 0\nsif \"/l\" gid 0\n"),
             "{script}"
         );
+        assert!(script.contains("sif \"/b/c/f\" uid 0\n"), "{script}");
+        // Below a kept path owners stay (container layers); "/l" is not below "/b/c".
+        let kept = String::from_utf8(fixup_script(&st, 42, &["/b/c", "/"])).unwrap();
+        assert!(!kept.contains("sif \"/b/c/f\" uid"), "{kept}");
+        assert!(kept.contains("sif \"/l\" uid 0\n"), "{kept}");
         assert!(!script.contains("sif \"/b\" uid"), "{script}");
         assert!(script.contains("sif \"/a file\" crtime @42\n"), "{script}");
         assert!(script.contains("sif \"/\" mtime @42\n"), "{script}");

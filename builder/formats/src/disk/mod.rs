@@ -46,6 +46,9 @@ pub struct DiskSpec<'a> {
     pub mtime: u64,
     /// zstd-compressed qcow2 clusters: smaller, a little slower to read.
     pub compress: bool,
+    /// Paths (`/var/lib/containerd`) below which entries keep their owners from the
+    /// staging tree (container image layers own their files); elsewhere all is root's.
+    pub keep_owners: &'a [&'a str],
 }
 
 /// Everything that can go wrong building or reading a disk image.
@@ -245,6 +248,7 @@ pub fn build_disk(spec: &DiskSpec, out: &Path) -> Result<Vec<Partition>, DiskErr
                 uuid: ids.ext4_uuid,
                 hash_seed: ids.ext4_hash_seed,
                 mtime: spec.mtime,
+                keep_owners: spec.keep_owners,
             },
             tmp.path(),
         );

@@ -71,6 +71,7 @@ impl Fixture {
             seed: [seed; 32],
             mtime: MTIME,
             compress: false,
+            keep_owners: &[],
         }
     }
 }
@@ -336,6 +337,7 @@ fn bench_2g() {
         seed: [3; 32],
         mtime: MTIME,
         compress: false,
+        keep_owners: &[],
     };
     let t = std::time::Instant::now();
     build_disk(&spec, &out).unwrap();

@@ -4,6 +4,7 @@
 //! service files depend on ([`version`]).
 
 pub mod download;
+pub mod preload;
 pub mod version;
 
 use kimg_formats::elf::{elf_kind, ElfKind};
@@ -147,6 +148,9 @@ pub enum K8sError {
         /// The digest of what was downloaded.
         actual: String,
     },
+    /// The build-time image import failed (see [`preload`]).
+    #[error("importing the container images at build time: {0}")]
+    Preload(String),
     /// The release could not be read or unpacked.
     #[error(transparent)]
     Io(#[from] IoError),

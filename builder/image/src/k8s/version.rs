@@ -291,7 +291,7 @@ mod tests {
         assert!(kubelet.contains(&format!("--container-runtime-endpoint={CRI_ENDPOINT}")));
         // The rest of each service is as written.
         let api = command(&m, "kube-apiserver");
-        assert_eq!(api[api.len() - 3], "--allow-privileged=true");
+        assert_eq!(api[api.len() - 3], "--enable-priority-and-fairness=false");
     }
 
     /// 1.27 and later: no gate (it is gone), no runtime flags (removed): every
