@@ -99,6 +99,7 @@ pub fn run(opts: &KernelBenchOptions, log: &dyn Fn(&str)) -> Result<KernelBenchR
             flavour: kimg_contract::Flavour::Base,
             k8s_release: None,
             k8s_images: Vec::new(),
+            k8s_images_at_boot: false,
         };
         image::build(&b, &|_| {})
     };

@@ -6,6 +6,7 @@ pub mod cdrom;
 pub mod cluster;
 pub mod exec;
 pub mod k8s;
+pub mod k8s_start;
 pub mod kernel;
 pub mod publish;
 pub mod snapshot;

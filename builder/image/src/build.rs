@@ -101,6 +101,9 @@ pub struct BuildOptions {
     /// Folders of container image tarballs (`*.tar`) the Kubernetes flavour carries
     /// pre-pulled, after the release's own `images/`.
     pub k8s_images: Vec<PathBuf>,
+    /// Leave those tarballs to the nodes' boot-time import even where they could be
+    /// imported at build time ([`crate::k8s::preload`]).
+    pub k8s_images_at_boot: bool,
 }
 
 impl BuildOptions {

@@ -102,7 +102,7 @@ impl Plan {
                 let mut dirs = vec![release.join("images")];
                 dirs.extend(opts.k8s_images.iter().cloned());
                 let tarballs = k8s::image_tarballs(&dirs)?;
-                if k8s::preload::unavailable().is_none() {
+                if !opts.k8s_images_at_boot && k8s::preload::unavailable().is_none() {
                     plan.preload_images = tarballs;
                 } else {
                     for (name, file) in tarballs {
@@ -140,6 +140,7 @@ mod tests {
             flavour,
             k8s_release: release.map(PathBuf::from),
             k8s_images: Vec::new(),
+            k8s_images_at_boot: false,
         }
     }
 

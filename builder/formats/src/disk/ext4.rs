@@ -194,8 +194,11 @@ pub fn build(
     )?;
 
     let script = work.join("fixup.debugfs");
-    fs::write(&script, fixup_script(staging, params.mtime, params.keep_owners))
-        .map_err(|source| DiskError::Io(IoError::new(script.clone(), source)))?;
+    fs::write(
+        &script,
+        fixup_script(staging, params.mtime, params.keep_owners),
+    )
+    .map_err(|source| DiskError::Io(IoError::new(script.clone(), source)))?;
     // The `?` introduces I/O options, so name the disk relative to its directory,
     // whose path may contain anything.
     let (dir, name) = match (disk.parent(), disk.file_name()) {

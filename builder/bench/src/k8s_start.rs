@@ -1,0 +1,293 @@
+//! `kimg bench k8s-start`: a Kubernetes cluster's cold start, milestone by milestone
+//! (issue 14): etcd serving, the apiserver's port open, `/readyz`, each node
+//! registered and Ready, the `default` service account, a first pod Running, each in
+//! seconds from `kimg run`, for each cluster shape and each variant (kimg's defaults
+//! next to what they replaced), run one after the other on the same machine.
+//!
+//! Everything is asked inside vm-001 through the agent, with one curl per poll (one
+//! TLS connection for every URL, the apiserver's kubelet-client certificate, which is
+//! `system:masters`): a kubectl start costs vm-001 seconds of CPU under TCG, and the
+//! host may have no kubectl.
+
+use super::BenchError;
+use kimg_cluster::accel::AccelChoice;
+use kimg_cluster::{self as cluster, session, RunOptions};
+use kimg_contract::k8s::{APISERVER_PORT, PKI_DIR};
+use kimg_contract::service::ServiceState;
+use kimg_contract::VmId;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const NAME: &str = "bench-k8s-start";
+/// How often vm-001 is asked.
+const POLL: Duration = Duration::from_secs(2);
+/// The pod of the "first pod Running" milestone: the pause image, which every
+/// release kimg builds with carries (containerd's sandbox image).
+const POD: &str = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"bench-first"},
+"spec":{"containers":[{"name":"c","image":"registry.k8s.io/pause:3.9","imagePullPolicy":"IfNotPresent"}]}}"#;
+
+/// One way of starting the cluster.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    /// What it is, for the report.
+    pub label: String,
+    /// The image (`kimg build --k8s`, or with `--k8s-images-at-boot`).
+    pub image: PathBuf,
+    /// vm-001's vCPUs; `None`: kimg's default.
+    pub vm001_cpus: Option<u32>,
+}
+
+/// Options of the suite.
+#[derive(Debug, Clone)]
+pub struct K8sStartOptions {
+    /// (nodes, routers) of each cluster.
+    pub shapes: Vec<(u16, u16)>,
+    /// The variants, each run for every shape.
+    pub variants: Vec<Variant>,
+    /// Give up on a run after this long.
+    pub limit: Duration,
+    /// Accelerator.
+    pub accel: AccelChoice,
+    /// Runtime dir of the benchmark's clusters.
+    pub runtime: PathBuf,
+}
+
+/// The milestones of one cold start, seconds from `kimg run` (None: not reached
+/// within the limit).
+#[derive(Debug, Clone, Serialize)]
+pub struct ColdStart {
+    /// The variant's label.
+    pub variant: String,
+    /// Nodes of the cluster.
+    pub nodes: u16,
+    /// Routers of the cluster.
+    pub routers: u16,
+    /// etcd's service ready on vm-001.
+    pub etcd: Option<f64>,
+    /// kube-apiserver's port open.
+    pub apiserver_port: Option<f64>,
+    /// `/readyz` answered ok.
+    pub readyz: Option<f64>,
+    /// Each node registered.
+    pub registered: BTreeMap<String, f64>,
+    /// Each node Ready.
+    pub ready: BTreeMap<String, f64>,
+    /// Every node Ready.
+    pub all_ready: Option<f64>,
+    /// The `default` service account exists (pods are admitted).
+    pub default_sa: Option<f64>,
+    /// A first pod Running.
+    pub first_pod: Option<f64>,
+}
+
+/// Runs every variant on every shape; `log` gets one line per milestone. No
+/// cluster is left running.
+pub fn run(o: &K8sStartOptions, log: &dyn Fn(&str)) -> Result<Vec<ColdStart>, BenchError> {
+    std::env::set_var("KIMG_RUNTIME_DIR", &o.runtime);
+    let mut out = Vec::new();
+    for &(nodes, routers) in &o.shapes {
+        for v in &o.variants {
+            log(&format!("{nodes} nodes + {routers} routers, {}", v.label));
+            let r = measure(o, v, nodes, routers, log);
+            let _ = cluster::stop(NAME, Duration::from_secs(10));
+            out.push(r?);
+        }
+    }
+    Ok(out)
+}
+
+/// The curl run in vm-001 on every poll: `/readyz`, the nodes, the service
+/// account and the pod, each answer followed by a line `@@ CODE`.
+fn poll_script() -> String {
+    let base = format!("https://127.0.0.1:{APISERVER_PORT}");
+    format!(
+        "curl -s --max-time 10 --cacert {PKI_DIR}/ca.crt --cert {PKI_DIR}/apiserver-kubelet-client.crt \
+         --key {PKI_DIR}/apiserver-kubelet-client.key -w '\\n@@ %{{http_code}}\\n' \
+         {base}/readyz {base}/api/v1/nodes {base}/api/v1/namespaces/default/serviceaccounts/default \
+         {base}/api/v1/namespaces/default/pods/bench-first"
+    )
+}
+
+/// Creates the pod (an answer 201, or 409 if an earlier try got through).
+fn create_pod_script() -> String {
+    let base = format!("https://127.0.0.1:{APISERVER_PORT}");
+    format!(
+        "curl -s --max-time 10 --cacert {PKI_DIR}/ca.crt --cert {PKI_DIR}/apiserver-kubelet-client.crt \
+         --key {PKI_DIR}/apiserver-kubelet-client.key -o /dev/null -w '%{{http_code}}' \
+         -H 'Content-Type: application/json' -X POST --data-binary '{}' \
+         {base}/api/v1/namespaces/default/pods",
+        POD.replace('\n', "")
+    )
+}
+
+/// The answers of one poll: (body, HTTP code) per URL, in order.
+fn answers(out: &str) -> Vec<(String, u16)> {
+    let mut v = Vec::new();
+    let mut body = String::new();
+    for line in out.lines() {
+        match line.strip_prefix("@@ ") {
+            Some(code) => v.push((std::mem::take(&mut body), code.trim().parse().unwrap_or(0))),
+            None => {
+                body.push_str(line);
+                body.push('\n');
+            }
+        }
+    }
+    v
+}
+
+/// (name, Ready) of each node in a `/api/v1/nodes` answer.
+fn nodes_of(json: &str) -> Vec<(String, bool)> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    items
+        .iter()
+        .map(|n| {
+            let name = n["metadata"]["name"].as_str().unwrap_or("").to_string();
+            let ready = n["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            (name, ready)
+        })
+        .collect()
+}
+
+fn measure(
+    o: &K8sStartOptions,
+    v: &Variant,
+    nodes: u16,
+    routers: u16,
+    log: &dyn Fn(&str),
+) -> Result<ColdStart, BenchError> {
+    let vm1 = VmId::new(1).ok_or_else(|| BenchError::Step {
+        step: "vm-001".into(),
+        why: "no such VM id".into(),
+    })?;
+    let mut r = ColdStart {
+        variant: v.label.clone(),
+        nodes,
+        routers,
+        etcd: None,
+        apiserver_port: None,
+        readyz: None,
+        registered: BTreeMap::new(),
+        ready: BTreeMap::new(),
+        all_ready: None,
+        default_sa: None,
+        first_pod: None,
+    };
+    let t = Instant::now();
+    cluster::run(
+        &RunOptions {
+            name: NAME.into(),
+            image: v.image.clone(),
+            nodes,
+            routers,
+            accel: o.accel,
+            cpus_overrides: v.vm001_cpus.map(|c| vec![(vm1, c)]).unwrap_or_default(),
+            ..RunOptions::default()
+        },
+        &|_| {},
+    )?;
+    let mark = |what: &str, slot: &mut Option<f64>| {
+        if slot.is_none() {
+            let s = t.elapsed().as_secs_f64();
+            *slot = Some(s);
+            log(&format!("{s:7.1} s  {what}"));
+        }
+    };
+    while t.elapsed() < o.limit && r.first_pod.is_none() {
+        std::thread::sleep(POLL);
+        if r.apiserver_port.is_none() {
+            let Ok((_, vms)) = cluster::status(NAME) else {
+                continue;
+            };
+            let state = |svc: &str| {
+                vms.iter()
+                    .filter(|s| s.vm == vm1)
+                    .filter_map(|s| s.agent.as_ref())
+                    .flat_map(|a| a.services.iter())
+                    .any(|s| s.name == svc && s.state == ServiceState::Ready)
+            };
+            if state("etcd") {
+                mark("etcd serving", &mut r.etcd);
+            }
+            if state("kube-apiserver") {
+                mark("apiserver port open", &mut r.apiserver_port);
+            }
+            continue;
+        }
+        let Ok(out) = session::exec(
+            NAME,
+            vm1,
+            vec!["sh".into(), "-c".into(), poll_script()],
+            Some(Duration::from_secs(30)),
+        ) else {
+            continue;
+        };
+        let a = answers(&out.stdout);
+        let [readyz, nodes_json, sa, pod] = a.as_slice() else {
+            continue;
+        };
+        if readyz.1 == 200 {
+            mark("apiserver /readyz", &mut r.readyz);
+        }
+        for (name, ready) in nodes_of(&nodes_json.0) {
+            let s = t.elapsed().as_secs_f64();
+            if !r.registered.contains_key(&name) {
+                log(&format!("{s:7.1} s  {name} registered"));
+                r.registered.insert(name.clone(), s);
+            }
+            if ready && !r.ready.contains_key(&name) {
+                log(&format!("{s:7.1} s  {name} Ready"));
+                r.ready.insert(name, s);
+            }
+        }
+        if r.ready.len() == usize::from(nodes) {
+            mark("every node Ready", &mut r.all_ready);
+        }
+        if sa.1 == 200 && r.default_sa.is_none() {
+            mark("default service account", &mut r.default_sa);
+        }
+        if r.default_sa.is_some() && pod.1 == 404 {
+            let _ = session::exec(
+                NAME,
+                vm1,
+                vec!["sh".into(), "-c".into(), create_pod_script()],
+                Some(Duration::from_secs(30)),
+            );
+        }
+        let phase: serde_json::Value = serde_json::from_str(&pod.0).unwrap_or_default();
+        if phase["status"]["phase"] == "Running" {
+            mark("first pod Running", &mut r.first_pod);
+        }
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_poll_is_split_into_answers_and_nodes_are_read() {
+        let out = "ok\n@@ 200\n{\"items\":[{\"metadata\":{\"name\":\"vm-001\"},\"status\":{\"conditions\":[{\"type\":\"Ready\",\"status\":\"True\"}]}},\
+                   {\"metadata\":{\"name\":\"vm-002\"},\"status\":{\"conditions\":[{\"type\":\"Ready\",\"status\":\"False\"}]}}]}\n@@ 200\n\n@@ 404\n@@ 000\n";
+        let a = answers(out);
+        let codes: Vec<u16> = a.iter().map(|x| x.1).collect();
+        assert_eq!(codes, [200, 200, 404, 0]);
+        assert_eq!(a[0].0, "ok\n");
+        assert_eq!(
+            nodes_of(&a[1].0),
+            [("vm-001".to_string(), true), ("vm-002".to_string(), false)]
+        );
+        assert!(nodes_of("not json").is_empty());
+        // The pod's JSON goes inside single quotes of a shell word.
+        assert!(!POD.contains('\''));
+        assert!(create_pod_script().contains("\"name\":\"bench-first\""));
+    }
+}
