@@ -8,8 +8,9 @@
 
 use kimg_tests::{kimg, kimg_bin, text, TestCluster};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kimg_image::k8s::K8S_BINARIES;
 
@@ -95,6 +96,218 @@ fn k8s_test_overlay(dir: &Path) -> PathBuf {
     let path = dir.join("k8s-test.tar");
     std::fs::write(&path, t.into_inner().unwrap()).unwrap();
     path
+}
+
+/// An overlay that holds the apiserver double's `/readyz` and its default service
+/// account (tests/doubles/k8s-double.c) until a test removes its files.
+fn hold_overlay(dir: &Path) -> PathBuf {
+    let mut t = tar::Builder::new(Vec::new());
+    for path in ["etc/kimg-double/hold-readyz", "etc/kimg-double/hold-sa"] {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_mtime(1);
+        h.set_cksum();
+        t.append_data(&mut h, path, &b""[..]).unwrap();
+    }
+    let path = dir.join("hold.tar");
+    std::fs::write(&path, t.into_inner().unwrap()).unwrap();
+    path
+}
+
+/// The HTTP status of the apiserver's `/readyz` as curl on vm-001 sees it (`000`:
+/// no answer).
+fn readyz_status(c: &TestCluster) -> String {
+    let o = c.exec(
+        "vm-001",
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "10",
+            "--cacert",
+            "/etc/kubernetes/pki/ca.crt",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "https://127.0.0.1:6443/readyz",
+        ],
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Polls `ok` every half second until it holds; panics naming `what` after `limit`.
+fn wait_until(what: &str, limit: Duration, ok: &mut dyn FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A kimg process a test watches while it runs: its stderr collected as it comes;
+/// killed if the test ends first.
+struct Running {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Running {
+    fn spawn(cmd: &mut Command) -> Running {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (pipe, text) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut t = text.lock().unwrap();
+                t.push_str(&line);
+                t.push('\n');
+            }
+        });
+        Running { child, stderr }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `kimg run --wait` on a Kubernetes image returns once a deployment can be
+/// applied: the apiserver double holds `/readyz`, then the default service account
+/// (answered to the admin certificate alone), until the test removes a file, and
+/// `kimg run` is still waiting, VMs ready, until the last one goes; it says on
+/// stderr what it waits for and what passed. `--wait=vms` returns with the control
+/// plane still held, and a bounded `--wait` on a held control plane fails naming
+/// what was not ready and where to look.
+#[test]
+fn k8s_run_wait_returns_once_the_control_plane_takes_pods() {
+    let work = tempfile::tempdir().unwrap();
+    let release = double_release(&work.path().join("release"));
+    let image = build_k8s(&release, work.path()).join("hd-k8s.img");
+    let hold = hold_overlay(work.path());
+    let args = |wait: &'static str| {
+        [
+            "--image",
+            image.to_str().unwrap(),
+            "--nodes",
+            "1",
+            "--routers",
+            "0",
+            "--mem",
+            "512",
+            wait,
+            hold.to_str().unwrap(),
+        ]
+    };
+
+    // --wait=vms: back once vm-001's agent is ready, the control plane held.
+    let c = TestCluster::new("k8s-wait-vms");
+    let t = Instant::now();
+    let o = c.kimg("run", &args("--wait=vms:300"));
+    let vms_secs = t.elapsed().as_secs_f64();
+    assert!(o.status.success(), "kimg run --wait=vms:\n{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("vm-001 ready after") && !err.contains("control plane"),
+        "{err}"
+    );
+    let at_return = readyz_status(&c);
+    assert_ne!(at_return, "200", "/readyz answered though held");
+    // Bounded, on a held control plane: the error says what and where. (A scaleout
+    // of a VM the cluster has adds none and waits as `kimg run --wait` does.)
+    wait_until(
+        "the apiserver double up and held",
+        Duration::from_secs(120),
+        &mut || readyz_status(&c) == "500",
+    );
+    let o = c.kimg("scaleout", &["vm-001", "--wait=6"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("apiserver /readyz answering HTTP 500 after 6 s on vm-001; see `kimg logs --name k8s-wait-vms vm-001 kube-apiserver`"),
+        "{err}"
+    );
+    let logs = c.kimg("logs", &["vm-001", "kube-apiserver"]);
+    assert!(logs.status.success(), "the hint fails: {}", text(&logs));
+    drop(c);
+
+    // --wait: still waiting with the VMs ready until each hold goes.
+    let c = TestCluster::new("k8s-wait");
+    let t = Instant::now();
+    let mut run = Running::spawn(
+        Command::new(kimg_bin())
+            .args(["run", "--name", &c.name])
+            .args(args("--wait=300"))
+            .env("KIMG_RUNTIME_DIR", c.runtime.path()),
+    );
+    wait_until(
+        "the control-plane wait",
+        Duration::from_secs(300),
+        &mut || {
+            let err = run.stderr();
+            assert!(run.running(), "kimg run --wait ended early:\n{err}");
+            err.contains("vm-001 waiting for the Kubernetes control plane")
+        },
+    );
+    let vms_ready_secs = t.elapsed().as_secs_f64();
+    for (hold, passed) in [
+        ("hold-readyz", "vm-001 apiserver /readyz answered after"),
+        (
+            "hold-sa",
+            "vm-001 service account default/default present after",
+        ),
+    ] {
+        // Several checks (one every 2 s) go by while the hold stands.
+        std::thread::sleep(Duration::from_secs(6));
+        assert!(
+            run.running() && !run.stderr().contains(passed),
+            "kimg run --wait did not wait for {hold}:\n{}",
+            run.stderr()
+        );
+        c.exec_ok("vm-001", &["rm", &format!("/etc/kimg-double/{hold}")]);
+        wait_until(passed, Duration::from_secs(60), &mut || {
+            run.stderr().contains(passed)
+        });
+    }
+    wait_until(
+        "kimg run --wait returns",
+        Duration::from_secs(60),
+        &mut || !run.running(),
+    );
+    let status = run.child.wait().unwrap();
+    let err = run.stderr();
+    assert!(status.success(), "kimg run --wait: {status}\n{err}");
+    let line = |s: &str| {
+        err.find(s)
+            .unwrap_or_else(|| panic!("{s:?} not in:\n{err}"))
+    };
+    assert!(
+        line("vm-001 ready after") < line("waiting for the Kubernetes control plane")
+            && line("/readyz answered") < line("default/default present"),
+        "{err}"
+    );
+    assert_eq!(readyz_status(&c), "200");
+    eprintln!(
+        "--wait=vms returned after {vms_secs:.1} s (/readyz {at_return}); --wait: VMs ready after {vms_ready_secs:.1} s, returned after {:.1} s, once both holds were gone",
+        t.elapsed().as_secs_f64()
+    );
 }
 
 /// `kimg build --k8s --k8s-release RELEASE --out WORK/out`, which must succeed;

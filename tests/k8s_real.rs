@@ -230,6 +230,9 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
     let c = TestCluster::new("e2e-k8s-std");
     let t0 = Instant::now();
     let image = out.join("hd-k8s.img");
+    // The VMs, then the control plane: the apiserver ready and the default service
+    // account there (the `until` stages below have as long each).
+    let wait = format!("--wait={}", STAGE.as_secs());
     let run = c.kimg(
         "run",
         &[
@@ -241,7 +244,7 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
             "2",
             "--testers",
             "1",
-            "--wait=600",
+            &wait,
         ],
     );
     assert!(run.status.success(), "kimg run:\n{}", text(&run));
@@ -253,10 +256,15 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
         bin: kubectl_bin,
         kubeconfig: c.runtime.path().join(&c.name).join("admin.kubeconfig"),
     };
+    // `--wait` returned once the control plane takes pods: the apiserver ready and
+    // the namespace's default service account there.
+    assert_eq!(k.ok(&["get", "--raw=/readyz"]).trim(), "ok");
+    assert_eq!(
+        k.ok(&["get", "serviceaccount", "default", "-o", "name"])
+            .trim(),
+        "serviceaccount/default"
+    );
 
-    until(t0, "apiserver /readyz", &mut || {
-        k.run(&["get", "--raw=/readyz"]).status.success()
-    });
     until(t0, "4 nodes Ready", &mut || {
         let o =
             String::from_utf8_lossy(&k.run(&["get", "nodes", "--no-headers"]).stdout).to_string();
@@ -267,12 +275,6 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
     // kubectl on vm-001 needs no flags (root's kubeconfig is the admin one).
     let nodes = c.exec_ok("vm-001", &["kubectl", "get", "nodes"]);
     assert!(NODES.iter().all(|n| nodes.contains(n)), "{nodes}");
-    // Pods are admitted once the namespace's default service account exists.
-    until(t0, "default service account", &mut || {
-        k.run(&["get", "serviceaccount", "default"])
-            .status
-            .success()
-    });
 
     let m = work.path().join("echo.yaml");
     std::fs::write(&m, manifest(POD_IMAGE)).unwrap();

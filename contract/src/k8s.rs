@@ -1,6 +1,6 @@
 //! The Kubernetes flavour's shared facts, written once: where the generated PKI
-//! lives in the guest, the apiserver's port, and the pod and service ranges of both
-//! IP families.
+//! lives in the guest, the apiserver's port and the endpoints that say it is ready,
+//! and the pod and service ranges of both IP families.
 //!
 //! | what                  | IPv4            | IPv6                   |
 //! |-----------------------|-----------------|------------------------|
@@ -18,8 +18,28 @@ pub const KUBECONFIG_DIR: &str = "/etc/kubernetes";
 /// Where nodes find container image tarballs to import at boot (pre-pulled in the
 /// image by `kimg build --k8s`, or from any overlay).
 pub const IMAGES_DIR: &str = "/var/lib/kimg/images";
+/// The control plane's VM (etcd, apiserver, controller-manager, scheduler).
+pub const CONTROL_PLANE: VmId = VmId::FIRST;
 /// The apiserver's secure port on vm-001.
 pub const APISERVER_PORT: u16 = 6443;
+
+/// The cluster CA's certificate, a file in [`PKI_DIR`] (every node has it).
+pub const CA_CERT: &str = "ca.crt";
+/// The admin client certificate (O=system:masters) and its key, files in
+/// [`PKI_DIR`] on vm-001 only: the admin kubeconfig embeds the same pair, and curl
+/// (the `--wait` check) takes files.
+pub const ADMIN_CERT: &str = "admin.crt";
+/// The key of [`ADMIN_CERT`].
+pub const ADMIN_KEY: &str = "admin.key";
+
+/// The apiserver's readiness endpoint: HTTP 200 once all its checks pass (etcd,
+/// RBAC bootstrap...), open to any client. The image's services wait for it before
+/// they start; `kimg run --wait` waits for it too.
+pub const READYZ_PATH: &str = "/readyz";
+/// The `default` service account of namespace `default`. The controller-manager
+/// makes it some seconds after the apiserver is ready; until then the apiserver
+/// refuses pods in that namespace, so `kimg run --wait` waits for it too.
+pub const DEFAULT_SA_PATH: &str = "/api/v1/namespaces/default/serviceaccounts/default";
 
 /// MAC of vm-001's extra NIC that only carries the host's forward to the apiserver
 /// (QEMU user-mode, `restrict=on`). Its fourth byte, 0, is no kimg network, so it is
@@ -82,6 +102,11 @@ pub fn pod_net4(vm: VmId) -> Option<Ipv4Addr> {
 pub fn pod_net6(vm: VmId) -> Ipv6Addr {
     let n = u16::from_str_radix(&vm.number().to_string(), 16).unwrap_or(0);
     Ipv6Addr::new(0xfd00, 0x10, 0x244, n, 0, 0, 0, 0)
+}
+
+/// A file of the PKI in the guest (`ca.crt` -> `/etc/kubernetes/pki/ca.crt`).
+pub fn pki_path(file: &str) -> String {
+    format!("{PKI_DIR}/{file}")
 }
 
 /// The kubeconfig file of a component (`admin`, `kube-scheduler`, `kubelet-vm-002`...).
@@ -159,6 +184,7 @@ mod tests {
         assert_eq!(first_service_ip4().to_string(), "10.96.0.1");
         assert_eq!(first_service_ip6().to_string(), "fd00:10:96::1");
         assert_eq!(SERVICE_RANGE6.0.to_string(), "fd00:10:96::");
+        assert_eq!(pki_path(ADMIN_KEY), "/etc/kubernetes/pki/admin.key");
         assert_eq!(
             kubeconfig_path("kubelet-vm-002"),
             "/etc/kubernetes/kubelet-vm-002.kubeconfig"

@@ -84,6 +84,9 @@ impl fmt::Display for BadVmName {
 impl std::error::Error for BadVmName {}
 
 impl VmId {
+    /// vm-001, the first node.
+    pub const FIRST: VmId = VmId(1);
+
     /// The VM with this number; `None` outside 1..=999.
     pub fn new(n: u16) -> Option<VmId> {
         (1..=999).contains(&n).then_some(VmId(n))

@@ -9,11 +9,20 @@
  *
  * kube-apiserver also listens on port 6443 of every address, like the real one.
  * A client that starts a TLS handshake gets one, with the cluster's real apiserver
- * certificate (/etc/kubernetes/pki from the PKI overlay), and "200 ok" to any
- * request: what /readyz answers, so the image's readiness wait (curl checked against
- * the cluster CA) is exercised as it is with the real apiserver. A client that
- * sends nothing first gets "kimg-double kube-apiserver\n" and is closed: the banner
- * lets a test see that the host's forward reaches it.
+ * certificate (/etc/kubernetes/pki from the PKI overlay), and one answer, as the
+ * real apiserver gives them:
+ *   GET /readyz: "200 ok" to anyone, or 500 while /etc/kimg-double/hold-readyz
+ *     exists (the control plane still starting);
+ *   GET /api/v1/namespaces/default/serviceaccounts/default: 403 without a client
+ *     certificate of the cluster CA in group system:masters (the admin's); else the
+ *     service account, or 404 while /etc/kimg-double/hold-sa exists (the
+ *     controller-manager has not made it yet);
+ *   anything else: 404.
+ * So the image's readiness wait (curl checked against the cluster CA) and `kimg run
+ * --wait` (curl with the admin certificate) are exercised as with the real
+ * apiserver, and a test holds them with an overlay and releases them with `rm`.
+ * A client that sends nothing first gets "kimg-double kube-apiserver\n" and is
+ * closed: the banner lets a test see that the host's forward reaches it.
  *
  * Every double also appends its name to /var/log/kimg-doubles/order as it starts
  * (the start order); kube-apiserver adds "etcd=up" or "etcd=down": whether etcd
@@ -21,6 +30,7 @@
  */
 #include <netinet/in.h>
 #include <openssl/ssl.h>
+#include <openssl/x509.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <libgen.h>
@@ -41,6 +51,68 @@ static int tcp_up(int port) {
     return ok;
 }
 
+#define PKI "/etc/kubernetes/pki/"
+#define HOLD_READYZ "/etc/kimg-double/hold-readyz"
+#define HOLD_SA "/etc/kimg-double/hold-sa"
+#define SA_PATH "/api/v1/namespaces/default/serviceaccounts/default"
+
+/* Whether the TLS client showed a certificate of the cluster CA in group
+ * system:masters (the handshake already checked it against the CA). */
+static int is_admin(SSL *ssl) {
+    X509 *cert = SSL_get1_peer_certificate(ssl);
+    char org[256] = "";
+    if (cert) {
+        X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_organizationName, org,
+                                  sizeof org);
+        X509_free(cert);
+    }
+    return cert && SSL_get_verify_result(ssl) == X509_V_OK && strcmp(org, "system:masters") == 0;
+}
+
+static void reply(SSL *ssl, int code, const char *reason, const char *type, const char *body) {
+    char head[256];
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                     "Connection: close\r\n\r\n",
+                     code, reason, type, strlen(body));
+    SSL_write(ssl, head, n);
+    SSL_write(ssl, body, (int)strlen(body));
+}
+
+/* One request on an accepted TLS connection (see the top of the file). */
+static void answer(SSL *ssl) {
+    char req[4096], path[1024] = "";
+    int n = SSL_read(ssl, req, sizeof req - 1);
+    if (n <= 0)
+        return;
+    req[n] = 0;
+    if (sscanf(req, "GET %1023s ", path) != 1) {
+        reply(ssl, 405, "Method Not Allowed", "text/plain", "GET only\n");
+        return;
+    }
+    path[strcspn(path, "?")] = 0;
+    if (strcmp(path, "/readyz") == 0) {
+        if (access(HOLD_READYZ, F_OK) == 0)
+            reply(ssl, 500, "Internal Server Error", "text/plain",
+                  "[-]etcd failed: held by " HOLD_READYZ "\nreadyz check failed\n");
+        else
+            reply(ssl, 200, "OK", "text/plain", "ok");
+    } else if (strcmp(path, SA_PATH) == 0) {
+        if (!is_admin(ssl))
+            reply(ssl, 403, "Forbidden", "application/json",
+                  "{\"kind\":\"Status\",\"reason\":\"Forbidden\",\"code\":403}");
+        else if (access(HOLD_SA, F_OK) == 0)
+            reply(ssl, 404, "Not Found", "application/json",
+                  "{\"kind\":\"Status\",\"reason\":\"NotFound\",\"code\":404}");
+        else
+            reply(ssl, 200, "OK", "application/json",
+                  "{\"kind\":\"ServiceAccount\",\"apiVersion\":\"v1\","
+                  "\"metadata\":{\"name\":\"default\",\"namespace\":\"default\"}}");
+    } else {
+        reply(ssl, 404, "Not Found", "text/plain", "404 page not found\n");
+    }
+}
+
 /* Answers one connection to the apiserver double: TLS if the client speaks first
  * with a handshake record (0x16), else the banner. */
 static void serve_apiserver(int c, SSL_CTX *ctx) {
@@ -50,12 +122,7 @@ static void serve_apiserver(int c, SSL_CTX *ctx) {
         SSL *ssl = SSL_new(ctx);
         SSL_set_fd(ssl, c);
         if (SSL_accept(ssl) == 1) {
-            char req[4096];
-            (void)SSL_read(ssl, req, sizeof req);
-            static const char ok[] =
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
-                "Connection: close\r\n\r\nok";
-            SSL_write(ssl, ok, sizeof ok - 1);
+            answer(ssl);
             SSL_shutdown(ssl);
         }
         SSL_free(ssl);
@@ -116,12 +183,21 @@ int main(int argc, char **argv) {
         a.sin_addr.s_addr = htonl(INADDR_ANY);
         setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
         SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
-        if (ctx &&
-            (SSL_CTX_use_certificate_chain_file(ctx, "/etc/kubernetes/pki/apiserver.crt") != 1 ||
-             SSL_CTX_use_PrivateKey_file(ctx, "/etc/kubernetes/pki/apiserver.key",
-                                         SSL_FILETYPE_PEM) != 1)) {
+        if (ctx && (SSL_CTX_use_certificate_chain_file(ctx, PKI "apiserver.crt") != 1 ||
+                    SSL_CTX_use_PrivateKey_file(ctx, PKI "apiserver.key", SSL_FILETYPE_PEM) != 1 ||
+                    SSL_CTX_load_verify_locations(ctx, PKI "ca.crt", NULL) != 1)) {
             SSL_CTX_free(ctx);
             ctx = NULL;
+        }
+        /* Ask for a client certificate, as the real apiserver does (--client-ca-file),
+         * without requiring one: /readyz is open to anyone. */
+        if (ctx) {
+            SSL_CTX_set_client_CA_list(ctx, SSL_load_client_CA_file(PKI "ca.crt"));
+            SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+            /* curl resumes the TLS session for its next request; with peer
+             * verification OpenSSL refuses that (an internal error alert) unless the
+             * sessions have a context. */
+            SSL_CTX_set_session_id_context(ctx, (const unsigned char *)"kimg", 4);
         }
         if (s >= 0 && bind(s, (struct sockaddr *)&a, sizeof a) == 0 && listen(s, 16) == 0)
             for (;;) {

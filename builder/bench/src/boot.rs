@@ -8,7 +8,7 @@
 use super::{median, step, BenchError};
 use kimg_cluster::accel::{self, Accel, AccelChoice};
 use kimg_cluster::qemu;
-use kimg_cluster::{self as cluster, RunOptions};
+use kimg_cluster::{self as cluster, RunOptions, Wait};
 use kimg_formats::initramfs::Initramfs;
 use kimg_image::{self as image, BuildOptions};
 use kimg_util::fs::PathContext;
@@ -92,7 +92,7 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
             mem_mb: Some(BENCH_MEM_MB),
             cpus: Some(1),
             accel: accel.into(),
-            wait: Some(Duration::from_secs(120)),
+            wait: Some(Wait::vms(Duration::from_secs(120))),
             ..RunOptions::default()
         };
         let t = Instant::now();

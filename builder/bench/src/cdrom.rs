@@ -12,7 +12,7 @@
 
 use super::{median, step, BenchError};
 use kimg_cluster::accel::AccelChoice;
-use kimg_cluster::{self as cluster, RunOptions};
+use kimg_cluster::{self as cluster, RunOptions, Wait};
 use kimg_image::overlay::{self, Overlay, Source};
 use serde::Serialize;
 use std::fs;
@@ -164,7 +164,7 @@ pub fn run(opts: &CdromBenchOptions, log: &dyn Fn(&str)) -> Result<CdromBenchRep
         mem_mb: Some(1024),
         cpus: Some(1),
         accel: opts.accel,
-        wait: Some(Duration::from_secs(900)),
+        wait: Some(Wait::vms(Duration::from_secs(900))),
         cdrom: Some(kimg_iso.clone()),
         ..RunOptions::default()
     };

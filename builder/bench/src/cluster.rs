@@ -14,7 +14,7 @@ use kimg_cluster::accel::{Accel, AccelChoice};
 use kimg_cluster::network::NetBackend;
 use kimg_cluster::process;
 use kimg_cluster::qemu::VmPaths;
-use kimg_cluster::{self as cluster, RunOptions};
+use kimg_cluster::{self as cluster, RunOptions, Wait};
 use nix::unistd::Pid;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -87,7 +87,7 @@ fn options(o: &ClusterBenchOptions, nodes: u16, routers: u16) -> RunOptions {
         net: o.net,
         cpus: Some(1),
         accel: o.accel,
-        wait: Some(WAIT),
+        wait: Some(Wait::vms(WAIT)),
         ..RunOptions::default()
     }
 }

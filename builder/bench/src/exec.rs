@@ -10,7 +10,7 @@
 use super::{median, step, BenchError};
 use kimg_cluster::accel::AccelChoice;
 use kimg_cluster::qemu::VmPaths;
-use kimg_cluster::{self as cluster, RunOptions};
+use kimg_cluster::{self as cluster, RunOptions, Wait};
 use kimg_contract::agent::Op;
 use kimg_contract::VmId;
 use serde::Serialize;
@@ -110,7 +110,7 @@ fn measure(o: &ExecBenchOptions, log: &dyn Fn(&str)) -> Result<ExecBenchReport, 
         mem_mb: Some(o.mem_mb),
         cpus: Some(1),
         accel: o.accel,
-        wait: Some(Duration::from_secs(900)),
+        wait: Some(Wait::vms(Duration::from_secs(900))),
         overlays: vec!["bench-data".into()],
         ovlpath: vec![scratch.clone()],
         ..RunOptions::default()

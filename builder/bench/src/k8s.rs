@@ -9,7 +9,7 @@
 
 use super::BenchError;
 use kimg_cluster::accel::AccelChoice;
-use kimg_cluster::{self as cluster, RunOptions};
+use kimg_cluster::{self as cluster, RunOptions, Wait};
 use kimg_contract::service::ServiceState;
 use kimg_contract::VmId;
 use kimg_image::publish::{self, Codec};
@@ -98,7 +98,7 @@ fn measure(o: &K8sBenchOptions, log: &dyn Fn(&str)) -> Result<K8sBenchReport, Be
     let t = Instant::now();
     cluster::run(
         &RunOptions {
-            wait: Some(WAIT),
+            wait: Some(Wait::vms(WAIT)),
             ..options(o, &o.base_image)
         },
         &|_| {},

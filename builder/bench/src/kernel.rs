@@ -9,7 +9,7 @@
 use super::{median, step, BenchError};
 use kimg_cluster::accel::{self, Accel, AccelChoice};
 use kimg_cluster::qemu;
-use kimg_cluster::{self as cluster, RunEvent, RunOptions};
+use kimg_cluster::{self as cluster, RunEvent, RunOptions, Wait};
 use kimg_contract::agent::BootState;
 use kimg_image::{self as image, BuildOptions};
 use kimg_kernel::source::{self, Base, Fragment};
@@ -149,7 +149,7 @@ fn boot_to_ready(which: &'static str, image: &Path, accel: Accel) -> Result<f64,
         mem_mb: Some(BENCH_MEM_MB),
         cpus: Some(1),
         accel: accel.into(),
-        wait: Some(Duration::from_secs(180)),
+        wait: Some(Wait::vms(Duration::from_secs(180))),
         ..RunOptions::default()
     };
     let state = std::sync::Mutex::new(None);

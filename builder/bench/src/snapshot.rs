@@ -13,7 +13,7 @@ use kimg_cluster::accel::{Accel, AccelChoice};
 use kimg_cluster::network::NetBackend;
 use kimg_cluster::restore::{self, FromOptions};
 use kimg_cluster::snapshot::{self, SaveOptions};
-use kimg_cluster::{self as cluster, RunOptions};
+use kimg_cluster::{self as cluster, RunOptions, Wait};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -90,7 +90,7 @@ fn measure(
         net: NetBackend::User,
         cpus: Some(1),
         accel: o.accel,
-        wait: Some(WAIT),
+        wait: Some(Wait::vms(WAIT)),
         ..RunOptions::default()
     };
     let t = Instant::now();
@@ -128,7 +128,7 @@ fn measure(
         &FromOptions {
             snap: SNAP.into(),
             name: NAME.into(),
-            wait: Some(WAIT),
+            wait: Some(Wait::vms(WAIT)),
         },
         &|_| {},
     )?;

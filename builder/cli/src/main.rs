@@ -138,12 +138,15 @@ mod tests {
     fn huge_wait_timeout_and_grace_are_refused_by_the_parser() {
         let huge = u64::MAX.to_string();
         let wait = format!("--wait={huge}");
+        let wait_vms = format!("--wait=vms:{huge}");
         for args in [
             vec!["kimg", "stop", "--grace", &huge],
             vec!["kimg", "scalein", "--grace", &huge, "vm-001"],
             vec!["kimg", "exec", "--timeout", &huge, "vm-001", "--", "true"],
             vec!["kimg", "run", &wait],
             vec!["kimg", "scaleout", &wait, "vm-003"],
+            vec!["kimg", "scaleout", &wait_vms, "vm-003"],
+            vec!["kimg", "resume", &wait],
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
         }

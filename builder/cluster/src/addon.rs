@@ -3,10 +3,12 @@
 //! nothing; the Kubernetes one is [`crate::k8s`].
 
 use crate::error::ClusterError;
+use crate::launch::RunEvent;
 use crate::state::ClusterState;
 use kimg_contract::{Flavour, VmId};
 use kimg_image::overlay::Overlay;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// A VM's memory and vCPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +71,25 @@ pub trait Addon: Sync {
     /// Extra QEMU arguments of `vm`.
     fn qemu_args(&self, _vm: VmId, _state: &ClusterState) -> Vec<String> {
         Vec::new()
+    }
+
+    /// How long `--wait` without seconds waits, for the VMs and
+    /// [`Addon::wait_ready`] together.
+    fn ready_wait(&self) -> Duration {
+        crate::health::DEFAULT_WAIT
+    }
+
+    /// Waits for what the flavour means by ready beyond every VM's agent (`--wait`,
+    /// not `--wait=vms`) in the cluster `name`, once its VMs are, until `limit`
+    /// after `start` (when the whole wait began; progress counts from there too).
+    fn wait_ready(
+        &self,
+        _name: &str,
+        _start: Instant,
+        _limit: Duration,
+        _on_event: &(dyn Fn(RunEvent) + Sync),
+    ) -> Result<(), ClusterError> {
+        Ok(())
     }
 }
 

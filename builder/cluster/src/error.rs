@@ -65,6 +65,10 @@ pub enum ClusterError {
     /// VMs did not report ready in time.
     #[error("{}", format_not_ready(.0))]
     NotReady(Vec<(VmId, String, Vec<String>)>),
+    /// A Kubernetes control plane was not ready in time, or cannot be checked: what,
+    /// where, and what to look at.
+    #[error("{0}")]
+    ControlPlane(String),
     /// Talking to an agent failed.
     #[error("{vm}: {source}")]
     Agent {

@@ -1,12 +1,13 @@
 //! Is a VM up: its QEMU process, its console, and its agent's status; `kimg status`
-//! and the wait for ready.
+//! and `--wait` (the VMs' agents, then what the flavour means by ready).
 
+use crate::addon;
 use crate::agent::{self, AgentError};
 use crate::error::ClusterError;
 use crate::launch::RunEvent;
 use crate::process::{qemu_pid, rss_kib};
 use crate::qemu::VmPaths;
-use crate::state::{load, ClusterState};
+use crate::state::{load, read_manifest, ClusterState};
 use kimg_contract::agent::{BootState, Op, Reply, Status};
 use kimg_contract::{Role, VmId};
 use serde::Serialize;
@@ -25,14 +26,72 @@ pub fn console_tail(paths: &VmPaths, n: usize) -> Vec<String> {
         .collect()
 }
 
-pub(crate) fn wait_ready(
+/// How long `--wait` without seconds waits for the VMs' agents (a flavour that
+/// waits for more sets its own: [`addon::Addon::ready_wait`]).
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(120);
+
+/// What `--wait` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitFor {
+    /// Every VM's agent reports ready or degraded (`--wait=vms`).
+    Vms,
+    /// That, then what the image's flavour means by ready beyond its VMs (`--wait`):
+    /// for Kubernetes, a control plane that takes a deployment.
+    Ready,
+}
+
+/// `--wait`: what for, and at most how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    /// What is waited for.
+    pub what: WaitFor,
+    /// The bound of the whole wait; `None`: [`DEFAULT_WAIT`] for the VMs alone, the
+    /// flavour's [`addon::Addon::ready_wait`] for [`WaitFor::Ready`].
+    pub limit: Option<Duration>,
+}
+
+impl Wait {
+    /// Every VM's agent, at most `limit`.
+    pub fn vms(limit: Duration) -> Wait {
+        Wait {
+            what: WaitFor::Vms,
+            limit: Some(limit),
+        }
+    }
+}
+
+/// Waits for what `wait` asks of `state`'s VMs (a cluster's, or those just added
+/// to it) in `dir`, and with [`WaitFor::Ready`] for what the image's flavour adds.
+pub(crate) fn wait_for(
     dir: &Path,
     state: &ClusterState,
-    limit: Duration,
+    wait: Wait,
     on_event: &(dyn Fn(RunEvent) + Sync),
 ) -> Result<(), ClusterError> {
     let start = Instant::now();
-    let deadline = crate::process::deadline(limit);
+    let addon = addon::of(read_manifest(&state.image)?.flavour);
+    let limit = match (wait.limit, wait.what) {
+        (Some(limit), _) => limit,
+        (None, WaitFor::Vms) => DEFAULT_WAIT,
+        (None, WaitFor::Ready) => addon.ready_wait(),
+    };
+    wait_vms(dir, state, start, limit, on_event)?;
+    if wait.what == WaitFor::Ready {
+        addon.wait_ready(&state.name, start, limit, on_event)?;
+    }
+    Ok(())
+}
+
+/// Waits until every VM of `state` reports ready (or degraded), until `limit`
+/// after `start`.
+fn wait_vms(
+    dir: &Path,
+    state: &ClusterState,
+    start: Instant,
+    limit: Duration,
+    on_event: &(dyn Fn(RunEvent) + Sync),
+) -> Result<(), ClusterError> {
+    let deadline = crate::process::deadline_from(start, limit);
     let failures: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = state
             .vms

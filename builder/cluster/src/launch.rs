@@ -1,11 +1,11 @@
 //! `kimg run`: a cluster's directory, cdrom and networks, then one QEMU per VM, all
-//! started in parallel; optionally waits until every VM reports ready.
+//! started in parallel; optionally waits until the cluster is ready (`--wait`).
 
 use crate::accel::{self, Accel, AccelChoice};
 use crate::addon::{self, Addon};
 use crate::bootfiles::boot_files;
 use crate::error::ClusterError;
-use crate::health::wait_ready;
+use crate::health::{wait_for, Wait};
 use crate::network::{self, NetBackend};
 use crate::ops::stop_locked;
 use crate::qemu::{self, VmPaths, VmSpec};
@@ -50,8 +50,8 @@ pub struct RunOptions {
     pub cpus: Option<u32>,
     /// Accelerator choice.
     pub accel: AccelChoice,
-    /// Wait for every VM to report ready, at most this long.
-    pub wait: Option<Duration>,
+    /// Wait until the cluster is ready (or its VMs alone are).
+    pub wait: Option<Wait>,
     /// Boot through UEFI (OVMF) from the image's ESP instead of direct kernel boot.
     pub uefi: bool,
     /// A ready overlay cdrom for every VM.
@@ -76,6 +76,11 @@ pub enum RunEvent {
     Started(VmId),
     /// A VM answered ready (or degraded) after this long.
     Ready(VmId, BootState, Duration),
+    /// The wait goes on for what the flavour means by ready, checked on a VM: what
+    /// (e.g. the Kubernetes control plane's checks).
+    Waiting(VmId, String),
+    /// One of those checks passed on a VM after this long (since the wait began).
+    Passed(VmId, String, Duration),
 }
 
 /// Starts a cluster (stopping a running one of the same name first).
@@ -115,8 +120,8 @@ pub fn run(
             return Err(e);
         }
     };
-    if let Some(limit) = opts.wait {
-        wait_ready(&dir, &state, limit, on_event)?;
+    if let Some(wait) = opts.wait {
+        wait_for(&dir, &state, wait, on_event)?;
     }
     Ok(state)
 }

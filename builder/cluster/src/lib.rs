@@ -38,7 +38,7 @@ pub mod snapshot;
 pub mod state;
 
 pub use error::ClusterError;
-pub use health::{console_tail, status, VmStatus};
+pub use health::{console_tail, status, VmStatus, Wait, WaitFor};
 pub use launch::{run, RunEvent, RunOptions};
 pub use ops::{scalein, scaleout, stop, StopReport};
 pub use process::{alive, qemu_pid};

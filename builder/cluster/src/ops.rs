@@ -5,7 +5,7 @@ use crate::addon;
 use crate::agent;
 use crate::bootfiles::boot_files;
 use crate::error::ClusterError;
-use crate::health::wait_ready;
+use crate::health::{wait_for, Wait};
 use crate::launch::{make_cdroms, start_vms, RunEvent};
 use crate::network;
 use crate::process::{self, qemu_pid, KILL_WAIT};
@@ -110,12 +110,14 @@ fn stop_vms(dir: &Path, vms: &[VmId], grace: Duration) -> StopReport {
 
 /// Adds VMs to a running cluster, each sized like the last running VM of its role
 /// with the same default size (so a Kubernetes node is never sized like the control
-/// plane), else the flavour's default; with `wait`, until they report ready. The size the new VMs are told grows to
-/// include them; VMs already running keep their /etc/hosts.
+/// plane), else the flavour's default; with `wait`, until they report ready (and,
+/// unless it waits for the VMs alone, the flavour's readiness as for `kimg run`).
+/// The size the new VMs are told grows to include them; VMs already running keep
+/// their /etc/hosts.
 pub fn scaleout(
     name: &str,
     vms: &[VmId],
-    wait: Option<Duration>,
+    wait: Option<Wait>,
     on_event: &(dyn Fn(RunEvent) + Sync),
 ) -> Result<ClusterState, ClusterError> {
     let _lock = lock(name)?;
@@ -164,12 +166,12 @@ pub fn scaleout(
     state.vms.sort_by_key(|r| r.vm);
     save(&dir, &state)?;
     result?;
-    if let Some(limit) = wait {
+    if let Some(wait) = wait {
         let only = ClusterState {
             vms: started,
             ..state.clone()
         };
-        wait_ready(&dir, &only, limit, on_event)?;
+        wait_for(&dir, &only, wait, on_event)?;
     }
     Ok(state)
 }

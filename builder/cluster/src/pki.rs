@@ -5,7 +5,8 @@
 //!
 //! Each VM gets only what its role needs, as a folder overlay (`kimg-pki`) first on
 //! its own cdrom ([`vm_overlay`]): the control plane (vm-001) the CA key, the
-//! service-account key, the apiserver's keys and the component kubeconfigs; every
+//! service-account key, the apiserver's keys, the component kubeconfigs and the
+//! admin client certificate as files (for `kimg run --wait`'s curl); every
 //! node the CA certificate, kube-proxy's kubeconfig and its own kubelet's; routers
 //! and testers nothing. Keys and kubeconfigs are 0600, their directory 0700, all
 //! owned by root in the tar; every mode is set explicitly, so the overlay does not
@@ -16,7 +17,7 @@
 //! cfssl run per cluster, and nothing to install on the host.
 
 use base64::Engine;
-use kimg_contract::k8s::{self, APISERVER_PORT, PKI_DIR};
+use kimg_contract::k8s::{self, ADMIN_CERT, ADMIN_KEY, APISERVER_PORT, CA_CERT, PKI_DIR};
 use kimg_contract::net::{self, ClusterSize, Net};
 use kimg_contract::{Role, VmId};
 use kimg_image::overlay::{self, Overlay};
@@ -221,7 +222,7 @@ pub fn add_nodes(dir: &Path, nodes: &[VmId]) -> Result<(), PkiError> {
         let path = pki.join(name);
         fs::read_to_string(&path).map_err(|source| PkiError::Io(IoError::new(path, source)))
     };
-    let ca_pem = read("ca.crt")?;
+    let ca_pem = read(CA_CERT)?;
     let key = KeyPair::from_pem(&read("ca.key")?).map_err(cert_err("CA"))?;
     let ca = Issuer::new(ca_params(), key);
     for &vm in nodes {
@@ -238,12 +239,17 @@ pub fn files_for(vm: VmId) -> Vec<(String, u32)> {
     }
     let pki = |f: &str, mode| (format!("{PKI_DIR}/{f}"), mode);
     let mut files = vec![
-        pki("ca.crt", 0o644),
+        pki(CA_CERT, 0o644),
         (k8s::kubeconfig_path("kube-proxy"), 0o600),
         (k8s::kubeconfig_path(&kubelet_client(vm).0), 0o600),
     ];
     if vm.number() == 1 {
-        for f in ["apiserver.crt", "apiserver-kubelet-client.crt", "sa.pub"] {
+        for f in [
+            "apiserver.crt",
+            "apiserver-kubelet-client.crt",
+            "sa.pub",
+            ADMIN_CERT,
+        ] {
             files.push(pki(f, 0o644));
         }
         for f in [
@@ -251,6 +257,7 @@ pub fn files_for(vm: VmId) -> Vec<(String, u32)> {
             "apiserver.key",
             "apiserver-kubelet-client.key",
             "sa.key",
+            ADMIN_KEY,
         ] {
             files.push(pki(f, 0o600));
         }
@@ -345,7 +352,7 @@ pub fn generate(dir: &Path, size: &ClusterSize, api_port: Option<u16>) -> Result
         .map_err(|source| PkiError::Io(IoError::new(root.clone(), source)))?;
     let ca = ca()?;
     let ca_pem = ca.pem();
-    write(&pki.join("ca.crt"), &ca_pem, 0o644)?;
+    write(&pki.join(CA_CERT), &ca_pem, 0o644)?;
     write(&pki.join("ca.key"), &ca.key().serialize_pem(), 0o600)?;
     for leaf in [
         Leaf {
@@ -396,6 +403,10 @@ pub fn generate(dir: &Path, size: &ClusterSize, api_port: Option<u16>) -> Result
     for (name, cn, org) in &clients {
         let (pem, text) = client_kubeconfig(&root, &ca, &ca_pem, name, cn, *org)?;
         if name == "admin" {
+            // The same pair as files: curl, `kimg run --wait`'s check on vm-001,
+            // takes no kubeconfig.
+            write(&pki.join(ADMIN_CERT), &pem.cert, 0o644)?;
+            write(&pki.join(ADMIN_KEY), &pem.key, 0o600)?;
             let host = match api_port {
                 Some(port) => kubeconfig(&format!("https://127.0.0.1:{port}"), cn, &ca_pem, &pem),
                 None => text.clone(),
@@ -426,6 +437,7 @@ mod tests {
             .arg("-CAfile")
             .arg(pki.join("ca.crt"))
             .arg(pki.join("apiserver.crt"))
+            .arg(pki.join(ADMIN_CERT))
             .output()
             .unwrap();
         assert!(o.status.success(), "{o:?}");
@@ -451,6 +463,12 @@ mod tests {
         assert!(kc.contains("server: https://192.168.1.1:6443"), "{kc}");
         let admin = fs::read_to_string(dir.path().join(ADMIN_KUBECONFIG)).unwrap();
         assert!(admin.contains("server: https://127.0.0.1:16443"), "{admin}");
+        // The admin pair as files is the kubeconfig's.
+        let b64 = |f: &str| {
+            base64::engine::general_purpose::STANDARD.encode(fs::read(pki.join(f)).unwrap())
+        };
+        assert!(admin.contains(&format!("client-certificate-data: {}\n", b64(ADMIN_CERT))));
+        assert!(admin.contains(&format!("client-key-data: {}\n", b64(ADMIN_KEY))));
         assert!(!dir.path().join("pki.tmp").exists());
         let mode = fs::metadata(pki.join("ca.key"))
             .unwrap()
@@ -480,6 +498,13 @@ mod tests {
             k8s::KUBECONFIG_DIR
         )));
         assert!(toml.contains(&format!("{PKI_DIR}/apiserver.crt")));
+        // The services' own wait for the apiserver asks what `kimg run --wait` asks.
+        let readyz = format!(
+            "--cacert {} \"$server{}\"",
+            k8s::pki_path(CA_CERT),
+            k8s::READYZ_PATH
+        );
+        assert!(toml.contains(&readyz), "{readyz}");
         // The pod ranges of all nodes lie in kube-proxy's cluster CIDRs.
         let vm = VmId::new(199).unwrap();
         assert!(k8s::pod_net4(vm).unwrap().octets()[..2] == [10, 244]);
@@ -601,6 +626,7 @@ mod tests {
             "pki/ca.key",
             "pki/sa.key",
             "pki/apiserver.key",
+            "pki/admin.key",
             "admin.kubeconfig",
         ] {
             assert_eq!(
@@ -614,6 +640,8 @@ mod tests {
                 "{f} on a node"
             );
         }
+        assert_eq!(mode(&cp, "etc/kubernetes/pki/admin.crt"), Some(0o644));
+        assert_eq!(mode(&node, "etc/kubernetes/pki/admin.crt"), None);
         assert!(mode(&node, "etc/kubernetes/kubelet-vm-002.kubeconfig").is_some());
         assert!(mode(&node, "etc/kubernetes/kubelet-vm-001.kubeconfig").is_none());
         assert!(mode(&cp, "etc/kubernetes/kubelet-vm-002.kubeconfig").is_none());

@@ -20,10 +20,15 @@ use std::time::{Duration, Instant, SystemTime};
 /// The instant `after` from now, saturating: a huge timeout (`Duration::MAX`) means
 /// "about forever", never an overflow panic.
 pub fn deadline(after: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(after)
-        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
-        .unwrap_or(now)
+    deadline_from(Instant::now(), after)
+}
+
+/// The instant `after` from `start`, saturating like [`deadline`].
+pub fn deadline_from(start: Instant, after: Duration) -> Instant {
+    start
+        .checked_add(after)
+        .or_else(|| start.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(start)
 }
 
 /// How long to wait for a process to go after SIGKILL before calling it stuck

@@ -7,7 +7,7 @@ use crate::addon;
 use crate::agent;
 use crate::bootfiles::boot_files;
 use crate::error::ClusterError;
-use crate::health::{console_tail, wait_ready};
+use crate::health::{console_tail, wait_for, Wait};
 use crate::launch::RunEvent;
 use crate::network;
 use crate::ops::stop_locked;
@@ -36,8 +36,8 @@ pub struct FromOptions {
     pub snap: String,
     /// The new cluster's name (a running one of that name is stopped first).
     pub name: String,
-    /// Wait for every VM's agent to report ready, at most this long.
-    pub wait: Option<Duration>,
+    /// Wait until the cluster is ready (or its VMs alone are).
+    pub wait: Option<Wait>,
 }
 
 /// Starts a new cluster from snapshot `opts.snap`.
@@ -61,7 +61,7 @@ pub fn suspend(name: &str) -> Result<SnapshotManifest, ClusterError> {
 /// whose VMs a killed save left paused gets them running again.
 pub fn resume(
     name: &str,
-    wait: Option<Duration>,
+    wait: Option<Wait>,
     on_event: &(dyn Fn(RunEvent) + Sync),
 ) -> Result<ClusterState, ClusterError> {
     cluster_dir(name)?;
@@ -92,7 +92,7 @@ fn restore(
     snap_dir: &Path,
     name: &str,
     consume: bool,
-    wait: Option<Duration>,
+    wait: Option<Wait>,
     on_event: &(dyn Fn(RunEvent) + Sync),
 ) -> Result<ClusterState, ClusterError> {
     let dir = cluster_dir(name)?;
@@ -116,8 +116,8 @@ fn restore(
         // The cluster holds everything it needs now (layers and cdroms moved).
         fs::remove_dir_all(snap_dir).with_path(snap_dir)?;
     }
-    if let Some(limit) = wait {
-        wait_ready(&dir, &state, limit, on_event)?;
+    if let Some(wait) = wait {
+        wait_for(&dir, &state, wait, on_event)?;
     }
     Ok(state)
 }

@@ -355,10 +355,7 @@ fn k8s(a: K8sArgs) -> anyhow::Result<ExitCode> {
         r.containerd_ready_secs, r.base_ready_secs
     );
     if !starts.is_empty() {
-        println!(
-            "\ncold start, seconds from `kimg run` ({}: not reached in 900 s):",
-            "-"
-        );
+        println!("\ncold start, seconds from `kimg run` (-: not reached in 900 s):");
         println!(
             "{:<6} {:<24} {:>6} {:>6} {:>7} {:>11} {:>9} {:>8} {:>8}",
             "shape", "variant", "etcd", "port", "/readyz", "registered", "all Ready", "SA", "pod"

@@ -25,6 +25,9 @@ pub mod status;
 pub mod stop;
 pub mod suspend;
 
+use kimg_cluster::{Wait, WaitFor};
+use std::time::Duration;
+
 /// The static kimg-init this binary carries (build.rs builds it for musl); `kimg build`
 /// writes it to the cache and uses it unless `--init` or `$KIMG_INIT` names another.
 pub const KIMG_INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kimg-init"));
@@ -43,6 +46,45 @@ pub const MAX_SECS: u64 = 365 * 24 * 3600;
 /// The value parser of a seconds option: 0..=[`MAX_SECS`].
 pub fn secs() -> clap::builder::RangedU64ValueParser<u64> {
     clap::value_parser!(u64).range(..=MAX_SECS)
+}
+
+/// `--wait`'s value: none (`--wait`), `SECS`, `vms` or `vms:SECS`.
+pub fn parse_wait(s: &str) -> Result<Wait, String> {
+    let usage = || {
+        format!("{s:?}: use --wait, --wait=SECS, --wait=vms or --wait=vms:SECS (SECS a number up to {MAX_SECS})")
+    };
+    let (what, secs) = match s.strip_prefix("vms") {
+        Some("") => (WaitFor::Vms, None),
+        Some(rest) => (
+            WaitFor::Vms,
+            Some(rest.strip_prefix(':').ok_or_else(usage)?),
+        ),
+        None if s.is_empty() => (WaitFor::Ready, None),
+        None => (WaitFor::Ready, Some(s)),
+    };
+    let limit = secs
+        .map(|n| {
+            n.parse::<u64>()
+                .ok()
+                .filter(|n| *n <= MAX_SECS)
+                .map(Duration::from_secs)
+                .ok_or_else(usage)
+        })
+        .transpose()?;
+    Ok(Wait { what, limit })
+}
+
+/// The long help of `--wait`; `vms` says whose agents it waits for.
+pub fn wait_help(vms: &str) -> String {
+    format!(
+        "Wait until ready, at most SECS seconds in all:\n\
+         --wait, --wait=SECS: {vms} report ready (or degraded), then on a Kubernetes image \
+         its control plane on vm-001: the apiserver answers /readyz and the service account \
+         `default` exists in namespace `default`, so that pods and deployments are taken at \
+         once. SECS defaults to 120, 600 on a Kubernetes image.\n\
+         --wait=vms, --wait=vms:SECS: {vms} report ready (or degraded), nothing more. SECS \
+         defaults to 120."
+    )
 }
 
 /// This terminal in raw mode (`kimg console`, `kimg shell`): keys go to the VM as
@@ -103,6 +145,33 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_for_the_cluster_or_the_vms_alone_with_or_without_seconds() {
+        let ready = |limit| Wait {
+            what: WaitFor::Ready,
+            limit,
+        };
+        let vms = |limit| Wait {
+            what: WaitFor::Vms,
+            limit,
+        };
+        let secs = |n| Some(Duration::from_secs(n));
+        assert_eq!(parse_wait(""), Ok(ready(None)));
+        assert_eq!(parse_wait("600"), Ok(ready(secs(600))));
+        assert_eq!(parse_wait("0"), Ok(ready(secs(0))));
+        assert_eq!(parse_wait("vms"), Ok(vms(None)));
+        assert_eq!(parse_wait("vms:30"), Ok(vms(secs(30))));
+        let max = MAX_SECS.to_string();
+        assert_eq!(parse_wait(&max), Ok(ready(secs(MAX_SECS))));
+        let over = (MAX_SECS + 1).to_string();
+        for bad in [
+            "vms:", "vms30", "vms:x", "vm", "VMS", "ready", "-1", "1.5", "30s", &over,
+        ] {
+            let e = parse_wait(bad).unwrap_err();
+            assert!(e.contains("--wait=vms:SECS"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn sizes() {

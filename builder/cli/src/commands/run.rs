@@ -3,11 +3,10 @@
 use anyhow::Context;
 use kimg_cluster::accel::AccelChoice;
 use kimg_cluster::network::NetBackend;
-use kimg_cluster::{self as cluster, RunEvent, RunOptions};
+use kimg_cluster::{self as cluster, RunEvent, RunOptions, Wait};
 use kimg_contract::VmId;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 /// Start a cluster of VMs from an image: vm-001.. are nodes, vm-201.. routers,
 /// vm-221.. testers.
@@ -54,9 +53,10 @@ pub struct Args {
     /// Accelerator.
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     accel: AccelChoice,
-    /// Wait until every VM reports ready (at most SECS seconds, default 120).
-    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "120", require_equals = true, value_parser = super::secs())]
-    wait: Option<u64>,
+    /// Wait until the cluster is ready: every VM's agent, and a Kubernetes image's
+    /// control plane (`--wait=vms`: the VMs alone); at most SECS seconds.
+    #[arg(long, value_name = "SECS|vms[:SECS]", num_args = 0..=1, default_missing_value = "", require_equals = true, value_parser = super::parse_wait, long_help = super::wait_help("the VMs' agents"))]
+    wait: Option<Wait>,
     /// Boot through UEFI (OVMF) from the image's own ESP (systemd-boot, its loader
     /// entry's command line) instead of giving QEMU the kernel: proves the image boots
     /// on its own. The hostname then reaches the VM as an SMBIOS OEM string.
@@ -164,7 +164,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         cpus,
         cpus_overrides,
         accel: a.accel,
-        wait: a.wait.map(Duration::from_secs),
+        wait: a.wait,
         uefi: a.uefi,
         cdrom: a.cdrom,
         append: a.append.unwrap_or_default(),
@@ -192,6 +192,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     t.as_secs_f64()
                 )
             }
+            RunEvent::Waiting(vm, what) => eprintln!("kimg run: {vm} {what}"),
+            RunEvent::Passed(vm, what, t) => {
+                eprintln!("kimg run: {vm} {what} after {:.2}s", t.as_secs_f64())
+            }
         }
     })
     .with_context(|| format!("kimg run --name {} failed", opts.name))?;
@@ -213,7 +217,7 @@ fn run_from(a: &Args, snap: &str) -> anyhow::Result<ExitCode> {
     let opts = kimg_cluster::restore::FromOptions {
         snap: snap.to_string(),
         name: a.name.clone(),
-        wait: a.wait.map(Duration::from_secs),
+        wait: a.wait,
     };
     let quiet = a.quiet || a.json;
     let state = kimg_cluster::restore::run_from(&opts, &|ev| {
@@ -228,6 +232,10 @@ fn run_from(a: &Args, snap: &str) -> anyhow::Result<ExitCode> {
             RunEvent::Started(vm) => eprintln!("kimg run: {vm} restored"),
             RunEvent::Ready(vm, _, t) => {
                 eprintln!("kimg run: {vm} ready after {:.2}s", t.as_secs_f64())
+            }
+            RunEvent::Waiting(vm, what) => eprintln!("kimg run: {vm} {what}"),
+            RunEvent::Passed(vm, what, t) => {
+                eprintln!("kimg run: {vm} {what} after {:.2}s", t.as_secs_f64())
             }
             RunEvent::Accel(_) => {}
         }
@@ -248,6 +256,48 @@ fn run_from(a: &Args, snap: &str) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kimg_cluster::WaitFor;
+    use std::time::Duration;
+
+    #[test]
+    fn wait_for_the_cluster_or_the_vms_with_or_without_seconds() {
+        #[derive(clap::Parser)]
+        struct Run {
+            #[command(flatten)]
+            args: Args,
+        }
+        let parse = |argv: &[&str]| {
+            <Run as clap::Parser>::try_parse_from(
+                std::iter::once("run").chain(argv.iter().copied()),
+            )
+            .map(|r| r.args)
+        };
+        let wait = |argv: &[&str]| parse(argv).unwrap().wait;
+        let secs = |n| Some(Duration::from_secs(n));
+        let ready = |limit| {
+            Some(Wait {
+                what: WaitFor::Ready,
+                limit,
+            })
+        };
+        let vms = |limit| {
+            Some(Wait {
+                what: WaitFor::Vms,
+                limit,
+            })
+        };
+        assert_eq!(wait(&[]), None);
+        assert_eq!(wait(&["--wait"]), ready(None));
+        assert_eq!(wait(&["--wait=600"]), ready(secs(600)));
+        assert_eq!(wait(&["--wait=vms"]), vms(None));
+        assert_eq!(wait(&["--wait=vms:30"]), vms(secs(30)));
+        // A value needs `=`: after a space it is an overlay, as before.
+        let a = parse(&["--wait", "vms"]).unwrap();
+        assert_eq!((a.wait, a.overlays), (ready(None), vec!["vms".to_string()]));
+        for bad in ["--wait=vms:", "--wait=all", "--wait=-1"] {
+            assert!(parse(&[bad]).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn mem_for_all_or_one_vm() {

@@ -1,6 +1,6 @@
 //! `kimg scaleout` and `kimg scalein`: add or remove VMs of a running cluster.
 
-use kimg_cluster::{self as cluster, RunEvent};
+use kimg_cluster::{self as cluster, RunEvent, Wait};
 use kimg_contract::VmId;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,9 +14,10 @@ pub struct OutArgs {
     /// Cluster name.
     #[arg(long, default_value = super::DEFAULT_CLUSTER)]
     name: String,
-    /// Wait until the new VMs report ready (at most SECS seconds, default 120).
-    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "120", require_equals = true, value_parser = super::secs())]
-    wait: Option<u64>,
+    /// Wait until the new VMs' agents report ready, and a Kubernetes image's control
+    /// plane answers (`--wait=vms`: the VMs alone); at most SECS seconds.
+    #[arg(long, value_name = "SECS|vms[:SECS]", num_args = 0..=1, default_missing_value = "", require_equals = true, value_parser = super::parse_wait, long_help = super::wait_help("the new VMs' agents"))]
+    wait: Option<Wait>,
     /// The VMs to add.
     #[arg(required = true)]
     vms: Vec<VmId>,
@@ -39,18 +40,17 @@ pub struct InArgs {
 
 /// Runs `kimg scaleout`.
 pub fn run_out(a: OutArgs) -> anyhow::Result<ExitCode> {
-    let state = cluster::scaleout(
-        &a.name,
-        &a.vms,
-        a.wait.map(Duration::from_secs),
-        &|ev| match ev {
-            RunEvent::Started(vm) => eprintln!("kimg scaleout: {vm} started"),
-            RunEvent::Ready(vm, _, t) => {
-                eprintln!("kimg scaleout: {vm} up after {:.2}s", t.as_secs_f64())
-            }
-            _ => {}
-        },
-    )?;
+    let state = cluster::scaleout(&a.name, &a.vms, a.wait, &|ev| match ev {
+        RunEvent::Started(vm) => eprintln!("kimg scaleout: {vm} started"),
+        RunEvent::Ready(vm, _, t) => {
+            eprintln!("kimg scaleout: {vm} up after {:.2}s", t.as_secs_f64())
+        }
+        RunEvent::Waiting(vm, what) => eprintln!("kimg scaleout: {vm} {what}"),
+        RunEvent::Passed(vm, what, t) => {
+            eprintln!("kimg scaleout: {vm} {what} after {:.2}s", t.as_secs_f64())
+        }
+        RunEvent::Replaced | RunEvent::Accel(_) => {}
+    })?;
     eprintln!(
         "kimg scaleout: cluster {:?} has {} VMs",
         state.name,

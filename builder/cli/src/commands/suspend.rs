@@ -2,9 +2,8 @@
 //! survives a host reboot) and brought back as it was.
 
 use anyhow::Context;
-use kimg_cluster::{restore, RunEvent};
+use kimg_cluster::{restore, RunEvent, Wait};
 use std::process::ExitCode;
-use std::time::Duration;
 
 /// Save a running cluster into the cache and quit its VMs; `kimg resume` brings it
 /// back as it was (processes, files, uptime), after a host reboot too.
@@ -21,9 +20,10 @@ pub struct ResumeArgs {
     /// Cluster name.
     #[arg(long, default_value = super::DEFAULT_CLUSTER)]
     name: String,
-    /// Wait until every VM's agent reports ready (at most SECS seconds, default 120).
-    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "120", require_equals = true)]
-    wait: Option<u64>,
+    /// Wait until the cluster is ready again: every VM's agent, and a Kubernetes
+    /// image's control plane (`--wait=vms`: the VMs alone); at most SECS seconds.
+    #[arg(long, value_name = "SECS|vms[:SECS]", num_args = 0..=1, default_missing_value = "", require_equals = true, value_parser = super::parse_wait, long_help = super::wait_help("the VMs' agents"))]
+    wait: Option<Wait>,
 }
 
 /// Runs `kimg suspend`.
@@ -42,10 +42,13 @@ pub fn run_suspend(a: SuspendArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs `kimg resume`.
 pub fn run_resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
-    let state = restore::resume(&a.name, a.wait.map(Duration::from_secs), &|ev| {
-        if let RunEvent::Started(vm) = ev {
-            eprintln!("kimg resume: {vm} restored");
+    let state = restore::resume(&a.name, a.wait, &|ev| match ev {
+        RunEvent::Started(vm) => eprintln!("kimg resume: {vm} restored"),
+        RunEvent::Waiting(vm, what) => eprintln!("kimg resume: {vm} {what}"),
+        RunEvent::Passed(vm, what, t) => {
+            eprintln!("kimg resume: {vm} {what} after {:.2}s", t.as_secs_f64())
         }
+        RunEvent::Replaced | RunEvent::Accel(_) | RunEvent::Ready(..) => {}
     })
     .with_context(|| format!("kimg resume --name {} failed", a.name))?;
     eprintln!(
