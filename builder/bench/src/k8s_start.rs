@@ -200,7 +200,7 @@ fn measure(
             log(&format!("{s:7.1} s  {what}"));
         }
     };
-    while t.elapsed() < o.limit && r.first_pod.is_none() {
+    while t.elapsed() < o.limit && (r.first_pod.is_none() || r.all_ready.is_none()) {
         std::thread::sleep(POLL);
         if r.apiserver_port.is_none() {
             let Ok((_, vms)) = cluster::status(NAME) else {
