@@ -30,6 +30,10 @@ const POLL: Duration = Duration::from_secs(2);
 /// The longest one request of a check may take: an apiserver starting on busy
 /// cores answers slowly, and one slow answer is no failure.
 const REQUEST_MAX: Duration = Duration::from_secs(20);
+/// The least time one request of a check gets, even when that ends it past the
+/// deadline: a TLS handshake under TCG on a loaded host can take a second, and a
+/// last check cut shorter would call an apiserver that answers "not answering".
+const REQUEST_MIN: Duration = Duration::from_secs(5);
 /// curl's exit code when it cannot load its client certificate or key.
 const CURL_CERT_PROBLEM: i32 = 58;
 /// The first check of the control-plane wait, as progress lines name it.
@@ -209,11 +213,11 @@ fn wait_control_plane(
 }
 
 /// One check on vm-001: curl asks `/readyz` and the default service account with
-/// the admin certificate, each request at most `left` (1 s at least, so that a
-/// control plane already up passes after a wait the VMs used up), and prints the
-/// two HTTP statuses (`000` for no answer).
+/// the admin certificate, each request at most `left` (within [`REQUEST_MIN`] and
+/// [`REQUEST_MAX`]: a control plane already up passes after a wait the VMs used up),
+/// and prints the two HTTP statuses (`000` for no answer).
 fn check(name: &str, left: Duration) -> Result<ExecResult, ClusterError> {
-    let max = left.clamp(Duration::from_secs(1), REQUEST_MAX).as_secs();
+    let max = left.clamp(REQUEST_MIN, REQUEST_MAX).as_secs();
     let base = format!("https://127.0.0.1:{APISERVER_PORT}");
     let mut argv: Vec<String> = ["curl", "-sS", "--max-time", &max.to_string()]
         .map(String::from)
