@@ -5,14 +5,14 @@
 //! next to what they replaced), run one after the other on the same machine.
 //!
 //! Everything is asked inside vm-001 through the agent, with one curl per poll (one
-//! TLS connection for every URL, the apiserver's kubelet-client certificate, which is
-//! `system:masters`): a kubectl start costs vm-001 seconds of CPU under TCG, and the
-//! host may have no kubectl.
+//! TLS connection for every URL, as the cluster's admin: the curl `kimg run --wait`
+//! uses, [`k8s::apiserver_curl`]): a kubectl start costs vm-001 seconds of CPU
+//! under TCG, and the host may have no kubectl.
 
 use super::BenchError;
 use kimg_cluster::accel::AccelChoice;
-use kimg_cluster::{self as cluster, session, RunOptions};
-use kimg_contract::k8s::{APISERVER_PORT, PKI_DIR};
+use kimg_cluster::{self as cluster, k8s, session, RunOptions};
+use kimg_contract::k8s::{DEFAULT_SA_PATH, READYZ_PATH};
 use kimg_contract::service::ServiceState;
 use kimg_contract::VmId;
 use serde::Serialize;
@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 const NAME: &str = "bench-k8s-start";
 /// How often vm-001 is asked.
 const POLL: Duration = Duration::from_secs(2);
+/// The longest one request of a poll may take.
+const REQUEST_MAX: Duration = Duration::from_secs(10);
 /// The pod of the "first pod Running" milestone: the pause image, which every
 /// release kimg builds with carries (containerd's sandbox image).
 const POD: &str = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"bench-first"},
@@ -98,28 +100,42 @@ pub fn run(o: &K8sStartOptions, log: &dyn Fn(&str)) -> Result<Vec<ColdStart>, Be
     Ok(out)
 }
 
-/// The curl run in vm-001 on every poll: `/readyz`, the nodes, the service
-/// account and the pod, each answer followed by a line `@@ CODE`.
-fn poll_script() -> String {
-    let base = format!("https://127.0.0.1:{APISERVER_PORT}");
-    format!(
-        "curl -s --max-time 10 --cacert {PKI_DIR}/ca.crt --cert {PKI_DIR}/apiserver-kubelet-client.crt \
-         --key {PKI_DIR}/apiserver-kubelet-client.key -w '\\n@@ %{{http_code}}\\n' \
-         {base}/readyz {base}/api/v1/nodes {base}/api/v1/namespaces/default/serviceaccounts/default \
-         {base}/api/v1/namespaces/default/pods/bench-first"
-    )
+/// Where the pod of [`POD`] is created.
+const PODS_PATH: &str = "/api/v1/namespaces/default/pods";
+
+/// The curl run in vm-001 on every poll: `/readyz`, the nodes, the service account
+/// and the pod, each answer followed by a line `@@ CODE`.
+fn poll_argv() -> Vec<String> {
+    let mut argv = k8s::apiserver_curl(REQUEST_MAX);
+    argv.extend(["-w".into(), "\n@@ %{http_code}\n".into()]);
+    for path in [
+        READYZ_PATH,
+        "/api/v1/nodes",
+        DEFAULT_SA_PATH,
+        &format!("{PODS_PATH}/bench-first"),
+    ] {
+        argv.push(k8s::apiserver_url(path));
+    }
+    argv
 }
 
 /// Creates the pod (an answer 201, or 409 if an earlier try got through).
-fn create_pod_script() -> String {
-    let base = format!("https://127.0.0.1:{APISERVER_PORT}");
-    format!(
-        "curl -s --max-time 10 --cacert {PKI_DIR}/ca.crt --cert {PKI_DIR}/apiserver-kubelet-client.crt \
-         --key {PKI_DIR}/apiserver-kubelet-client.key -o /dev/null -w '%{{http_code}}' \
-         -H 'Content-Type: application/json' -X POST --data-binary '{}' \
-         {base}/api/v1/namespaces/default/pods",
-        POD.replace('\n', "")
-    )
+fn create_pod_argv() -> Vec<String> {
+    let mut argv = k8s::apiserver_curl(REQUEST_MAX);
+    for a in [
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        POD,
+    ] {
+        argv.push(a.into());
+    }
+    argv.push(k8s::apiserver_url(PODS_PATH));
+    argv
 }
 
 /// The answers of one poll: (body, HTTP code) per URL, in order.
@@ -221,12 +237,7 @@ fn measure(
             }
             continue;
         }
-        let Ok(out) = session::exec(
-            NAME,
-            vm1,
-            vec!["sh".into(), "-c".into(), poll_script()],
-            Some(Duration::from_secs(30)),
-        ) else {
+        let Ok(out) = session::exec(NAME, vm1, poll_argv(), Some(Duration::from_secs(30))) else {
             continue;
         };
         let a = answers(&out.stdout);
@@ -254,12 +265,7 @@ fn measure(
             mark("default service account", &mut r.default_sa);
         }
         if r.default_sa.is_some() && pod.1 == 404 {
-            let _ = session::exec(
-                NAME,
-                vm1,
-                vec!["sh".into(), "-c".into(), create_pod_script()],
-                Some(Duration::from_secs(30)),
-            );
+            let _ = session::exec(NAME, vm1, create_pod_argv(), Some(Duration::from_secs(30)));
         }
         let phase: serde_json::Value = serde_json::from_str(&pod.0).unwrap_or_default();
         if phase["status"]["phase"] == "Running" {
@@ -286,8 +292,12 @@ mod tests {
             [("vm-001".to_string(), true), ("vm-002".to_string(), false)]
         );
         assert!(nodes_of("not json").is_empty());
-        // The pod's JSON goes inside single quotes of a shell word.
-        assert!(!POD.contains('\''));
-        assert!(create_pod_script().contains("\"name\":\"bench-first\""));
+        // One curl asks every URL, each answer's code after it, as `answers` reads.
+        let poll = poll_argv();
+        assert_eq!(poll.iter().filter(|a| a.starts_with("https://")).count(), 4);
+        assert!(poll.contains(&"\n@@ %{http_code}\n".to_string()));
+        assert!(create_pod_argv()
+            .iter()
+            .any(|a| a.contains("\"name\":\"bench-first\"")));
     }
 }

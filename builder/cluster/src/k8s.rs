@@ -217,24 +217,14 @@ fn wait_control_plane(
 /// [`REQUEST_MAX`]: a control plane already up passes after a wait the VMs used up),
 /// and prints the two HTTP statuses (`000` for no answer).
 fn check(name: &str, left: Duration) -> Result<ExecResult, ClusterError> {
-    let max = left.clamp(REQUEST_MIN, REQUEST_MAX).as_secs();
-    let base = format!("https://127.0.0.1:{APISERVER_PORT}");
-    let mut argv: Vec<String> = ["curl", "-sS", "--max-time", &max.to_string()]
-        .map(String::from)
-        .to_vec();
-    for (flag, file) in [
-        ("--cacert", CA_CERT),
-        ("--cert", ADMIN_CERT),
-        ("--key", ADMIN_KEY),
-    ] {
-        argv.extend([flag.to_string(), k8s::pki_path(file)]);
-    }
+    let max = left.clamp(REQUEST_MIN, REQUEST_MAX);
+    let mut argv = apiserver_curl(max);
     argv.extend(["-w".into(), "%{http_code}\n".into()]);
     for path in [READYZ_PATH, DEFAULT_SA_PATH] {
-        argv.extend(["-o".into(), "/dev/null".into(), format!("{base}{path}")]);
+        argv.extend(["-o".into(), "/dev/null".into(), apiserver_url(path)]);
     }
     // Two requests, and the session's own start, within the command's timeout.
-    let timeout = Duration::from_secs(2 * max + 10);
+    let timeout = 2 * max + Duration::from_secs(10);
     let out = session::exec(name, CONTROL_PLANE, argv, Some(timeout))?;
     if out.exit_code == CURL_CERT_PROBLEM {
         // No waiting fixes a missing key: say so at once.
@@ -245,6 +235,29 @@ fn check(name: &str, left: Duration) -> Result<ExecResult, ClusterError> {
         )));
     }
     Ok(out)
+}
+
+/// curl on [`CONTROL_PLANE`] as the cluster's admin (the PKI overlay gives vm-001
+/// the admin pair as files), each request at most `max`; add what to ask and the
+/// URLs ([`apiserver_url`]). curl, not kubectl: a kubectl start costs seconds of
+/// CPU under TCG.
+pub fn apiserver_curl(max: Duration) -> Vec<String> {
+    let mut argv: Vec<String> = ["curl", "-sS", "--max-time"].map(String::from).to_vec();
+    argv.push(max.as_secs().max(1).to_string());
+    for (flag, file) in [
+        ("--cacert", CA_CERT),
+        ("--cert", ADMIN_CERT),
+        ("--key", ADMIN_KEY),
+    ] {
+        argv.extend([flag.to_string(), k8s::pki_path(file)]);
+    }
+    argv
+}
+
+/// The URL of the apiserver's `path` (`/readyz`, `/api/v1/...`) as seen on
+/// [`CONTROL_PLANE`].
+pub fn apiserver_url(path: &str) -> String {
+    format!("https://127.0.0.1:{APISERVER_PORT}{path}")
 }
 
 /// The control plane's state from a [`check`]'s output: ready, or what is pending.

@@ -337,7 +337,7 @@ fn stage_rootfs(
         "ID=kimg\nNAME=kimg\nPRETTY_NAME=\"kimg {v}\"\nVERSION_ID={v}\nHOME_URL=\"https://github.com/kimg\"\n",
         v = env!("CARGO_PKG_VERSION")
     );
-    let components = rootfs::stage(
+    let mut components = rootfs::stage(
         root,
         &RootfsInputs {
             init: &opts.init,
@@ -351,7 +351,6 @@ fn stage_rootfs(
             extra_binaries: &plan.extra_binaries,
         },
     )?;
-    let mut components = components;
     if !plan.preload_images.is_empty() {
         let store = root.join(preload::CONTAINERD_ROOT.trim_start_matches('/'));
         preload::import(&plan.preload_images, &store)?;

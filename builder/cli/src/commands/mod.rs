@@ -25,7 +25,7 @@ pub mod status;
 pub mod stop;
 pub mod suspend;
 
-use kimg_cluster::{Wait, WaitFor};
+use kimg_cluster::{RunEvent, Wait, WaitFor};
 use std::time::Duration;
 
 /// The static kimg-init this binary carries (build.rs builds it for musl); `kimg build`
@@ -85,6 +85,40 @@ pub fn wait_help(vms: &str) -> String {
          --wait=vms, --wait=vms:SECS: {vms} report ready (or degraded), nothing more. SECS \
          defaults to 120."
     )
+}
+
+/// The progress lines of starting VMs (`kimg run`, `run --from`, `resume`,
+/// `scaleout`) on stderr, as `kimg CMD: ...`; `started` says what happened to a
+/// VM's QEMU ("started", "restored"), `name` is the cluster's. Nothing when `quiet`.
+pub fn start_progress<'a>(
+    cmd: &'a str,
+    name: &'a str,
+    started: &'a str,
+    quiet: bool,
+) -> impl Fn(RunEvent) + Sync + 'a {
+    move |ev| {
+        if quiet {
+            return;
+        }
+        match ev {
+            RunEvent::Replaced => {
+                eprintln!("kimg {cmd}: stopped the running cluster {name:?} first")
+            }
+            RunEvent::Accel(acc) => eprintln!("kimg {cmd}: accelerator {}", acc.as_str()),
+            RunEvent::Started(vm) => eprintln!("kimg {cmd}: {vm} {started}"),
+            RunEvent::Ready(vm, st, t) => eprintln!(
+                "kimg {cmd}: {vm} {} after {:.2}s",
+                serde_json::to_string(&st)
+                    .unwrap_or_default()
+                    .trim_matches('"'),
+                t.as_secs_f64()
+            ),
+            RunEvent::Waiting(vm, what) => eprintln!("kimg {cmd}: {vm} {what}"),
+            RunEvent::Passed(vm, what, t) => {
+                eprintln!("kimg {cmd}: {vm} {what} after {:.2}s", t.as_secs_f64())
+            }
+        }
+    }
 }
 
 /// This terminal in raw mode (`kimg console`, `kimg shell`): keys go to the VM as

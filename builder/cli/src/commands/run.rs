@@ -3,7 +3,7 @@
 use anyhow::Context;
 use kimg_cluster::accel::AccelChoice;
 use kimg_cluster::network::NetBackend;
-use kimg_cluster::{self as cluster, RunEvent, RunOptions, Wait};
+use kimg_cluster::{self as cluster, RunOptions, Wait};
 use kimg_contract::VmId;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -172,32 +172,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         ovlpath: a.ovlpath,
     };
     let quiet = a.quiet || a.json;
-    let state = cluster::run(&opts, &|ev| {
-        if quiet {
-            return;
-        }
-        match ev {
-            RunEvent::Replaced => eprintln!(
-                "kimg run: stopped the running cluster {:?} first",
-                opts.name
-            ),
-            RunEvent::Accel(acc) => eprintln!("kimg run: accelerator {}", acc.as_str()),
-            RunEvent::Started(vm) => eprintln!("kimg run: {vm} started"),
-            RunEvent::Ready(vm, st, t) => {
-                eprintln!(
-                    "kimg run: {vm} {} after {:.2}s",
-                    serde_json::to_string(&st)
-                        .unwrap_or_default()
-                        .trim_matches('"'),
-                    t.as_secs_f64()
-                )
-            }
-            RunEvent::Waiting(vm, what) => eprintln!("kimg run: {vm} {what}"),
-            RunEvent::Passed(vm, what, t) => {
-                eprintln!("kimg run: {vm} {what} after {:.2}s", t.as_secs_f64())
-            }
-        }
-    })
+    let state = cluster::run(
+        &opts,
+        &super::start_progress("run", &opts.name, "started", quiet),
+    )
     .with_context(|| format!("kimg run --name {} failed", opts.name))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&state)?);
@@ -220,26 +198,10 @@ fn run_from(a: &Args, snap: &str) -> anyhow::Result<ExitCode> {
         wait: a.wait,
     };
     let quiet = a.quiet || a.json;
-    let state = kimg_cluster::restore::run_from(&opts, &|ev| {
-        if quiet {
-            return;
-        }
-        match ev {
-            RunEvent::Replaced => eprintln!(
-                "kimg run: stopped the running cluster {:?} first",
-                opts.name
-            ),
-            RunEvent::Started(vm) => eprintln!("kimg run: {vm} restored"),
-            RunEvent::Ready(vm, _, t) => {
-                eprintln!("kimg run: {vm} ready after {:.2}s", t.as_secs_f64())
-            }
-            RunEvent::Waiting(vm, what) => eprintln!("kimg run: {vm} {what}"),
-            RunEvent::Passed(vm, what, t) => {
-                eprintln!("kimg run: {vm} {what} after {:.2}s", t.as_secs_f64())
-            }
-            RunEvent::Accel(_) => {}
-        }
-    })
+    let state = kimg_cluster::restore::run_from(
+        &opts,
+        &super::start_progress("run", &opts.name, "restored", quiet),
+    )
     .with_context(|| format!("kimg run --from {snap} --name {} failed", opts.name))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&state)?);

@@ -1,6 +1,6 @@
 //! `kimg scaleout` and `kimg scalein`: add or remove VMs of a running cluster.
 
-use kimg_cluster::{self as cluster, RunEvent, Wait};
+use kimg_cluster::{self as cluster, Wait};
 use kimg_contract::VmId;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -40,17 +40,12 @@ pub struct InArgs {
 
 /// Runs `kimg scaleout`.
 pub fn run_out(a: OutArgs) -> anyhow::Result<ExitCode> {
-    let state = cluster::scaleout(&a.name, &a.vms, a.wait, &|ev| match ev {
-        RunEvent::Started(vm) => eprintln!("kimg scaleout: {vm} started"),
-        RunEvent::Ready(vm, _, t) => {
-            eprintln!("kimg scaleout: {vm} up after {:.2}s", t.as_secs_f64())
-        }
-        RunEvent::Waiting(vm, what) => eprintln!("kimg scaleout: {vm} {what}"),
-        RunEvent::Passed(vm, what, t) => {
-            eprintln!("kimg scaleout: {vm} {what} after {:.2}s", t.as_secs_f64())
-        }
-        RunEvent::Replaced | RunEvent::Accel(_) => {}
-    })?;
+    let state = cluster::scaleout(
+        &a.name,
+        &a.vms,
+        a.wait,
+        &super::start_progress("scaleout", &a.name, "started", false),
+    )?;
     eprintln!(
         "kimg scaleout: cluster {:?} has {} VMs",
         state.name,

@@ -2,7 +2,7 @@
 //! survives a host reboot) and brought back as it was.
 
 use anyhow::Context;
-use kimg_cluster::{restore, RunEvent, Wait};
+use kimg_cluster::{restore, Wait};
 use std::process::ExitCode;
 
 /// Save a running cluster into the cache and quit its VMs; `kimg resume` brings it
@@ -42,14 +42,11 @@ pub fn run_suspend(a: SuspendArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs `kimg resume`.
 pub fn run_resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
-    let state = restore::resume(&a.name, a.wait, &|ev| match ev {
-        RunEvent::Started(vm) => eprintln!("kimg resume: {vm} restored"),
-        RunEvent::Waiting(vm, what) => eprintln!("kimg resume: {vm} {what}"),
-        RunEvent::Passed(vm, what, t) => {
-            eprintln!("kimg resume: {vm} {what} after {:.2}s", t.as_secs_f64())
-        }
-        RunEvent::Replaced | RunEvent::Accel(_) | RunEvent::Ready(..) => {}
-    })
+    let state = restore::resume(
+        &a.name,
+        a.wait,
+        &super::start_progress("resume", &a.name, "restored", false),
+    )
     .with_context(|| format!("kimg resume --name {} failed", a.name))?;
     eprintln!(
         "kimg resume: cluster {:?} back with {} VMs",
