@@ -4,7 +4,9 @@
 //! in IPv4, IPv6 and dual-stack from pods and from nodes, a NodePort reached from
 //! the tester through a router and spread over all 4 backends (the seed's mconnect
 //! check), routers reaching pods; then kube-proxy switched to ipvs on every node and
-//! the Service checks again.
+//! the Service checks again; then the cluster saved (`kimg snapshot save --stop`)
+//! and a new one restored from it (`kimg run --from --wait`): every node Ready with
+//! its kubelet alive again, and a new pod that reaches a pod on another node.
 //!
 //! Runs when `KIMG_K8S_RELEASE` names a release folder (`scripts/k8s-release`
 //! builds v1.20.2 from Debian's source and prints it; `scripts/test` sets it):
@@ -112,15 +114,74 @@ impl Kubectl {
     }
 }
 
-/// Polls `ok` until it holds; panics naming `what` after [`STAGE`]. Prints how long
-/// it took since `t0` (figures for the reader, not asserted).
-fn until(t0: Instant, what: &str, ok: &mut dyn FnMut() -> bool) {
+/// Polls `ok` until it holds; panics naming `what` after [`STAGE`], with the
+/// cluster's [`diagnosis`]. Prints how long it took since `t0` (figures for the
+/// reader, not asserted).
+fn until(t0: Instant, c: &TestCluster, k: &Kubectl, what: &str, ok: &mut dyn FnMut() -> bool) {
     let deadline = Instant::now() + STAGE;
     while !ok() {
-        assert!(Instant::now() < deadline, "{what} not within {STAGE:?}");
+        if Instant::now() >= deadline {
+            panic!("{what} not within {STAGE:?}\n{}", diagnosis(c, k));
+        }
         std::thread::sleep(Duration::from_secs(2));
     }
     eprintln!("{:7.1} s  {what}", t0.elapsed().as_secs_f64());
+}
+
+/// What a reader of a CI log needs when a stage times out, most telling last (CI
+/// shows the tail): the host's load, memory and disk; kimg's view of the VMs; each
+/// node's last kubelet and containerd errors (or why its VM does not answer); the
+/// pods; each node's Ready condition with its reason.
+fn diagnosis(c: &TestCluster, k: &Kubectl) -> String {
+    let host = Command::new("sh")
+        .args([
+            "-c",
+            "echo load $(cut -d' ' -f1-3 /proc/loadavg), \
+             $(grep MemAvailable /proc/meminfo | tr -s ' '), \
+             $(df -h --output=avail /tmp | tail -n 1 | tr -d ' ') free in /tmp",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut d = format!("--- diagnosis\nhost: {host}");
+    d += &brief(&c.kimg("status", &[]));
+    for n in NODES {
+        // Bounded: a VM that hangs must not hang the diagnosis.
+        let o = Command::new("timeout")
+            .arg("60")
+            .arg(kimg_bin())
+            .args(["exec", "--name", &c.name, n, "--"])
+            .args([
+                "sh",
+                "-c",
+                "grep -hE '^[EF][0-9]{4} ' /var/log/kubelet.log | tail -n 3 | cut -c1-300; \
+                 grep -h 'level=error' /var/log/containerd.log | tail -n 2 | cut -c1-300",
+            ])
+            .env("KIMG_RUNTIME_DIR", c.runtime.path())
+            .output()
+            .unwrap();
+        d += &format!("{n} errors:\n{}", brief(&o));
+    }
+    let pods = k.run(&["get", "pods", "-A", "-o", "wide", "--no-headers"]);
+    d += &format!("pods:\n{}", brief(&pods));
+    let ready = k.run(&[
+        "get",
+        "nodes",
+        "-o",
+        r#"jsonpath={range .items[*]}{.metadata.name} Ready={.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].reason}: {.status.conditions[?(@.type=="Ready")].message}{"\n"}{end}"#,
+    ]);
+    d += &format!("nodes:\n{}", brief(&ready));
+    d
+}
+
+/// stdout and stderr, and the exit status when it failed: a diagnosis line each.
+fn brief(o: &Output) -> String {
+    let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+    s += &String::from_utf8_lossy(&o.stderr);
+    if !o.status.success() {
+        s += &format!("({})\n", o.status);
+    }
+    s
 }
 
 /// `get` until it succeeds, 3 tries: under TCG on 2 cores a request to the apiserver
@@ -253,7 +314,7 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
         t0.elapsed().as_secs_f64()
     );
     let k = Kubectl {
-        bin: kubectl_bin,
+        bin: kubectl_bin.clone(),
         kubeconfig: c.runtime.path().join(&c.name).join("admin.kubeconfig"),
     };
     // `--wait` returned once the control plane takes pods: the apiserver ready and
@@ -265,7 +326,7 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
         "serviceaccount/default"
     );
 
-    until(t0, "4 nodes Ready", &mut || {
+    until(t0, &c, &k, "4 nodes Ready", &mut || {
         let o =
             String::from_utf8_lossy(&k.run(&["get", "nodes", "--no-headers"]).stdout).to_string();
         NODES
@@ -279,13 +340,13 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
     let m = work.path().join("echo.yaml");
     std::fs::write(&m, manifest(POD_IMAGE)).unwrap();
     // Applying is idempotent: tried again while the apiserver is too slow to answer.
-    until(t0, "workload applied", &mut || {
+    until(t0, &c, &k, "workload applied", &mut || {
         k.run(&["apply", "-f", m.to_str().unwrap()])
             .status
             .success()
     });
     let mut pods: Vec<(String, String, String, String)> = Vec::new();
-    until(t0, "4 echo pods Running, one per node", &mut || {
+    until(t0, &c, &k, "4 echo pods Running, one per node", &mut || {
         let o = k.run(&[
             "get",
             "pods",
@@ -349,14 +410,166 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
             ],
         );
     }
-    until(t0, "kube-proxy in ipvs mode on every node", &mut || {
-        NODES.iter().all(|n| {
-            c.exec(n, &["grep", "-q", ":7580", "/proc/net/ip_vs"])
-                .status
-                .success()
-        })
-    });
+    until(
+        t0,
+        &c,
+        &k,
+        "kube-proxy in ipvs mode on every node",
+        &mut || {
+            NODES.iter().all(|n| {
+                c.exec(n, &["grep", "-q", ":7580", "/proc/net/ip_vs"])
+                    .status
+                    .success()
+            })
+        },
+    );
     services_answer(&c, &k, &client, &names);
     nodeport_spreads(&c, &names);
     eprintln!("{:7.1} s  Services (ipvs)", t0.elapsed().as_secs_f64());
+
+    restored_cluster_works(&c, &kubectl_bin, &pods, t0);
+}
+
+/// Issue 13 for real: `kimg snapshot save --stop` of the running cluster, `kimg run
+/// --from` of a new one: every node Ready with its kubelet alive again (its Lease
+/// renewed after the restore began: a restored Node object says Ready before any
+/// kubelet runs), the apiserver, etcd and a kubelet the same processes as before
+/// the save, and a new pod on vm-002 reaches the echo pod on vm-003.
+fn restored_cluster_works(
+    c: &TestCluster,
+    kubectl_bin: &std::path::Path,
+    pods: &[(String, String, String, String)],
+    t0: Instant,
+) {
+    // The processes that must come back as they were, not restarted.
+    let kept = [
+        ("vm-001", "kube-apiserver"),
+        ("vm-001", "etcd"),
+        ("vm-002", "kubelet"),
+    ];
+    let pid = |c: &TestCluster, vm: &str, svc: &str| {
+        c.wait_service(vm, svc, &["ready"], Duration::from_secs(60))["pid"].as_u64()
+    };
+    let pids: Vec<_> = kept.iter().map(|(vm, svc)| pid(c, vm, svc)).collect();
+    // Snapshots go to a cache of the test's own, never the user's.
+    let cache = tempfile::tempdir().unwrap();
+    let save = Command::new(kimg_bin())
+        .args(["snapshot", "save", "--name", &c.name, "std", "--stop"])
+        .env("KIMG_RUNTIME_DIR", c.runtime.path())
+        .env("KIMG_CACHE", cache.path())
+        .output()
+        .unwrap();
+    assert!(save.status.success(), "snapshot save:\n{}", text(&save));
+    eprintln!("{:7.1} s  snapshot saved", t0.elapsed().as_secs_f64());
+
+    let r = TestCluster::new("e2e-k8s-restored");
+    let since = utc_now();
+    let wait = format!("--wait={}", STAGE.as_secs());
+    let run = Command::new(kimg_bin())
+        .args(["run", "--from", "std", "--name", &r.name, &wait])
+        .env("KIMG_RUNTIME_DIR", r.runtime.path())
+        .env("KIMG_CACHE", cache.path())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "kimg run --from:\n{}", text(&run));
+    eprintln!(
+        "{:7.1} s  kimg run --from --wait returned",
+        t0.elapsed().as_secs_f64()
+    );
+    let k = Kubectl {
+        bin: kubectl_bin.to_path_buf(),
+        kubeconfig: r.runtime.path().join(&r.name).join("admin.kubeconfig"),
+    };
+    until(
+        t0,
+        &r,
+        &k,
+        "restored: 4 nodes Ready, Leases renewed",
+        &mut || {
+            let leases = k.run(&[
+                "get",
+                "leases",
+                "-n",
+                "kube-node-lease",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name} {.spec.renewTime}{\"\\n\"}{end}",
+            ]);
+            let leases = String::from_utf8_lossy(&leases.stdout).to_string();
+            let nodes = String::from_utf8_lossy(&k.run(&["get", "nodes", "--no-headers"]).stdout)
+                .to_string();
+            NODES.iter().all(|n| {
+                nodes
+                    .lines()
+                    .any(|l| l.starts_with(n) && l.contains(" Ready "))
+                    && leases.lines().any(|l| {
+                        l.split_once(' ').is_some_and(|(name, renew)| {
+                            name == *n
+                                && renew
+                                    .get(..since.len())
+                                    .is_some_and(|t| t >= since.as_str())
+                        })
+                    })
+            })
+        },
+    );
+
+    for ((vm, svc), before) in kept.iter().zip(&pids) {
+        assert_eq!(
+            &pid(&r, vm, svc),
+            before,
+            "restored: {vm} {svc} was restarted"
+        );
+    }
+
+    let (target, _, ip4, _) = pods.iter().find(|p| p.1 == "vm-003").unwrap();
+    let probe = work_file(
+        "probe.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: probe}}
+spec:
+  nodeName: vm-002
+  containers:
+  - name: probe
+    image: {POD_IMAGE}
+    imagePullPolicy: Never
+    args: ["netexec", "--http-port=8080"]
+"#
+        ),
+    );
+    k.ok(&["apply", "-f", probe.1.to_str().unwrap()]);
+    until(t0, &r, &k, "restored: a new pod Running", &mut || {
+        k.run(&["get", "pod", "probe", "-o", "jsonpath={.status.phase}"])
+            .stdout
+            == b"Running"
+    });
+    let o = from_pod(&k, "probe", &url(ip4, 8080, "/hostname"));
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == target,
+        "restored: probe on vm-002 -> {target} on vm-003 at {ip4}: {}",
+        text(&o)
+    );
+    eprintln!(
+        "{:7.1} s  restored: new pod reaches a pod on another node",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// A file of the given text in a temp dir (kept alive by the returned handle).
+fn work_file(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    (dir, p)
+}
+
+/// The host's time in UTC as `YYYY-MM-DDTHH:MM:SS`, the prefix of the API's
+/// timestamps (the guests' clocks follow the host's).
+fn utc_now() -> String {
+    let o = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }

@@ -104,18 +104,25 @@ pub fn run(o: &K8sStartOptions, log: &dyn Fn(&str)) -> Result<Vec<ColdStart>, Be
 const PODS_PATH: &str = "/api/v1/namespaces/default/pods";
 
 /// The curl run in vm-001 on every poll: `/readyz`, the nodes, the service account
-/// and the pod, each answer followed by a line `@@ CODE`.
+/// and the pod.
 fn poll_argv() -> Vec<String> {
-    let mut argv = k8s::apiserver_curl(REQUEST_MAX);
-    argv.extend(["-w".into(), "\n@@ %{http_code}\n".into()]);
-    for path in [
+    get_argv(&[
         READYZ_PATH,
-        "/api/v1/nodes",
+        NODES_PATH,
         DEFAULT_SA_PATH,
         &format!("{PODS_PATH}/bench-first"),
-    ] {
-        argv.push(k8s::apiserver_url(path));
-    }
+    ])
+}
+
+/// The nodes, as the API lists them.
+pub(crate) const NODES_PATH: &str = "/api/v1/nodes";
+
+/// One curl (in vm-001) that GETs every path, each answer followed by a line
+/// `@@ CODE` for [`answers`].
+pub(crate) fn get_argv(paths: &[&str]) -> Vec<String> {
+    let mut argv = k8s::apiserver_curl(REQUEST_MAX);
+    argv.extend(["-w".into(), "\n@@ %{http_code}\n".into()]);
+    argv.extend(paths.iter().map(|p| k8s::apiserver_url(p)));
     argv
 }
 
@@ -139,7 +146,7 @@ fn create_pod_argv() -> Vec<String> {
 }
 
 /// The answers of one poll: (body, HTTP code) per URL, in order.
-fn answers(out: &str) -> Vec<(String, u16)> {
+pub(crate) fn answers(out: &str) -> Vec<(String, u16)> {
     let mut v = Vec::new();
     let mut body = String::new();
     for line in out.lines() {
@@ -155,7 +162,7 @@ fn answers(out: &str) -> Vec<(String, u16)> {
 }
 
 /// (name, Ready) of each node in a `/api/v1/nodes` answer.
-fn nodes_of(json: &str) -> Vec<(String, bool)> {
+pub(crate) fn nodes_of(json: &str) -> Vec<(String, bool)> {
     let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
     let items = v["items"].as_array().cloned().unwrap_or_default();
     items
