@@ -15,6 +15,7 @@
 //! machines, and the build takes minutes.
 
 use kimg_tests::{kimg_bin, text, TestCluster};
+use kimg_util::civil::utc_now;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -174,6 +175,19 @@ fn diagnosis(c: &TestCluster, k: &Kubectl) -> String {
     d
 }
 
+/// The nodes whose status is Ready (`kubectl get nodes`; none when it fails).
+fn ready_nodes(k: &Kubectl) -> BTreeSet<String> {
+    let o = k.run(&["get", "nodes", "--no-headers"]);
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (name, status) = (f.next()?, f.next()?);
+            (status == "Ready").then(|| name.to_string())
+        })
+        .collect()
+}
+
 /// stdout and stderr, and the exit status when it failed: a diagnosis line each.
 fn brief(o: &Output) -> String {
     let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -327,11 +341,8 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
     );
 
     until(t0, &c, &k, "4 nodes Ready", &mut || {
-        let o =
-            String::from_utf8_lossy(&k.run(&["get", "nodes", "--no-headers"]).stdout).to_string();
-        NODES
-            .iter()
-            .all(|n| o.lines().any(|l| l.starts_with(n) && l.contains(" Ready ")))
+        let ready = ready_nodes(&k);
+        NODES.iter().all(|n| ready.contains(*n))
     });
     // kubectl on vm-001 needs no flags (root's kubeconfig is the admin one).
     let nodes = c.exec_ok("vm-001", &["kubectl", "get", "nodes"]);
@@ -495,12 +506,9 @@ fn restored_cluster_works(
                 "jsonpath={range .items[*]}{.metadata.name} {.spec.renewTime}{\"\\n\"}{end}",
             ]);
             let leases = String::from_utf8_lossy(&leases.stdout).to_string();
-            let nodes = String::from_utf8_lossy(&k.run(&["get", "nodes", "--no-headers"]).stdout)
-                .to_string();
+            let ready = ready_nodes(&k);
             NODES.iter().all(|n| {
-                nodes
-                    .lines()
-                    .any(|l| l.starts_with(n) && l.contains(" Ready "))
+                ready.contains(*n)
                     && leases.lines().any(|l| {
                         l.split_once(' ').is_some_and(|(name, renew)| {
                             name == *n
@@ -562,14 +570,4 @@ fn work_file(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
     let p = dir.path().join(name);
     std::fs::write(&p, text).unwrap();
     (dir, p)
-}
-
-/// The host's time in UTC as `YYYY-MM-DDTHH:MM:SS`, the prefix of the API's
-/// timestamps (the guests' clocks follow the host's).
-fn utc_now() -> String {
-    let o = Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%S"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }

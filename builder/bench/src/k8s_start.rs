@@ -12,9 +12,8 @@
 use super::BenchError;
 use kimg_cluster::accel::AccelChoice;
 use kimg_cluster::{self as cluster, k8s, session, RunOptions};
-use kimg_contract::k8s::{DEFAULT_SA_PATH, READYZ_PATH};
+use kimg_contract::k8s::{CONTROL_PLANE, DEFAULT_SA_PATH, READYZ_PATH};
 use kimg_contract::service::ServiceState;
-use kimg_contract::VmId;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -186,10 +185,6 @@ fn measure(
     routers: u16,
     log: &dyn Fn(&str),
 ) -> Result<ColdStart, BenchError> {
-    let vm1 = VmId::new(1).ok_or_else(|| BenchError::Step {
-        step: "vm-001".into(),
-        why: "no such VM id".into(),
-    })?;
     let mut r = ColdStart {
         variant: v.label.clone(),
         nodes,
@@ -211,7 +206,10 @@ fn measure(
             nodes,
             routers,
             accel: o.accel,
-            cpus_overrides: v.vm001_cpus.map(|c| vec![(vm1, c)]).unwrap_or_default(),
+            cpus_overrides: v
+                .vm001_cpus
+                .map(|c| vec![(CONTROL_PLANE, c)])
+                .unwrap_or_default(),
             ..RunOptions::default()
         },
         &|_| {},
@@ -231,7 +229,7 @@ fn measure(
             };
             let state = |svc: &str| {
                 vms.iter()
-                    .filter(|s| s.vm == vm1)
+                    .filter(|s| s.vm == CONTROL_PLANE)
                     .filter_map(|s| s.agent.as_ref())
                     .flat_map(|a| a.services.iter())
                     .any(|s| s.name == svc && s.state == ServiceState::Ready)
@@ -244,7 +242,12 @@ fn measure(
             }
             continue;
         }
-        let Ok(out) = session::exec(NAME, vm1, poll_argv(), Some(Duration::from_secs(30))) else {
+        let Ok(out) = session::exec(
+            NAME,
+            CONTROL_PLANE,
+            poll_argv(),
+            Some(Duration::from_secs(30)),
+        ) else {
             continue;
         };
         let a = answers(&out.stdout);
@@ -272,7 +275,12 @@ fn measure(
             mark("default service account", &mut r.default_sa);
         }
         if r.default_sa.is_some() && pod.1 == 404 {
-            let _ = session::exec(NAME, vm1, create_pod_argv(), Some(Duration::from_secs(30)));
+            let _ = session::exec(
+                NAME,
+                CONTROL_PLANE,
+                create_pod_argv(),
+                Some(Duration::from_secs(30)),
+            );
         }
         let phase: serde_json::Value = serde_json::from_str(&pod.0).unwrap_or_default();
         if phase["status"]["phase"] == "Running" {

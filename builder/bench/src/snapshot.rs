@@ -20,10 +20,11 @@ use kimg_cluster::network::NetBackend;
 use kimg_cluster::restore::{self, FromOptions};
 use kimg_cluster::snapshot::{self, SaveOptions};
 use kimg_cluster::{self as cluster, session, RunOptions, Wait};
-use kimg_contract::VmId;
+use kimg_contract::k8s::CONTROL_PLANE;
+use kimg_util::civil::utc_now;
 use serde::Serialize;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// Options of `kimg bench snapshot`.
 #[derive(Debug, Clone)]
@@ -290,13 +291,14 @@ fn measure_k8s(
 /// Polls vm-001 until `nodes` nodes are Ready, each with its Lease renewed at or
 /// after `since`; fails after [`WAIT`] from `t`.
 fn nodes_ready(nodes: u16, since: &str, t: Instant, step: &str) -> Result<(), BenchError> {
-    let vm1 = VmId::new(1).ok_or_else(|| BenchError::Step {
-        step: step.into(),
-        why: "no vm-001".into(),
-    })?;
     let argv = get_argv(&[NODES_PATH, LEASES_PATH]);
     while t.elapsed() < WAIT {
-        if let Ok(out) = session::exec(NAME, vm1, argv.clone(), Some(Duration::from_secs(30))) {
+        if let Ok(out) = session::exec(
+            NAME,
+            CONTROL_PLANE,
+            argv.clone(),
+            Some(Duration::from_secs(30)),
+        ) {
             if let [(nodes_json, 200), (leases_json, 200)] = answers(&out.stdout).as_slice() {
                 if all_ready_since(&nodes_of(nodes_json), &leases_of(leases_json), since)
                     .is_some_and(|n| n == usize::from(nodes))
@@ -347,16 +349,6 @@ fn leases_of(json: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Now in UTC as `YYYY-MM-DDTHH:MM:SS`, the prefix of the API's times (the guests'
-/// clocks follow the host's: set at boot and on restore).
-fn utc_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (y, mo, d, h, mi, s) = kimg_util::civil::civil(i64::try_from(secs).unwrap_or(0));
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,6 +382,5 @@ mod tests {
             None
         );
         assert!(leases_of("not json").is_empty());
-        assert_eq!(utc_now().len(), "2026-11-29T20:51:03".len());
     }
 }

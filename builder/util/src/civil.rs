@@ -25,9 +25,31 @@ pub fn civil(t: i64) -> (i64, u8, u8, u8, u8, u8) {
     )
 }
 
+/// Now in UTC as `YYYY-MM-DDTHH:MM:SS`: the seconds prefix of RFC 3339 times such
+/// as the Kubernetes API's, so that two of them compare as strings.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    timestamp(i64::try_from(secs).unwrap_or(i64::MAX / 2))
+}
+
+/// Unix time `t` as `YYYY-MM-DDTHH:MM:SS` (UTC).
+pub fn timestamp(t: i64) -> String {
+    let (y, mo, d, h, mi, s) = civil(t);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::civil;
+    use super::{civil, timestamp, utc_now};
+
+    #[test]
+    fn timestamps_are_rfc3339_seconds() {
+        assert_eq!(timestamp(1_700_000_000), "2023-11-14T22:13:20");
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00");
+        assert_eq!(utc_now().len(), 19);
+    }
 
     #[test]
     fn known_dates() {
