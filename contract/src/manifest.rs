@@ -44,6 +44,10 @@ pub struct KernelInfo {
     pub esp_initrd: String,
     /// sha256 of the kernel's config file.
     pub config_sha256: String,
+    /// Stage 1 finds its devices on virtio-mmio too (`virtio_mmio` loaded or built
+    /// in): the image boots on QEMU's microvm. Images from before it are q35 only.
+    #[serde(default)]
+    pub mmio: bool,
 }
 
 /// One GPT partition.
@@ -108,6 +112,7 @@ mod tests {
                 esp_kernel: "kimg/vmlinuz".into(),
                 esp_initrd: "kimg/initrd.img".into(),
                 config_sha256: "00".repeat(32),
+                mmio: true,
             },
             disk_size: 2 << 30,
             partitions: vec![Partition {

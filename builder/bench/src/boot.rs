@@ -119,7 +119,7 @@ fn floor_boot(
     initrd: &Path,
     cmdline: &str,
 ) -> Result<f64, BenchError> {
-    let mut cmd = qemu::machine(accel, BENCH_MEM_MB, 1);
+    let mut cmd = qemu::machine(accel, qemu::Machine::Q35, BENCH_MEM_MB, 1);
     cmd.arg("-kernel")
         .arg(kernel)
         .arg("-initrd")

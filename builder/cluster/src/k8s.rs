@@ -7,6 +7,7 @@ use crate::addon::{Addon, VmSize, BASE_SIZE};
 use crate::error::ClusterError;
 use crate::launch::RunEvent;
 use crate::pki;
+use crate::qemu::Machine;
 use crate::session;
 use crate::state::ClusterState;
 use kimg_contract::agent::ExecResult;
@@ -96,7 +97,7 @@ impl Addon for K8s {
 
     fn qemu_args(&self, vm: VmId, state: &ClusterState) -> Vec<String> {
         match state.api_port {
-            Some(port) if vm.number() == 1 => api_forward_args(port),
+            Some(port) if vm.number() == 1 => api_forward_args(port, state.machine),
             _ => Vec::new(),
         }
     }
@@ -296,7 +297,7 @@ pub fn free_port() -> io::Result<u16> {
 /// QEMU arguments of vm-001's extra NIC: user-mode networking with no route out
 /// (`restrict=on`) whose only use is `127.0.0.1:port` on the host forwarded to the
 /// apiserver's port on the NIC's fixed guest address.
-pub fn api_forward_args(port: u16) -> Vec<String> {
+pub fn api_forward_args(port: u16, machine: Machine) -> Vec<String> {
     vec![
         "-netdev".into(),
         format!(
@@ -304,7 +305,11 @@ pub fn api_forward_args(port: u16) -> Vec<String> {
             k8s::API_FORWARD_ADDR4
         ),
         "-device".into(),
-        format!("virtio-net-pci,netdev=api,mac={}", k8s::API_FORWARD_MAC),
+        format!(
+            "{},netdev=api,mac={}",
+            machine.virtio("net"),
+            k8s::API_FORWARD_MAC
+        ),
     ]
 }
 

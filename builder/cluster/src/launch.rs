@@ -8,7 +8,7 @@ use crate::error::ClusterError;
 use crate::health::{wait_for, Wait};
 use crate::network::{self, NetBackend};
 use crate::ops::stop_locked;
-use crate::qemu::{self, VmPaths, VmSpec};
+use crate::qemu::{self, Machine, VmPaths, VmSpec};
 use crate::state::{cluster_dir, lock, read_manifest, save, vm_ids, ClusterState, VmRecord};
 use kimg_contract::agent::BootState;
 use kimg_contract::cmdline::{with_cdrom, with_hostname, with_size};
@@ -54,6 +54,9 @@ pub struct RunOptions {
     pub wait: Option<Wait>,
     /// Boot through UEFI (OVMF) from the image's ESP instead of direct kernel boot.
     pub uefi: bool,
+    /// The QEMU machine; `None`: microvm for direct kernel boot of an image that
+    /// supports it, else q35 (see [`choose_machine`]).
+    pub machine: Option<Machine>,
     /// A ready overlay cdrom for every VM.
     pub cdrom: Option<PathBuf>,
     /// Overlays to put on a cdrom made for this cluster (`kimg mkcdrom`).
@@ -65,13 +68,24 @@ pub struct RunOptions {
     pub append: String,
 }
 
+impl RunOptions {
+    /// The cluster's size by role.
+    pub fn size(&self) -> ClusterSize {
+        ClusterSize {
+            nodes: self.nodes,
+            routers: self.routers,
+            testers: self.testers,
+        }
+    }
+}
+
 /// Progress events of `run`, for the CLI to print.
 #[derive(Debug, Clone)]
 pub enum RunEvent {
     /// An old cluster of the same name was stopped first.
     Replaced,
-    /// The accelerator was chosen.
-    Accel(Accel),
+    /// The accelerator and machine were chosen.
+    Accel(Accel, Machine),
     /// A VM's QEMU was started.
     Started(VmId),
     /// A VM answered ready (or degraded) after this long.
@@ -89,12 +103,7 @@ pub fn run(
     on_event: &(dyn Fn(RunEvent) + Sync),
 ) -> Result<ClusterState, ClusterError> {
     let dir = cluster_dir(&opts.name)?;
-    let size = ClusterSize {
-        nodes: opts.nodes,
-        routers: opts.routers,
-        testers: opts.testers,
-    };
-    let ids = vm_ids(&size).map_err(|why| ClusterError::Image {
+    let ids = vm_ids(&opts.size()).map_err(|why| ClusterError::Image {
         path: opts.image.clone(),
         why,
     })?;
@@ -103,6 +112,8 @@ pub fn run(
         why: format!("{e} (build one with `kimg build`)"),
     })?;
     let manifest = read_manifest(&image)?;
+    // Refused before anything runs (or an old cluster of the name is stopped).
+    let machine = choose_machine(opts.machine, opts.uefi, &image, &manifest)?;
     let _lock = lock(&opts.name)?;
     if dir.exists() {
         stop_locked(&opts.name, &dir, Duration::from_secs(10))?;
@@ -110,7 +121,7 @@ pub fn run(
     }
     // Sockets and files of the cluster are the user's alone (agent socket 0600).
     let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let result = start(opts, &dir, &image, &manifest, &ids, size, on_event);
+    let result = start(opts, &dir, &image, &manifest, machine, &ids, on_event);
     nix::sys::stat::umask(old_umask);
     let state = match result {
         Ok(state) => state,
@@ -131,20 +142,21 @@ fn start(
     dir: &Path,
     image: &Path,
     manifest: &Manifest,
+    machine: Machine,
     ids: &[VmId],
-    size: ClusterSize,
     on_event: &(dyn Fn(RunEvent) + Sync),
 ) -> Result<ClusterState, ClusterError> {
     fs::create_dir_all(dir).with_path(dir)?;
     let files = boot_files(image, manifest, dir)?;
     let addon = addon::of(manifest.flavour);
     let accel = accel::choose(opts.accel, qemu::QEMU, dir).map_err(ClusterError::Accel)?;
-    on_event(RunEvent::Accel(accel));
+    on_event(RunEvent::Accel(accel, machine));
     let mut state = ClusterState {
         name: opts.name.clone(),
         image: image.to_path_buf(),
         accel,
         uefi: opts.uefi,
+        machine,
         cdrom: None,
         append: opts.append.clone(),
         overlays: opts.overlays.clone(),
@@ -153,7 +165,7 @@ fn start(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         vms: ids.iter().map(|&vm| vm_record(opts, addon, vm)).collect(),
-        size,
+        size: opts.size(),
         net: opts.net,
         api_port: None,
         restored_from: None,
@@ -174,6 +186,29 @@ fn start(
     network::create(state.net, &state.name, dir)?;
     start_vms(dir, &state, &state.vms, &files, manifest, on_event)?;
     Ok(state)
+}
+
+/// The machine of a cluster: the one asked for if it can boot the image, else
+/// microvm for direct kernel boot of an image whose stage 1 finds virtio-mmio
+/// devices, else q35 (UEFI needs it: OVMF is a PC firmware).
+pub fn choose_machine(
+    asked: Option<Machine>,
+    uefi: bool,
+    image: &Path,
+    manifest: &Manifest,
+) -> Result<Machine, ClusterError> {
+    match (asked, uefi) {
+        (Some(Machine::Microvm), true) => Err(ClusterError::Usage(
+            "--uefi boots through OVMF, a PC firmware that needs --machine q35".into(),
+        )),
+        (Some(Machine::Microvm), false) if !manifest.kernel.mmio => Err(ClusterError::Image {
+            path: image.to_path_buf(),
+            why: "its initramfs does not load virtio_mmio (built by an older kimg), so it cannot boot on microvm: rebuild it with `kimg build`, or use --machine q35".into(),
+        }),
+        (Some(m), _) => Ok(m),
+        (None, false) if manifest.kernel.mmio => Ok(Machine::Microvm),
+        (None, _) => Ok(Machine::Q35),
+    }
 }
 
 /// A VM's memory and vCPUs: the last `--mem`/`--cpus` naming it, else the one for
@@ -219,6 +254,7 @@ pub(crate) fn start_vms(
                     mem_mb: rec.mem_mb,
                     cpus: rec.cpus,
                     accel,
+                    machine: state.machine,
                     kernel: files[0].clone(),
                     initrd: files[1].clone(),
                     cmdline: vm_cmdline(base_cmdline, rec.vm, state, cdrom.is_some()),
@@ -297,6 +333,10 @@ pub(crate) fn vm_cmdline(base: &str, vm: VmId, state: &ClusterState, cdrom: bool
     // miss ticks and panic ("IO-APIC + timer doesn't work!"), seen when many VMs
     // boot at once on 2 cores.
     let mut line = with_size(&with_hostname(base, &vm.hostname()), &state.size) + " no_timer_check";
+    let machine = state.machine.cmdline(state.accel);
+    if !machine.is_empty() {
+        line = format!("{line} {machine}");
+    }
     if cdrom {
         line = with_cdrom(&line);
     }
@@ -335,7 +375,13 @@ fn start_vm(
         })?;
     }
     let mut qemu = qemu::command(spec, &paths);
-    qemu.args(network::attach(state.net, &state.name, dir, spec.vm)?);
+    qemu.args(network::attach(
+        state.net,
+        &state.name,
+        dir,
+        spec.vm,
+        state.machine,
+    )?);
     qemu.args(addon.qemu_args(spec.vm, state));
     cmd::run(&mut network::wrap(state.net, &state.name, qemu))?;
     // QEMU wrote its pid file before daemonizing returned: record who it is.

@@ -7,6 +7,7 @@
 //! and a tap per VM NIC; QEMU runs inside the namespace with `-netdev tap`. Neither
 //! backend has a route to anything outside the cluster's networks.
 
+use crate::qemu::Machine;
 use kimg_contract::net::{self, Net, NETS};
 use kimg_contract::VmId;
 use kimg_util::cmd::{self, CmdError};
@@ -140,6 +141,7 @@ pub fn attach(
     name: &str,
     cluster_dir: &Path,
     vm: VmId,
+    machine: Machine,
 ) -> Result<Vec<String>, NetworkError> {
     let mut args = Vec::new();
     for nic in net::nics(vm) {
@@ -174,7 +176,11 @@ pub fn attach(
         args.push("-netdev".to_string());
         args.push(netdev);
         args.push("-device".to_string());
-        args.push(format!("virtio-net-pci,netdev={id},mac={}", nic.mac));
+        args.push(format!(
+            "{},netdev={id},mac={}",
+            machine.virtio("net"),
+            nic.mac
+        ));
     }
     Ok(args)
 }
@@ -245,7 +251,7 @@ mod tests {
     #[test]
     fn nic_arguments_carry_the_plan_macs() {
         let vm = VmId::new(201).unwrap();
-        let args = attach(NetBackend::User, "c", Path::new("/r/c"), vm).unwrap();
+        let args = attach(NetBackend::User, "c", Path::new("/r/c"), vm, Machine::Q35).unwrap();
         assert_eq!(args.len(), 8);
         assert_eq!(args[1], "vde,id=net1,sock=/r/c/net1.vde");
         assert_eq!(args[3], "virtio-net-pci,netdev=net1,mac=02:6b:69:01:00:c9");

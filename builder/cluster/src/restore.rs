@@ -133,7 +133,7 @@ fn start(
     fs::create_dir_all(dir).with_path(dir)?;
     let image_manifest = read_manifest(&manifest.image)?;
     let files = boot_files(&manifest.image, &image_manifest, dir)?;
-    on_event(RunEvent::Accel(manifest.plan.accel));
+    on_event(RunEvent::Accel(manifest.plan.accel, manifest.plan.machine));
     let mut state = ClusterState {
         name: name.to_string(),
         started: SystemTime::now()
@@ -221,6 +221,7 @@ fn start(
                     mem_mb: v.mem_mb,
                     cpus: v.cpus,
                     accel: state_ref.accel,
+                    machine: state_ref.machine,
                     kernel: files[0].clone(),
                     initrd: files[1].clone(),
                     cmdline: v.cmdline.clone(),
@@ -290,7 +291,13 @@ fn start_vm(
         "exec:zstd -q -dc {}",
         shell_quote(&from.join(STATE))
     ));
-    qemu.args(network::attach(state.net, &state.name, dir, spec.vm)?);
+    qemu.args(network::attach(
+        state.net,
+        &state.name,
+        dir,
+        spec.vm,
+        state.machine,
+    )?);
     qemu.args(addon.qemu_args(spec.vm, state));
     cmd::run(&mut network::wrap(state.net, &state.name, qemu))?;
     let sessions = (0..kimg_contract::agent::SESSION_PORTS).map(|k| paths.session_socket(k));

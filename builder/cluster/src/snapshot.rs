@@ -21,8 +21,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Format of [`SnapshotManifest`].
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Format of [`SnapshotManifest`]. 2: VMs have a virtio-balloon and a small TCG code
+/// buffer, and the plan names the machine; a format-1 VM's state cannot be loaded
+/// into those devices.
+pub const SNAPSHOT_FORMAT: u32 = 2;
 /// The manifest's file name inside a snapshot.
 pub const MANIFEST: &str = "manifest.json";
 /// A VM's frozen qcow2 layer inside a snapshot (`vm-NNN/disk.qcow2`).

@@ -4,7 +4,7 @@
 use crate::accel::Accel;
 use crate::error::ClusterError;
 use crate::network::NetBackend;
-use crate::qemu::VmPaths;
+use crate::qemu::{Machine, VmPaths};
 use kimg_contract::manifest::Manifest;
 use kimg_contract::net::ClusterSize;
 use kimg_contract::VmId;
@@ -110,6 +110,10 @@ pub struct ClusterState {
     /// VMs boot through OVMF and the image's ESP instead of direct kernel boot.
     #[serde(default)]
     pub uefi: bool,
+    /// The QEMU machine of every VM (q35 when unrecorded: clusters and snapshots
+    /// from before microvm).
+    #[serde(default)]
+    pub machine: Machine,
     /// The cluster's shared overlay cdrom (`--cdrom`, or made from the overlays), for
     /// the VMs without one of their own (`vm-NNN/cdrom.iso`, see `launch::make_cdroms`).
     #[serde(default)]

@@ -211,6 +211,7 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildOutput, Bui
             esp_kernel: cmdline::ESP_KERNEL.into(),
             esp_initrd: cmdline::ESP_INITRD.into(),
             config_sha256,
+            mmio: kimg_kernel::modules::STAGE1_MODULES.contains(&"virtio_mmio"),
         },
         disk_size: opts.size,
         partitions,

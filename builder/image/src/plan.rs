@@ -10,7 +10,9 @@ use kimg_contract::Flavour;
 use std::path::PathBuf;
 
 /// Modules kimg-init loads from the root filesystem in stage 2, every flavour.
-pub const STAGE2_MODULES: &[&str] = &["virtio_net", "virtio_rng"];
+/// `virtio_balloon` reports the pages the guest freed (the kernel's decompression,
+/// the initramfs) so that the host drops them from QEMU's resident memory.
+pub const STAGE2_MODULES: &[&str] = &["virtio_net", "virtio_rng", "virtio_balloon"];
 /// Further stage-2 modules of the Kubernetes flavour (the rest, e.g. xt matches,
 /// the kernel loads on demand through modprobe and modules.dep).
 pub const K8S_MODULES: &[&str] = &[

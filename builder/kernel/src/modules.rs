@@ -11,9 +11,11 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Modules stage 1 loads: what reaches the root disk and the cdrom, and the agent's
-/// port. Their dependencies are added from the kernel's `.modinfo`.
+/// port, on either transport (PCI on q35, MMIO on microvm). Their dependencies are
+/// added from the kernel's `.modinfo`.
 pub const STAGE1_MODULES: &[&str] = &[
     "virtio_pci",
+    "virtio_mmio",
     "virtio_blk",
     "virtio_scsi",
     "sr_mod",

@@ -104,7 +104,11 @@ pub fn start_progress<'a>(
             RunEvent::Replaced => {
                 eprintln!("kimg {cmd}: stopped the running cluster {name:?} first")
             }
-            RunEvent::Accel(acc) => eprintln!("kimg {cmd}: accelerator {}", acc.as_str()),
+            RunEvent::Accel(acc, m) => eprintln!(
+                "kimg {cmd}: accelerator {}, machine {}",
+                acc.as_str(),
+                m.as_str()
+            ),
             RunEvent::Started(vm) => eprintln!("kimg {cmd}: {vm} {started}"),
             RunEvent::Ready(vm, st, t) => eprintln!(
                 "kimg {cmd}: {vm} {} after {:.2}s",

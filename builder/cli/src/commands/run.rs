@@ -3,6 +3,7 @@
 use anyhow::Context;
 use kimg_cluster::accel::AccelChoice;
 use kimg_cluster::network::NetBackend;
+use kimg_cluster::qemu::Machine;
 use kimg_cluster::{self as cluster, RunOptions, Wait};
 use kimg_contract::VmId;
 use std::path::PathBuf;
@@ -62,6 +63,11 @@ pub struct Args {
     /// on its own. The hostname then reaches the VM as an SMBIOS OEM string.
     #[arg(long)]
     uefi: bool,
+    /// QEMU machine [default: microvm (virtio-mmio, no PCI or legacy PC devices:
+    /// boots faster) for direct kernel boot of an image built to boot on it, else
+    /// q35]. --uefi needs q35.
+    #[arg(long, value_enum)]
+    machine: Option<Machine>,
     /// Extra kernel command line for every VM, after kimg's own words (so it wins):
     /// `--append loglevel=7` for a chatty kernel, `--append kimg.cdrom=off` to attach
     /// the overlay cdrom without unpacking it (mount /dev/sr0 and look by hand),
@@ -166,6 +172,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         accel: a.accel,
         wait: a.wait,
         uefi: a.uefi,
+        machine: a.machine,
         cdrom: a.cdrom,
         append: a.append.unwrap_or_default(),
         overlays: a.overlays,
