@@ -47,6 +47,16 @@ pub enum ClusterError {
     /// The overlay cdrom could not be made.
     #[error("overlay cdrom: {0}")]
     Cdrom(#[from] kimg_image::overlay::OverlayError),
+    /// The host's available memory cannot hold the VMs.
+    #[error("{vms} VMs need about {need_mib} MiB of host memory (per VM: guest RAM up to {} MiB + {} MiB of QEMU), but MemAvailable is {available_mib} MiB: start fewer VMs, give them less --mem, or stop other clusters (`kimg ls`)", crate::capacity::GUEST_TOUCH_MIB, crate::capacity::QEMU_OVERHEAD_MIB)]
+    HostMemory {
+        /// VMs asked for.
+        vms: usize,
+        /// Their estimated need.
+        need_mib: u64,
+        /// The host's MemAvailable.
+        available_mib: u64,
+    },
     /// The options ask for something this cluster cannot do.
     #[error("{0}")]
     Usage(String),

@@ -3,6 +3,7 @@
 
 use crate::addon;
 use crate::agent::{self, AgentError};
+use crate::capacity::{par_map, CALL_THREADS};
 use crate::error::ClusterError;
 use crate::launch::RunEvent;
 use crate::process::{qemu_pid, rss_kib};
@@ -122,7 +123,7 @@ fn wait_vms(
 }
 
 /// Asks the agent for its status until it reports ready/degraded or time runs out.
-fn poll_ready(paths: &VmPaths, deadline: Instant) -> Result<BootState, String> {
+pub(crate) fn poll_ready(paths: &VmPaths, deadline: Instant) -> Result<BootState, String> {
     loop {
         if qemu_pid(paths).is_none() {
             return Err("QEMU exited".into());
@@ -194,49 +195,38 @@ fn vm_overlays(
     at_boot.chain(later).collect()
 }
 
-/// Queries every VM of a cluster.
+/// Queries every VM of a cluster ([`CALL_THREADS`] at a time).
 pub fn status(name: &str) -> Result<(ClusterState, Vec<VmStatus>), ClusterError> {
     let (dir, state) = load(name)?;
-    let state_ref = &state;
-    let list = std::thread::scope(|s| {
-        let handles: Vec<_> = state
-            .vms
-            .iter()
-            .map(|rec| {
-                let dir = &dir;
-                s.spawn(move || {
-                    let paths = VmPaths::new(dir, rec.vm);
-                    let mut st = VmStatus {
-                        vm: rec.vm,
-                        role: rec.vm.role(),
-                        state: "booting".into(),
-                        agent: None,
-                        qemu_rss_kib: None,
-                        last_console: Vec::new(),
-                        overlays: Vec::new(),
-                    };
-                    let Some(pid) = qemu_pid(&paths) else {
-                        st.state = "dead".into();
-                        st.last_console = console_tail(&paths, 10);
-                        return st;
-                    };
-                    st.qemu_rss_kib = rss_kib(pid);
-                    if let Ok(Reply::Status(a)) =
-                        agent::request(&paths.agent(), Op::Status, Duration::from_secs(3))
-                    {
-                        st.state = serde_json::to_value(a.state)
-                            .ok()
-                            .and_then(|v| v.as_str().map(String::from))
-                            .unwrap_or_default();
-                        st.agent = Some(a);
-                    }
-                    let boot = st.agent.as_ref().map_or(&[][..], |a| &a.overlays[..]);
-                    st.overlays = vm_overlays(rec.vm, boot, &state_ref.applied);
-                    st
-                })
-            })
-            .collect();
-        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    let list = par_map(&state.vms, CALL_THREADS, |rec| {
+        let paths = VmPaths::new(&dir, rec.vm);
+        let mut st = VmStatus {
+            vm: rec.vm,
+            role: rec.vm.role(),
+            state: "booting".into(),
+            agent: None,
+            qemu_rss_kib: None,
+            last_console: Vec::new(),
+            overlays: Vec::new(),
+        };
+        let Some(pid) = qemu_pid(&paths) else {
+            st.state = "dead".into();
+            st.last_console = console_tail(&paths, 10);
+            return st;
+        };
+        st.qemu_rss_kib = rss_kib(pid);
+        if let Ok(Reply::Status(a)) =
+            agent::request(&paths.agent(), Op::Status, Duration::from_secs(3))
+        {
+            st.state = serde_json::to_value(a.state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
+            st.agent = Some(a);
+        }
+        let boot = st.agent.as_ref().map_or(&[][..], |a| &a.overlays[..]);
+        st.overlays = vm_overlays(rec.vm, boot, &state.applied);
+        st
     });
     Ok((state, list))
 }

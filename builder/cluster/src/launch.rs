@@ -4,10 +4,12 @@
 use crate::accel::{self, Accel, AccelChoice};
 use crate::addon::{self, Addon};
 use crate::bootfiles::boot_files;
+use crate::capacity;
 use crate::error::ClusterError;
-use crate::health::{wait_for, Wait};
+use crate::health::{poll_ready, wait_for, Wait};
 use crate::network::{self, NetBackend};
 use crate::ops::stop_locked;
+use crate::process;
 use crate::qemu::{self, Machine, VmPaths, VmSpec};
 use crate::state::{cluster_dir, lock, read_manifest, save, vm_ids, ClusterState, VmRecord};
 use kimg_contract::agent::BootState;
@@ -21,7 +23,20 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long a slot of the boot window waits for its VM's boot when no `--wait`
+/// says (then the start goes on with the next VM).
+pub const BOOT_LIMIT: Duration = Duration::from_secs(300);
+
+/// How long a slot of the boot window waits for its VM's boot: `--wait`'s seconds
+/// when given, else [`BOOT_LIMIT`] (a flavour's longer default wait, such as
+/// Kubernetes' control plane, is for after the boots, not for each VM's).
+pub(crate) fn boot_limit(wait: Option<Wait>) -> Duration {
+    wait.and_then(|w| w.limit).unwrap_or(BOOT_LIMIT)
+}
 
 /// Options of `kimg run` (`Default` is an empty cluster with no name: set what
 /// matters and take the rest).
@@ -95,6 +110,16 @@ pub enum RunEvent {
     Waiting(VmId, String),
     /// One of those checks passed on a VM after this long (since the wait began).
     Passed(VmId, String, Duration),
+    /// How far the start is: VMs started, VMs whose boot is over (when the cluster
+    /// boots in a window of VMs at a time; else 0), of all.
+    Progress {
+        /// QEMUs started.
+        started: usize,
+        /// Of them, booted (ready, degraded or gone).
+        booted: usize,
+        /// VMs to start.
+        total: usize,
+    },
 }
 
 /// Starts a cluster (stopping a running one of the same name first).
@@ -181,10 +206,12 @@ fn start(
         }
         state.cdrom = Some(fs::canonicalize(c).with_path(c)?);
     }
+    capacity::check_memory(&state.vms)?;
     make_cdroms(dir, &mut state, addon, ids, true)?;
     save(dir, &state)?;
     network::create(state.net, &state.name, dir)?;
-    start_vms(dir, &state, &state.vms, &files, manifest, on_event)?;
+    let limit = boot_limit(opts.wait);
+    start_vms(dir, &state, &state.vms, &files, manifest, limit, on_event)?;
     Ok(state)
 }
 
@@ -231,51 +258,81 @@ fn vm_record(opts: &RunOptions, addon: &dyn Addon, vm: VmId) -> VmRecord {
     }
 }
 
-/// Starts `vms` of the cluster in parallel; the first failure is reported.
+/// Starts `vms` of the cluster: all at once when they fit in the boot window
+/// ([`capacity::boot_window`]), else that many at a time, each slot taking the next
+/// VM once its VM has booted (ready, degraded or gone, at most `limit`). The first
+/// failure to start stops the starting and is reported.
 pub(crate) fn start_vms(
     dir: &Path,
     state: &ClusterState,
     vms: &[VmRecord],
     files: &[PathBuf],
     manifest: &Manifest,
+    limit: Duration,
     on_event: &(dyn Fn(RunEvent) + Sync),
 ) -> Result<(), ClusterError> {
     let image = state.image.as_path();
     let accel = state.accel;
     let addon = addon::of(manifest.flavour);
     let base_cmdline = manifest.kernel.cmdline.as_str();
+    let window = capacity::boot_window(vms);
+    let paced = vms.len() > window;
+    let next = AtomicUsize::new(0);
+    let (started, booted) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let failure: Mutex<Option<ClusterError>> = Mutex::new(None);
+    let failed = || failure.lock().map_or(true, |f| f.is_some());
+    let progress = || {
+        on_event(RunEvent::Progress {
+            started: started.load(Ordering::SeqCst),
+            booted: booted.load(Ordering::SeqCst),
+            total: vms.len(),
+        })
+    };
+    let slot = || {
+        while !failed() {
+            let Some(rec) = vms.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                return;
+            };
+            let cdrom = vm_cdrom(dir, state, rec.vm);
+            let spec = VmSpec {
+                vm: rec.vm,
+                mem_mb: rec.mem_mb,
+                cpus: rec.cpus,
+                accel,
+                machine: state.machine,
+                kernel: files[0].clone(),
+                initrd: files[1].clone(),
+                cmdline: vm_cmdline(base_cmdline, rec.vm, state, cdrom.is_some()),
+                cdrom,
+                uefi: state.uefi,
+            };
+            if let Err(e) = start_vm(dir, image, &spec, state, addon) {
+                if let Ok(mut f) = failure.lock() {
+                    f.get_or_insert(e);
+                }
+                return;
+            }
+            started.fetch_add(1, Ordering::SeqCst);
+            on_event(RunEvent::Started(spec.vm));
+            if paced {
+                // Whether it made it is for the wait for ready to tell: the slot
+                // only needs the boot over.
+                let _ = poll_ready(&VmPaths::new(dir, rec.vm), process::deadline(limit));
+                booted.fetch_add(1, Ordering::SeqCst);
+            }
+            progress();
+        }
+    };
     std::thread::scope(|s| {
-        let handles: Vec<_> = vms
-            .iter()
-            .map(|rec| {
-                let cdrom = vm_cdrom(dir, state, rec.vm);
-                let spec = VmSpec {
-                    vm: rec.vm,
-                    mem_mb: rec.mem_mb,
-                    cpus: rec.cpus,
-                    accel,
-                    machine: state.machine,
-                    kernel: files[0].clone(),
-                    initrd: files[1].clone(),
-                    cmdline: vm_cmdline(base_cmdline, rec.vm, state, cdrom.is_some()),
-                    cdrom,
-                    uefi: state.uefi,
-                };
-                s.spawn(move || {
-                    start_vm(dir, image, &spec, state, addon)
-                        .map(|()| on_event(RunEvent::Started(spec.vm)))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or(Err(ClusterError::Panicked("a VM's start thread")))
-            })
-            .collect::<Result<Vec<()>, _>>()
-    })?;
-    Ok(())
+        for _ in 0..window.min(vms.len()) {
+            s.spawn(slot);
+        }
+    });
+    match failure.into_inner() {
+        Ok(None) => Ok(()),
+        Ok(Some(e)) => Err(e),
+        Err(_) => Err(ClusterError::Panicked("a VM's start thread")),
+    }
 }
 
 /// Makes the cdroms of `vms`: `vm-NNN/cdrom.iso` for each VM the add-on gives an

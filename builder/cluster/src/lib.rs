@@ -19,6 +19,7 @@ pub mod addon;
 pub mod agent;
 pub mod apply;
 pub mod bootfiles;
+pub mod capacity;
 pub mod consoles;
 pub mod doctor;
 pub mod error;

@@ -4,9 +4,10 @@
 use crate::addon;
 use crate::agent;
 use crate::bootfiles::boot_files;
+use crate::capacity::{self, par_map, CALL_THREADS};
 use crate::error::ClusterError;
 use crate::health::{wait_for, Wait};
-use crate::launch::{make_cdroms, start_vms, RunEvent};
+use crate::launch::{boot_limit, make_cdroms, start_vms, RunEvent};
 use crate::network;
 use crate::process::{self, qemu_pid, KILL_WAIT};
 use crate::qemu::VmPaths;
@@ -78,11 +79,12 @@ fn stop_vms(dir: &Path, vms: &[VmId], grace: Duration) -> StopReport {
         .iter()
         .filter_map(|&vm| Some((vm, qemu_pid(&VmPaths::new(dir, vm))?)))
         .collect();
-    std::thread::scope(|s| {
-        for (vm, _) in &running {
-            let sock = VmPaths::new(dir, *vm).agent();
-            s.spawn(move || agent::request(&sock, Op::Poweroff, Duration::from_secs(2)));
-        }
+    par_map(&running, CALL_THREADS, |(vm, _)| {
+        agent::request(
+            &VmPaths::new(dir, *vm).agent(),
+            Op::Poweroff,
+            Duration::from_secs(2),
+        )
     });
     let deadline = process::deadline(grace);
     let mut to_kill = Vec::new();
@@ -148,6 +150,7 @@ pub fn scaleout(
         });
         state.size = state.size.including(vm);
     }
+    capacity::check_memory(&added)?;
     let files = boot_files(&state.image, &manifest, &dir)?;
     let ids: Vec<VmId> = added.iter().map(|r| r.vm).collect();
     // The add-on's material for the new VMs (a node's kubelet credentials), then
@@ -155,7 +158,8 @@ pub fn scaleout(
     addon.add_vms(&dir, &ids)?;
     make_cdroms(&dir, &mut state, addon, &ids, false)?;
     let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let result = start_vms(&dir, &state, &added, &files, &manifest, on_event);
+    let limit = boot_limit(wait);
+    let result = start_vms(&dir, &state, &added, &files, &manifest, limit, on_event);
     nix::sys::stat::umask(old_umask);
     // Whatever started is part of the cluster now (so that stop finds it).
     let started: Vec<VmRecord> = added

@@ -87,15 +87,27 @@ pub fn wait_help(vms: &str) -> String {
     )
 }
 
-/// The progress lines of starting VMs (`kimg run`, `run --from`, `resume`,
-/// `scaleout`) on stderr, as `kimg CMD: ...`; `started` says what happened to a
-/// VM's QEMU ("started", "restored"), `name` is the cluster's. Nothing when `quiet`.
+/// Up to this many VMs, a start prints a line per VM started and ready; above, a
+/// progress line ([`RunEvent::Progress`]).
+const LINES_PER_VM_UP_TO: usize = 20;
+
+/// The progress lines of starting `total` VMs (`kimg run`, `run --from`, `resume`,
+/// `scaleout`; 0 when not known up front) on stderr, as `kimg CMD: ...`: a line per
+/// VM up to [`LINES_PER_VM_UP_TO`] VMs, else a progress line (rewritten in place on a
+/// terminal, else one per 10 VMs). `started` says what happened to a VM's QEMU
+/// ("started", "restored"), `name` is the cluster's. Nothing when `quiet`.
 pub fn start_progress<'a>(
     cmd: &'a str,
     name: &'a str,
     started: &'a str,
+    total: usize,
     quiet: bool,
 ) -> impl Fn(RunEvent) + Sync + 'a {
+    use std::io::IsTerminal;
+    let big = total > LINES_PER_VM_UP_TO;
+    let tty = std::io::stderr().is_terminal();
+    // The progress line shown last (an unchanged one is not printed again).
+    let last = std::sync::Mutex::new(String::new());
     move |ev| {
         if quiet {
             return;
@@ -109,18 +121,42 @@ pub fn start_progress<'a>(
                 acc.as_str(),
                 m.as_str()
             ),
-            RunEvent::Started(vm) => eprintln!("kimg {cmd}: {vm} {started}"),
-            RunEvent::Ready(vm, st, t) => eprintln!(
+            RunEvent::Started(vm) if !big => eprintln!("kimg {cmd}: {vm} {started}"),
+            RunEvent::Ready(vm, st, t) if !big => eprintln!(
                 "kimg {cmd}: {vm} {} after {:.2}s",
                 serde_json::to_string(&st)
                     .unwrap_or_default()
                     .trim_matches('"'),
                 t.as_secs_f64()
             ),
+            RunEvent::Started(_) | RunEvent::Ready(..) => {}
             RunEvent::Waiting(vm, what) => eprintln!("kimg {cmd}: {vm} {what}"),
             RunEvent::Passed(vm, what, t) => {
                 eprintln!("kimg {cmd}: {vm} {what} after {:.2}s", t.as_secs_f64())
             }
+            RunEvent::Progress {
+                started: up,
+                booted,
+                total,
+            } if big => {
+                let line = format!("kimg {cmd}: {up}/{total} started, {booted} booted");
+                let Ok(mut last) = last.lock() else {
+                    return;
+                };
+                let step = (up + booted) % 10 == 0 || booted == total;
+                if *last != line && (tty || step) {
+                    if tty {
+                        eprint!("\r{line}");
+                        if booted == total {
+                            eprintln!();
+                        }
+                    } else {
+                        eprintln!("{line}");
+                    }
+                    *last = line;
+                }
+            }
+            RunEvent::Progress { .. } => {}
         }
     }
 }

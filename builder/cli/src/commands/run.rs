@@ -179,9 +179,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         ovlpath: a.ovlpath,
     };
     let quiet = a.quiet || a.json;
+    let total = opts.size().members().map_or(0, |m| m.len());
     let state = cluster::run(
         &opts,
-        &super::start_progress("run", &opts.name, "started", quiet),
+        &super::start_progress("run", &opts.name, "started", total, quiet),
     )
     .with_context(|| format!("kimg run --name {} failed", opts.name))?;
     if a.json {
@@ -207,7 +208,7 @@ fn run_from(a: &Args, snap: &str) -> anyhow::Result<ExitCode> {
     let quiet = a.quiet || a.json;
     let state = kimg_cluster::restore::run_from(
         &opts,
-        &super::start_progress("run", &opts.name, "restored", quiet),
+        &super::start_progress("run", &opts.name, "restored", 0, quiet),
     )
     .with_context(|| format!("kimg run --from {snap} --name {} failed", opts.name))?;
     if a.json {

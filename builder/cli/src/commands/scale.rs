@@ -44,7 +44,7 @@ pub fn run_out(a: OutArgs) -> anyhow::Result<ExitCode> {
         &a.name,
         &a.vms,
         a.wait,
-        &super::start_progress("scaleout", &a.name, "started", false),
+        &super::start_progress("scaleout", &a.name, "started", a.vms.len(), false),
     )?;
     eprintln!(
         "kimg scaleout: cluster {:?} has {} VMs",

@@ -45,7 +45,7 @@ pub fn run_resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     let state = restore::resume(
         &a.name,
         a.wait,
-        &super::start_progress("resume", &a.name, "restored", false),
+        &super::start_progress("resume", &a.name, "restored", 0, false),
     )
     .with_context(|| format!("kimg resume --name {} failed", a.name))?;
     eprintln!(

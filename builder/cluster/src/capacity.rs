@@ -1,0 +1,149 @@
+//! What this host can hold and boot at once: the memory each VM's QEMU takes,
+//! checked against `MemAvailable` before anything starts; the window of VMs booting
+//! together, sized to the host's cores and free memory; and a bounded pool of
+//! threads for per-VM calls (status, poweroff) of big clusters.
+
+use crate::error::ClusterError;
+use crate::state::VmRecord;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Guest RAM a VM's QEMU holds at most, whatever `--mem` says beyond it (measured
+/// under TCG: a 96 MB guest touches all of it, a 384 MB one ~150 MB while it boots
+/// and unpacks overlays, before free page reporting hands some back).
+pub const GUEST_TOUCH_MIB: u64 = 160;
+/// QEMU's own resident memory per VM besides guest RAM: the TCG code buffer (16 MB),
+/// its copies of kernel and initramfs (~16 MB), libraries, heap and devices.
+pub const QEMU_OVERHEAD_MIB: u64 = 64;
+/// VMs booting at once per host core: under TCG a boot is CPU-bound, a few per core
+/// keep the cores busy through a VM's waits without starving any guest's timers.
+pub const BOOTS_PER_CORE: usize = 4;
+/// Threads for per-VM calls to a big cluster (status, poweroff).
+pub const CALL_THREADS: usize = 16;
+
+/// Host memory a VM of `mem_mb` needs, MiB.
+pub fn footprint_mib(mem_mb: u32) -> u64 {
+    u64::from(mem_mb).min(GUEST_TOUCH_MIB) + QEMU_OVERHEAD_MIB
+}
+
+/// `MemAvailable` of /proc/meminfo in MiB.
+pub fn mem_available_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
+}
+
+/// Refuses `vms` when the host's available memory cannot hold them.
+pub fn check_memory(vms: &[VmRecord]) -> Result<(), ClusterError> {
+    let Some(available_mib) = mem_available_mib() else {
+        return Ok(()); // no /proc/meminfo: nothing to judge by
+    };
+    check_memory_against(vms, available_mib)
+}
+
+fn check_memory_against(vms: &[VmRecord], available_mib: u64) -> Result<(), ClusterError> {
+    let need_mib: u64 = vms.iter().map(|r| footprint_mib(r.mem_mb)).sum();
+    if need_mib > available_mib {
+        return Err(ClusterError::HostMemory {
+            vms: vms.len(),
+            need_mib,
+            available_mib,
+        });
+    }
+    Ok(())
+}
+
+/// How many of `vms` boot at once: [`BOOTS_PER_CORE`] per core, fewer when free
+/// memory holds fewer, at least one.
+pub fn boot_window(vms: &[VmRecord]) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_vm = vms
+        .iter()
+        .map(|r| footprint_mib(r.mem_mb))
+        .max()
+        .unwrap_or(1);
+    let by_memory = mem_available_mib().map_or(usize::MAX, |m| {
+        usize::try_from(m / per_vm.max(1)).unwrap_or(usize::MAX)
+    });
+    (cores * BOOTS_PER_CORE).min(by_memory).max(1)
+}
+
+/// `f` over `items` on at most `threads` threads, results in the items' order.
+pub fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let out: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, items.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = f(item);
+                if let Ok(mut slot) = out[i].lock() {
+                    *slot = Some(r);
+                }
+            });
+        }
+    });
+    out.into_iter()
+        .filter_map(|m| m.into_inner().ok().flatten())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kimg_contract::VmId;
+
+    fn recs(n: u16, mem_mb: u32) -> Vec<VmRecord> {
+        (1..=n)
+            .map(|i| VmRecord {
+                vm: VmId::new(i).unwrap(),
+                mem_mb,
+                cpus: 1,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_cluster_bigger_than_free_memory_is_refused_with_the_numbers() {
+        assert_eq!(footprint_mib(96), 160);
+        assert_eq!(footprint_mib(2048), GUEST_TOUCH_MIB + QEMU_OVERHEAD_MIB);
+        let e = check_memory_against(&recs(100, 96), 12_000).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("100 VMs") && msg.contains("16000 MiB") && msg.contains("12000 MiB"),
+            "{msg}"
+        );
+        check_memory_against(&recs(100, 96), 16_000).unwrap();
+    }
+
+    #[test]
+    fn windows_are_bounded_and_par_map_keeps_order() {
+        let w = boot_window(&recs(100, 96));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(w >= 1 && w <= cores * BOOTS_PER_CORE, "{w}");
+        let items: Vec<u32> = (0..100).collect();
+        let peak = AtomicUsize::new(0);
+        let now = AtomicUsize::new(0);
+        let out = par_map(&items, 7, |x| {
+            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(n, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            now.fetch_sub(1, Ordering::SeqCst);
+            x * 2
+        });
+        assert_eq!(out, items.iter().map(|x| x * 2).collect::<Vec<_>>());
+        assert!(peak.load(Ordering::SeqCst) <= 7);
+        assert!(par_map(&[] as &[u32], 4, |x| *x).is_empty());
+    }
+}
