@@ -9,6 +9,7 @@ pub mod k8s;
 pub mod k8s_start;
 pub mod kernel;
 pub mod publish;
+pub mod scale;
 pub mod snapshot;
 
 use kimg_util::fs::IoError;

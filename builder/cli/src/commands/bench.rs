@@ -20,6 +20,7 @@ pub struct Args {
 enum Suite {
     Boot(BootArgs),
     Cluster(ClusterArgs),
+    Scale(ScaleArgs),
     Publish(PublishArgs),
     Cdrom(CdromArgs),
     Kernel(KernelArgs),
@@ -205,9 +206,31 @@ struct ClusterArgs {
     json: bool,
 }
 
+/// A big cluster: N nodes + 1 router to ready next to the floor N x one VM's QEMU CPU
+/// time / host cores (goal: ratio <= 1.5), their total QEMU RSS once idle (goal: <=
+/// 12 GB for 100 VMs), and how long status and stop of them take.
+#[derive(clap::Args)]
+struct ScaleArgs {
+    /// Image built by `kimg build`.
+    #[arg(long, default_value = "out/hd.img")]
+    image: PathBuf,
+    /// Nodes (plus 1 router).
+    #[arg(long, default_value_t = 100)]
+    nodes: u16,
+    /// Memory per VM in MiB (the smallest the base image boots with).
+    #[arg(long, default_value_t = 128)]
+    mem: u32,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// `kimg build` with a warm kernel cache (goal <= 10 s), and one VM's boot to ready
-/// next to the floor: the same kernel and machine booting a busybox-only initramfs
-/// that powers off at once (goal: ratio <= 1.5).
+/// next to the floors, measured alternately: the same kernel booting a busybox-only
+/// initramfs that powers off at once on q35 (goal: ratio <= 1.0) and on microvm.
 #[derive(clap::Args)]
 struct BootArgs {
     /// Boots of each kind; medians are compared.
@@ -259,6 +282,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     match a.suite {
         Suite::Boot(b) => boot(b),
         Suite::Cluster(c) => cluster(c),
+        Suite::Scale(s) => scale(s),
         Suite::Publish(p) => publish(p),
         Suite::Cdrom(c) => cdrom(c),
         Suite::Kernel(k) => kernel(k),
@@ -400,6 +424,52 @@ fn k8s(a: K8sArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn scale(a: ScaleArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tempfile::Builder::new()
+        .prefix("kimg-bench-rt-")
+        .tempdir_in("/tmp")?;
+    let opts = bench::scale::ScaleBenchOptions {
+        image: kimg_image::fetch::resolve_image(&a.image),
+        nodes: a.nodes,
+        mem_mb: a.mem,
+        accel: a.accel,
+        runtime: runtime.path().to_path_buf(),
+    };
+    let r = bench::scale::run(&opts, &progress(a.json))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "accelerator, machine, host cores     {}, {}, {}",
+        r.accel.as_str(),
+        r.machine.as_str(),
+        r.cores
+    );
+    println!(
+        "1 VM: QEMU CPU to ready              {:7.2} s",
+        r.single_cpu_secs
+    );
+    println!(
+        "{:3} VMs to ready                     {:7.1} s   (floor {} x CPU / cores = {:.1} s; load {:.1})",
+        r.vms, r.wall_secs, r.vms, r.floor_secs, r.load_avg
+    );
+    println!(
+        "ratio / floor                        {:7.2}     (goal <= 1.5)",
+        r.ratio
+    );
+    println!(
+        "total QEMU RSS once idle             {:7.0} MB  (goal <= 12000 MB for 100 VMs; {:.0} MB per VM)",
+        r.idle_rss_mb,
+        r.idle_rss_mb / r.vms.max(1) as f64
+    );
+    println!(
+        "kimg status / kimg stop              {:7.2} s / {:.2} s",
+        r.status_secs, r.stop_secs
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn cluster(a: ClusterArgs) -> anyhow::Result<ExitCode> {
     let runtime = tempfile::Builder::new()
         .prefix("kimg-bench-rt-")
@@ -493,18 +563,28 @@ fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
             r.build_secs
         );
         println!(
-            "floor: busybox initramfs, poweroff  {:6.2} s   (median of {})",
+            "floor q35: busybox initrd, poweroff {:6.2} s   (median of {})",
             bench::median(&r.floor_secs),
             r.floor_secs.len()
         );
         println!(
-            "kimg run --wait, 1 VM, to ready     {:6.2} s   (median of {})",
-            bench::median(&r.boot_secs),
-            r.boot_secs.len()
+            "floor microvm: the same             {:6.2} s   (median of {})",
+            bench::median(&r.microvm_floor_secs),
+            r.microvm_floor_secs.len()
         );
         println!(
-            "ratio boot / floor                  {:6.2}     (goal <= 1.5)",
+            "kimg run --wait, 1 VM, to ready     {:6.2} s   (median of {}, {})",
+            bench::median(&r.boot_secs),
+            r.boot_secs.len(),
+            r.machine.as_str()
+        );
+        println!(
+            "ratio boot / q35 floor              {:6.2}     (goal <= 1.0)",
             r.ratio
+        );
+        println!(
+            "ratio boot / microvm floor          {:6.2}",
+            r.microvm_ratio
         );
     }
     Ok(ExitCode::SUCCESS)

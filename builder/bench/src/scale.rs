@@ -1,0 +1,155 @@
+//! `kimg bench scale`: a big cluster on this host (the scale issue).
+//!
+//! - single: one VM's `run --wait` at the same memory, and its QEMU's CPU time until
+//!   ready;
+//! - big: wall time of `run --nodes N --routers 1 --wait` next to the floor N x one
+//!   VM's QEMU CPU time / host cores (goal: ratio <= 1.5), total QEMU RSS once idle
+//!   (goal: <= 12 GB for 100 VMs), and the time `kimg status` and `kimg stop` take.
+
+use super::{step, BenchError};
+use kimg_cluster::accel::{Accel, AccelChoice};
+use kimg_cluster::process;
+use kimg_cluster::qemu::{Machine, VmPaths};
+use kimg_cluster::{self as cluster, RunOptions, Wait};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Options of `kimg bench scale`.
+#[derive(Debug, Clone)]
+pub struct ScaleBenchOptions {
+    /// The image to boot.
+    pub image: PathBuf,
+    /// Nodes of the big cluster (plus 1 router).
+    pub nodes: u16,
+    /// Memory per VM in MiB.
+    pub mem_mb: u32,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// Runtime directory for the benchmark's clusters.
+    pub runtime: PathBuf,
+}
+
+/// Results of `kimg bench scale`.
+#[derive(Debug, Serialize)]
+pub struct ScaleBenchReport {
+    /// Accelerator of all boots.
+    pub accel: Accel,
+    /// Machine of all boots.
+    pub machine: Machine,
+    /// Host cores.
+    pub cores: usize,
+    /// One VM: its QEMU's CPU seconds until ready.
+    pub single_cpu_secs: f64,
+    /// VMs of the big cluster.
+    pub vms: usize,
+    /// Wall seconds until all were ready.
+    pub wall_secs: f64,
+    /// vms x single CPU / cores.
+    pub floor_secs: f64,
+    /// wall / floor (goal <= 1.5).
+    pub ratio: f64,
+    /// CPU seconds their QEMUs used until all were ready.
+    pub cpu_secs: f64,
+    /// Total QEMU RSS once idle, MB.
+    pub idle_rss_mb: f64,
+    /// Seconds `kimg status` took.
+    pub status_secs: f64,
+    /// Seconds `kimg stop` took.
+    pub stop_secs: f64,
+    /// Host load average (1 min) when all were ready.
+    pub load_avg: f64,
+}
+
+const NAME: &str = "bench-scale";
+
+fn options(o: &ScaleBenchOptions, nodes: u16, routers: u16) -> RunOptions {
+    RunOptions {
+        name: NAME.into(),
+        image: o.image.clone(),
+        nodes,
+        routers,
+        mem_mb: Some(o.mem_mb),
+        cpus: Some(1),
+        accel: o.accel,
+        wait: Some(Wait::vms(Duration::from_secs(3600))),
+        ..RunOptions::default()
+    }
+}
+
+/// The QEMU pids of the benchmark's cluster.
+fn pids() -> Result<Vec<nix::unistd::Pid>, BenchError> {
+    let (dir, state) = cluster::load(NAME)?;
+    Ok(state
+        .vms
+        .iter()
+        .filter_map(|r| cluster::qemu_pid(&VmPaths::new(&dir, r.vm)))
+        .collect())
+}
+
+/// Runs the suite; `log` gets one line per measurement. A failed step leaves no
+/// cluster running.
+pub fn run(o: &ScaleBenchOptions, log: &dyn Fn(&str)) -> Result<ScaleBenchReport, BenchError> {
+    std::env::set_var("KIMG_RUNTIME_DIR", &o.runtime);
+    measure(o, log).inspect_err(|_| {
+        let _ = cluster::stop(NAME, Duration::from_secs(2));
+    })
+}
+
+fn measure(o: &ScaleBenchOptions, log: &dyn Fn(&str)) -> Result<ScaleBenchReport, BenchError> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = |p| process::cpu_time(p).map_or(0.0, |d| d.as_secs_f64());
+
+    let state = cluster::run(&options(o, 1, 0), &|_| {})?;
+    let single_cpu_secs = pids()?.into_iter().map(cpu).sum::<f64>();
+    if single_cpu_secs <= 0.0 {
+        return Err(step("one VM")("its QEMU is gone"));
+    }
+    cluster::stop(NAME, Duration::from_secs(10))?;
+    log(&format!(
+        "1 VM ({}): {single_cpu_secs:.2}s QEMU CPU to ready",
+        state.machine.as_str()
+    ));
+
+    let t = Instant::now();
+    let state = cluster::run(&options(o, o.nodes, 1), &|_| {})?;
+    let wall_secs = t.elapsed().as_secs_f64();
+    let vms = state.vms.len();
+    let pids = pids()?;
+    let cpu_secs = pids.iter().map(|&p| cpu(p)).sum::<f64>();
+    let load_avg = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_ascii_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let floor_secs = vms as f64 * single_cpu_secs / cores as f64;
+    log(&format!(
+        "{vms} VMs ready after {wall_secs:.1}s (floor {floor_secs:.1}s, their QEMU CPU {cpu_secs:.1}s, load {load_avg:.1})"
+    ));
+    // Idle: the last boots settle, freed pages are reported back.
+    std::thread::sleep(Duration::from_secs(20));
+    let t = Instant::now();
+    let (_, st) = cluster::status(NAME)?;
+    let status_secs = t.elapsed().as_secs_f64();
+    let idle_rss_mb = st.iter().filter_map(|v| v.qemu_rss_kib).sum::<u64>() as f64 / 1024.0;
+    let t = Instant::now();
+    cluster::stop(NAME, Duration::from_secs(30))?;
+    let stop_secs = t.elapsed().as_secs_f64();
+    log(&format!(
+        "idle QEMU RSS {idle_rss_mb:.0} MB; status {status_secs:.2}s, stop {stop_secs:.2}s"
+    ));
+    Ok(ScaleBenchReport {
+        accel: state.accel,
+        machine: state.machine,
+        cores,
+        single_cpu_secs,
+        vms,
+        wall_secs,
+        floor_secs,
+        ratio: wall_secs / floor_secs.max(f64::EPSILON),
+        cpu_secs,
+        idle_rss_mb,
+        status_secs,
+        stop_secs,
+        load_avg,
+    })
+}
