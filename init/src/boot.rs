@@ -113,6 +113,7 @@ fn stage2() -> ! {
     mount_kernel_filesystems(mounts::STAGE2, &mut problems);
     let args = read_args(&mut problems);
     load_modules(&mut problems);
+    report_free_pages(&mut problems);
     let hostname = hostname(&args);
     let addresses = network(&hostname, &args, &mut problems);
     if let Err(e) = nix::unistd::sethostname(&hostname) {
@@ -238,6 +239,13 @@ fn load_modules(problems: &mut Problems) {
             }
         }
         Err(e) => problems.add("modules", e),
+    }
+}
+
+/// Lets the balloon (a stage-2 module) hand small freed blocks back to the host.
+fn report_free_pages(problems: &mut Problems) {
+    if let Err(e) = modules::report_small_free_blocks() {
+        problems.add("page reporting", e);
     }
 }
 

@@ -42,6 +42,24 @@ pub fn load_list(list: &str) -> Result<Loaded> {
     Ok(loaded)
 }
 
+/// Smallest free block, as a power of two of 4 KiB pages, that the balloon reports
+/// back to the host. The kernel takes the pageblock order (2 MiB) when the balloon
+/// registers, and reports only while a zone has that order's batch (32 blocks, 64
+/// MiB) free above its low watermark: a small VM never does.
+pub const PAGE_REPORTING_ORDER: u32 = 5;
+/// Where the kernel reads [`PAGE_REPORTING_ORDER`] (built-in `page_reporting`).
+const PAGE_REPORTING_PARAM: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+
+/// Sets the free page reporting order once the balloon is loaded (a kernel without
+/// page reporting has nothing to set).
+pub fn report_small_free_blocks() -> Result<()> {
+    if !Path::new(PAGE_REPORTING_PARAM).exists() {
+        return Ok(());
+    }
+    std::fs::write(PAGE_REPORTING_PARAM, PAGE_REPORTING_ORDER.to_string())
+        .context(|| PAGE_REPORTING_PARAM.to_string())
+}
+
 fn load_one(path: &Path) -> Result<()> {
     let f = File::open(path).context(|| format!("{}", path.display()))?;
     match finit_module(&f, c"", ModuleInitFlags::empty()) {

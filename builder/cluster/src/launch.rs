@@ -440,7 +440,9 @@ fn start_vm(
         state.machine,
     )?);
     qemu.args(addon.qemu_args(spec.vm, state));
-    cmd::run(&mut network::wrap(state.net, &state.name, qemu))?;
+    let mut qemu = network::wrap(state.net, &state.name, qemu);
+    qemu::without_huge_pages(&mut qemu);
+    cmd::run(&mut qemu)?;
     // QEMU wrote its pid file before daemonizing returned: record who it is.
     crate::process::record_start(&paths.pidfile())?;
     // QEMU's -daemonize sets umask 027 before creating the sockets: tighten them.

@@ -225,7 +225,16 @@ pub fn command(spec: &VmSpec, paths: &VmPaths) -> Command {
             escape(&paths.console_log())
         ))
         .args(["-serial", "chardev:con"])
-        .args(["-device", &format!("{},id=vser", m.virtio("serial"))])
+        // As many ports as it has (number 0 is kept for a console): the guest makes
+        // a pair of queues for each of max_ports (31 by default).
+        .args([
+            "-device",
+            &format!(
+                "{},id=vser,max_ports={}",
+                m.virtio("serial"),
+                SESSION_PORTS + 2
+            ),
+        ])
         .arg("-chardev")
         .arg(format!(
             "socket,id=agent,path={},server=on,wait=off",
@@ -294,6 +303,20 @@ pub fn machine(accel: Accel, machine: Machine, mem_mb: u32, cpus: u32) -> Comman
             "-no-reboot",
         ]);
     c
+}
+
+/// Makes `c` (QEMU, or the `ip netns exec` that runs it) start with transparent
+/// huge pages off, inherited through fork and exec. QEMU asks for them on guest RAM
+/// and the TCG code buffer (MADV_HUGEPAGE): a guest touching one 4 KiB page then
+/// holds 2 MiB of host memory, and the pages the balloon reports back only split
+/// huge pages instead of freeing memory.
+pub fn without_huge_pages(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // the prctl system call, which is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| nix::sys::prctl::set_thp_disable(true).map_err(std::io::Error::from));
+    }
 }
 
 /// QEMU option values separate with commas; a comma in a path is written twice.
@@ -409,6 +432,10 @@ mod tests {
         };
         let line = kimg_util::cmd::display(&command(&spec, &paths));
         assert!(line.contains("-M microvm,acpi=on"), "{line}");
+        assert!(
+            line.contains("virtio-serial-device,id=vser,max_ports=10"),
+            "{line}"
+        );
         assert!(
             !line.contains("-pci") && !line.contains("-smbios"),
             "{line}"
