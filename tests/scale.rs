@@ -34,7 +34,7 @@ fn machine_of(c: &TestCluster, vm: &str) -> String {
 fn microvm_and_q35_boot_the_base_image_and_uefi_stays_on_q35() {
     let c = TestCluster::new("e2e-machine");
     let img = path();
-    // The default for a direct kernel boot of a new image: microvm, no PCI at all.
+    // microvm on request: no PCI at all.
     let o = c.kimg(
         "run",
         &[
@@ -44,6 +44,8 @@ fn microvm_and_q35_boot_the_base_image_and_uefi_stays_on_q35() {
             "1",
             "--routers",
             "0",
+            "--machine",
+            "microvm",
             "--wait=600",
         ],
     );
@@ -67,7 +69,7 @@ fn microvm_and_q35_boot_the_base_image_and_uefi_stays_on_q35() {
         .exec_ok("vm-001", &["cat", "/sys/block/sr0/device/model"])
         .contains("QEMU CD-ROM"));
 
-    // q35 on request: the same image, PCI devices.
+    // q35 by default: the same image, PCI devices.
     let o = c.kimg(
         "run",
         &[
@@ -77,8 +79,6 @@ fn microvm_and_q35_boot_the_base_image_and_uefi_stays_on_q35() {
             "1",
             "--routers",
             "0",
-            "--machine",
-            "q35",
             "--wait=600",
         ],
     );

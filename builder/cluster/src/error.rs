@@ -48,10 +48,12 @@ pub enum ClusterError {
     #[error("overlay cdrom: {0}")]
     Cdrom(#[from] kimg_image::overlay::OverlayError),
     /// The host's available memory cannot hold the VMs.
-    #[error("{vms} VMs need about {need_mib} MiB of host memory (per VM: guest RAM up to {} MiB + {} MiB of QEMU), but MemAvailable is {available_mib} MiB: start fewer VMs, give them less --mem, or stop other clusters (`kimg ls`)", crate::capacity::GUEST_TOUCH_MIB, crate::capacity::QEMU_OVERHEAD_MIB)]
+    #[error("{vms} VMs need about {need_mib} MiB of host memory (per VM once idle: guest RAM up to {} MiB + {} MiB of QEMU; up to {} MiB of guest RAM for each of the {window} booting at once), but MemAvailable is {available_mib} MiB: start fewer VMs, give them less --mem, or stop other clusters (`kimg ls`)", crate::capacity::GUEST_IDLE_MIB, crate::capacity::QEMU_OWN_MIB, crate::capacity::GUEST_BOOT_MIB)]
     HostMemory {
         /// VMs asked for.
         vms: usize,
+        /// VMs booting at once.
+        window: usize,
         /// Their estimated need.
         need_mib: u64,
         /// The host's MemAvailable.

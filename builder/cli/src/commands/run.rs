@@ -63,9 +63,9 @@ pub struct Args {
     /// on its own. The hostname then reaches the VM as an SMBIOS OEM string.
     #[arg(long)]
     uefi: bool,
-    /// QEMU machine [default: microvm (virtio-mmio, no PCI or legacy PC devices:
-    /// boots faster) for direct kernel boot of an image built to boot on it, else
-    /// q35]. --uefi needs q35.
+    /// QEMU machine [default: q35]. microvm (no legacy PC devices, virtio-mmio)
+    /// boots faster, direct kernel boot only, an image built to boot on it; --uefi
+    /// needs q35.
     #[arg(long, value_enum)]
     machine: Option<Machine>,
     /// Extra kernel command line for every VM, after kimg's own words (so it wins):
