@@ -51,6 +51,8 @@ pub struct BenchOptions {
     pub runs: usize,
     /// Accelerator choice.
     pub accel: AccelChoice,
+    /// Machine of kimg's boots (`None`: kimg run's default).
+    pub machine: Option<Machine>,
     /// Scratch directory.
     pub scratch: PathBuf,
 }
@@ -116,6 +118,7 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
             mem_mb: Some(BENCH_MEM_MB),
             cpus: Some(1),
             accel: accel.into(),
+            machine: opts.machine,
             wait: Some(Wait::vms(Duration::from_secs(120))),
             ..RunOptions::default()
         };

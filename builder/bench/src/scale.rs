@@ -26,6 +26,8 @@ pub struct ScaleBenchOptions {
     pub mem_mb: u32,
     /// Accelerator choice.
     pub accel: AccelChoice,
+    /// Machine (`None`: kimg run's default).
+    pub machine: Option<Machine>,
     /// Runtime directory for the benchmark's clusters.
     pub runtime: PathBuf,
 }
@@ -72,6 +74,7 @@ fn options(o: &ScaleBenchOptions, nodes: u16, routers: u16) -> RunOptions {
         mem_mb: Some(o.mem_mb),
         cpus: Some(1),
         accel: o.accel,
+        machine: o.machine,
         wait: Some(Wait::vms(Duration::from_secs(3600))),
         ..RunOptions::default()
     }

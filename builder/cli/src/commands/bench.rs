@@ -3,6 +3,7 @@
 use kimg_bench::{self as bench, boot::BenchOptions};
 use kimg_cluster::accel::AccelChoice;
 use kimg_cluster::network::NetBackend;
+use kimg_cluster::qemu::Machine;
 use kimg_image::{self as image, BuildOptions};
 use kimg_kernel::KernelSource;
 use std::path::PathBuf;
@@ -223,6 +224,9 @@ struct ScaleArgs {
     /// Accelerator.
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     accel: AccelChoice,
+    /// QEMU machine of kimg's VMs [default: kimg run's, q35].
+    #[arg(long, value_enum)]
+    machine: Option<Machine>,
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
@@ -239,6 +243,9 @@ struct BootArgs {
     /// Accelerator for both boots.
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     accel: AccelChoice,
+    /// QEMU machine of kimg's VMs [default: kimg run's, q35].
+    #[arg(long, value_enum)]
+    machine: Option<Machine>,
     /// Use this Debian linux-image .deb instead of the cloud kernel.
     #[arg(long, value_name = "FILE")]
     kernel_deb: Option<PathBuf>,
@@ -433,6 +440,7 @@ fn scale(a: ScaleArgs) -> anyhow::Result<ExitCode> {
         nodes: a.nodes,
         mem_mb: a.mem,
         accel: a.accel,
+        machine: a.machine,
         runtime: runtime.path().to_path_buf(),
     };
     let r = bench::scale::run(&opts, &progress(a.json))?;
@@ -550,6 +558,7 @@ fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
         },
         runs: a.runs.max(1),
         accel: a.accel,
+        machine: a.machine,
         scratch: scratch.path().to_path_buf(),
     };
     let quiet = a.json;
