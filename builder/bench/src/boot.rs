@@ -8,7 +8,7 @@
 
 use super::{median, step, BenchError};
 use kimg_cluster::accel::{self, Accel, AccelChoice};
-use kimg_cluster::qemu::{self, Machine};
+use kimg_cluster::qemu::{self, GuestCode, Machine};
 use kimg_cluster::{self as cluster, RunOptions, Wait};
 use kimg_formats::initramfs::Initramfs;
 use kimg_image::{self as image, BuildOptions};
@@ -155,7 +155,7 @@ fn floor_boot(
     initrd: &Path,
     cmdline: &str,
 ) -> Result<f64, BenchError> {
-    let mut cmd = qemu::machine(accel, machine, BENCH_MEM_MB, 1);
+    let mut cmd = qemu::machine(accel, machine, BENCH_MEM_MB, 1, GuestCode::Small);
     let cmdline = format!("{cmdline} {}", machine.cmdline(accel));
     cmd.arg("-kernel")
         .arg(kernel)

@@ -4,6 +4,7 @@
 
 use crate::error::ClusterError;
 use crate::launch::RunEvent;
+use crate::qemu::GuestCode;
 use crate::state::ClusterState;
 use kimg_contract::{Flavour, VmId};
 use kimg_image::overlay::Overlay;
@@ -31,6 +32,12 @@ pub trait Addon: Sync {
     /// The size of `vm` when `kimg run` is not given one for it or for every VM.
     fn default_size(&self, _vm: VmId) -> VmSize {
         BASE_SIZE
+    }
+
+    /// How much code the flavour's VMs run, which sizes TCG's code buffer
+    /// ([`crate::qemu::tcg_tb_mb`]).
+    fn guest_code(&self) -> GuestCode {
+        GuestCode::Small
     }
 
     /// Whether the cluster may boot from a ready cdrom (`--cdrom`); an add-on that

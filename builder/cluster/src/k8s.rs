@@ -7,7 +7,7 @@ use crate::addon::{Addon, VmSize, BASE_SIZE};
 use crate::error::ClusterError;
 use crate::launch::RunEvent;
 use crate::pki;
-use crate::qemu::Machine;
+use crate::qemu::{GuestCode, Machine};
 use crate::session;
 use crate::state::ClusterState;
 use kimg_contract::agent::ExecResult;
@@ -62,6 +62,13 @@ impl Addon for K8s {
             },
             _ => BASE_SIZE,
         }
+    }
+
+    /// A node's kubelet and containerd, and vm-001's etcd and control plane, are
+    /// 100+ MB of Go: a 16 MB TCG code buffer would thrash. Routers and testers of
+    /// the image run no Kubernetes code but are sized alike for simplicity.
+    fn guest_code(&self) -> GuestCode {
+        GuestCode::Big
     }
 
     fn takes_ready_cdrom(&self) -> bool {

@@ -298,6 +298,7 @@ pub(crate) fn start_vms(
                 cpus: rec.cpus,
                 accel,
                 machine: state.machine,
+                code: addon.guest_code(),
                 kernel: files[0].clone(),
                 initrd: files[1].clone(),
                 cmdline: vm_cmdline(base_cmdline, rec.vm, state, cdrom.is_some()),
@@ -475,5 +476,16 @@ mod tests {
         o.cpus_overrides = vec![(vm(2), 3)];
         assert_eq!(size(&o, Flavour::K8s, 1), (1024, 2));
         assert_eq!(size(&o, Flavour::K8s, 2), (1024, 3));
+    }
+
+    #[test]
+    fn the_small_tcg_code_buffer_is_for_small_base_vms_not_kubernetes() {
+        let tb = |flavour, mem_mb| qemu::tcg_tb_mb(mem_mb, addon::of(flavour).guest_code());
+        assert_eq!(tb(Flavour::Base, 128), Some(qemu::TCG_TB_MB));
+        assert_eq!(tb(Flavour::Base, 384), Some(qemu::TCG_TB_MB));
+        assert_eq!(tb(Flavour::Base, 1024), None);
+        // Every VM of a Kubernetes image, even one given little memory.
+        assert_eq!(tb(Flavour::K8s, 384), None);
+        assert_eq!(tb(Flavour::K8s, 2048), None);
     }
 }

@@ -4,7 +4,8 @@
 //! or q35 (PCI; UEFI), direct kernel boot, the VM's qcow2 layer as a virtio disk, the
 //! serial console on a socket with a log file, the agent's virtio-serial ports on
 //! sockets, virtio-rng fed from the host's urandom, a virtio-balloon that takes back
-//! the pages the guest freed, a small TCG code buffer.
+//! the pages the guest freed, a small TCG code buffer for small VMs of small code
+//! ([`tcg_tb_mb`]).
 
 use super::accel::Accel;
 use kimg_contract::agent::{session_port_name, PORT_NAME, SESSION_PORTS};
@@ -23,10 +24,37 @@ pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
 /// The qdev id of every VM's cdrom device (QMP `blockdev-change-medium` names it).
 pub const CDROM_DEVICE: &str = "cdrom0";
 
-/// TCG's translated-code buffer per VM, MiB. QEMU 7.2's default grows to ~60 MB
-/// resident per VM; 16 MB costs a few retranslations at boot (measured: idle RSS
-/// -47 MB per VM, boot CPU within the noise of a loaded host).
+/// TCG's small translated-code buffer, MiB, for the VMs [`tcg_tb_mb`] gives it.
+/// QEMU 7.2's default grows to ~60 MB resident per VM; 16 MB costs a few
+/// retranslations at boot of the base image (measured: idle RSS -47 MB per VM, boot
+/// CPU within the noise of a loaded host).
 pub const TCG_TB_MB: u32 = 16;
+
+/// The most guest memory, MiB, of a VM that gets the small code buffer.
+pub const SMALL_TB_MAX_MEM_MB: u32 = 512;
+
+/// How much code a VM's guest runs, as far as TCG's code buffer is concerned (the
+/// image's flavour says: [`crate::addon::Addon::guest_code`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestCode {
+    /// kimg-init, busybox and a developer's tools: a few MB of hot code.
+    Small,
+    /// Kubernetes: kubelet, containerd, etcd and the control plane, 100+ MB of Go.
+    Big,
+}
+
+/// TCG's code buffer of a VM with `mem_mb` of guest memory running `code`: the
+/// small one ([`TCG_TB_MB`]), or `None` for QEMU's default. The one place this is
+/// decided. The small buffer is the memory lever of many small VMs (tens of base
+/// VMs at 128-384 MiB on one host); a guest whose hot code does not fit in 16 MB
+/// (a Kubernetes node's Go binaries) would have TCG flush the buffer and translate
+/// the same code again and again, paid in host CPU for as long as the VM runs. So
+/// only small-code VMs of at most [`SMALL_TB_MAX_MEM_MB`] get it: a bigger VM is not
+/// one of the many small ones the lever is for, and is given memory to run more.
+/// Under KVM there is no code buffer at all.
+pub fn tcg_tb_mb(mem_mb: u32, code: GuestCode) -> Option<u32> {
+    (code == GuestCode::Small && mem_mb <= SMALL_TB_MAX_MEM_MB).then_some(TCG_TB_MB)
+}
 
 /// The QEMU machine type of a cluster's VMs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -163,6 +191,8 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Machine type.
     pub machine: Machine,
+    /// How much code the guest runs (the TCG code buffer's size: [`tcg_tb_mb`]).
+    pub code: GuestCode,
     /// Kernel for direct boot.
     pub kernel: PathBuf,
     /// Initramfs for direct boot.
@@ -180,7 +210,7 @@ pub struct VmSpec {
 /// The command that starts `spec` daemonized, with its files under `paths`.
 pub fn command(spec: &VmSpec, paths: &VmPaths) -> Command {
     let m = spec.machine;
-    let mut c = machine(spec.accel, m, spec.mem_mb, spec.cpus);
+    let mut c = machine(spec.accel, m, spec.mem_mb, spec.cpus, spec.code);
     c.args(["-name", &spec.vm.hostname()])
         .arg("-daemonize")
         .arg("-pidfile")
@@ -278,11 +308,13 @@ pub fn command(spec: &VmSpec, paths: &VmPaths) -> Command {
 }
 
 /// QEMU with the machine every kimg VM gets (and the boot benchmark's floor too):
-/// no default devices, no display, exit instead of reboot.
-pub fn machine(accel: Accel, machine: Machine, mem_mb: u32, cpus: u32) -> Command {
-    let (cpu, accel) = match accel {
-        Accel::Kvm => ("host", "kvm".to_string()),
-        Accel::Tcg => ("max", format!("tcg,tb-size={TCG_TB_MB}")),
+/// no default devices, no display, exit instead of reboot; under TCG the code
+/// buffer [`tcg_tb_mb`] gives a guest running `code`.
+pub fn machine(accel: Accel, machine: Machine, mem_mb: u32, cpus: u32, code: GuestCode) -> Command {
+    let (cpu, accel) = match (accel, tcg_tb_mb(mem_mb, code)) {
+        (Accel::Kvm, _) => ("host", "kvm".to_string()),
+        (Accel::Tcg, Some(mb)) => ("max", format!("tcg,tb-size={mb}")),
+        (Accel::Tcg, None) => ("max", "tcg".to_string()),
     };
     let m = match machine {
         Machine::Q35 => "q35",
@@ -337,6 +369,7 @@ mod tests {
             cpus: 1,
             accel: Accel::Tcg,
             machine: Machine::Q35,
+            code: GuestCode::Small,
             kernel: "/b/vmlinuz".into(),
             initrd: "/b/initrd.img".into(),
             cmdline: "console=ttyS0 kimg.hostname=vm-002".into(),
@@ -384,6 +417,7 @@ mod tests {
             cpus: 1,
             accel: Accel::Tcg,
             machine: Machine::Q35,
+            code: GuestCode::Small,
             kernel: "/b/vmlinuz".into(),
             initrd: "/b/initrd.img".into(),
             cmdline: "console=ttyS0".into(),
@@ -423,6 +457,7 @@ mod tests {
             cpus: 1,
             accel: Accel::Tcg,
             machine: Machine::Microvm,
+            code: GuestCode::Small,
             kernel: "/b/vmlinuz".into(),
             initrd: "/b/initrd.img".into(),
             cmdline: "console=ttyS0".into(),
@@ -443,6 +478,30 @@ mod tests {
             );
         }
         assert_eq!(Machine::Microvm.virtio("net"), "virtio-net-device");
+    }
+
+    #[test]
+    fn only_small_code_vms_of_at_most_512_mib_get_the_small_tcg_code_buffer() {
+        assert_eq!(tcg_tb_mb(128, GuestCode::Small), Some(TCG_TB_MB));
+        assert_eq!(tcg_tb_mb(512, GuestCode::Small), Some(TCG_TB_MB));
+        assert_eq!(tcg_tb_mb(513, GuestCode::Small), None);
+        assert_eq!(tcg_tb_mb(2048, GuestCode::Small), None);
+        // A Kubernetes VM keeps QEMU's default, whatever its memory.
+        assert_eq!(tcg_tb_mb(384, GuestCode::Big), None);
+        assert_eq!(tcg_tb_mb(1536, GuestCode::Big), None);
+        let accel_of = |accel, mem_mb, code| {
+            let line = kimg_util::cmd::display(&machine(accel, Machine::Q35, mem_mb, 1, code));
+            let words: Vec<String> = line.split(' ').map(String::from).collect();
+            let i = words.iter().position(|w| w == "-accel").expect("-accel");
+            words[i + 1].clone()
+        };
+        assert_eq!(
+            accel_of(Accel::Tcg, 384, GuestCode::Small),
+            "tcg,tb-size=16"
+        );
+        assert_eq!(accel_of(Accel::Tcg, 1024, GuestCode::Small), "tcg");
+        assert_eq!(accel_of(Accel::Tcg, 384, GuestCode::Big), "tcg");
+        assert_eq!(accel_of(Accel::Kvm, 384, GuestCode::Small), "kvm");
     }
 
     #[test]

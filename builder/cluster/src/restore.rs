@@ -222,6 +222,7 @@ fn start(
                     cpus: v.cpus,
                     accel: state_ref.accel,
                     machine: state_ref.machine,
+                    code: addon.guest_code(),
                     kernel: files[0].clone(),
                     initrd: files[1].clone(),
                     cmdline: v.cmdline.clone(),
