@@ -34,8 +34,8 @@ pub trait Addon: Sync {
         BASE_SIZE
     }
 
-    /// How much code the flavour's VMs run, which sizes TCG's code buffer
-    /// ([`crate::qemu::tcg_tb_mb`]).
+    /// How much code the flavour's VMs run, which decides whether the memory levers
+    /// suit them ([`crate::qemu::lean`]).
     fn guest_code(&self) -> GuestCode {
         GuestCode::Small
     }

@@ -19,8 +19,8 @@ pub const GUEST_IDLE_MIB: u64 = 84;
 pub const GUEST_BOOT_MIB: u64 = 128;
 /// QEMU's own anonymous memory per VM besides guest RAM (the TCG code buffer, its
 /// copies of kernel and initramfs, heap, devices), measured 49-51 MiB with the
-/// small code buffer of base VMs; VMs that keep QEMU's default one
-/// ([`crate::qemu::tcg_tb_mb`]: Kubernetes, over 512 MiB) hold more, uncounted
+/// small code buffer of base VMs; VMs that are not lean ([`crate::qemu::lean`]:
+/// Kubernetes, over 512 MiB, several vCPUs) hold more, uncounted
 /// here. Its binary and libraries (~15 MB) are shared by all QEMUs and not counted.
 pub const QEMU_OWN_MIB: u64 = 52;
 /// VMs booting at once per host core: under TCG a boot is CPU-bound, a few per core

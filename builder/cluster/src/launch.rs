@@ -440,7 +440,9 @@ fn start_vm(
     )?);
     qemu.args(addon.qemu_args(spec.vm, state));
     let mut qemu = network::wrap(state.net, &state.name, qemu);
-    qemu::without_huge_pages(&mut qemu);
+    if spec.lean() {
+        qemu::without_huge_pages(&mut qemu);
+    }
     cmd::run(&mut qemu)?;
     // QEMU wrote its pid file before daemonizing returned: record who it is.
     crate::process::record_start(&paths.pidfile())?;
@@ -479,13 +481,21 @@ mod tests {
     }
 
     #[test]
-    fn the_small_tcg_code_buffer_is_for_small_base_vms_not_kubernetes() {
-        let tb = |flavour, mem_mb| qemu::tcg_tb_mb(mem_mb, addon::of(flavour).guest_code());
-        assert_eq!(tb(Flavour::Base, 128), Some(qemu::TCG_TB_MB));
-        assert_eq!(tb(Flavour::Base, 384), Some(qemu::TCG_TB_MB));
-        assert_eq!(tb(Flavour::Base, 1024), None);
-        // Every VM of a Kubernetes image, even one given little memory.
-        assert_eq!(tb(Flavour::K8s, 384), None);
-        assert_eq!(tb(Flavour::K8s, 2048), None);
+    fn the_memory_levers_are_for_small_base_vms_not_kubernetes() {
+        // Each flavour's VMs at their default sizes.
+        let lean = |flavour, n| {
+            let r = vm_record(
+                &RunOptions::default(),
+                addon::of(flavour),
+                VmId::new(n).unwrap(),
+            );
+            qemu::lean(r.mem_mb, r.cpus, addon::of(flavour).guest_code())
+        };
+        assert!(lean(Flavour::Base, 1));
+        assert!(lean(Flavour::Base, 201));
+        // Every VM of a Kubernetes image, its routers given little memory too.
+        assert!(!lean(Flavour::K8s, 1));
+        assert!(!lean(Flavour::K8s, 2));
+        assert!(!lean(Flavour::K8s, 201));
     }
 }

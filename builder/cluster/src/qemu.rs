@@ -4,8 +4,9 @@
 //! or q35 (PCI; UEFI), direct kernel boot, the VM's qcow2 layer as a virtio disk, the
 //! serial console on a socket with a log file, the agent's virtio-serial ports on
 //! sockets, virtio-rng fed from the host's urandom, a virtio-balloon that takes back
-//! the pages the guest freed, a small TCG code buffer for small VMs of small code
-//! ([`tcg_tb_mb`]).
+//! the pages the guest freed; the memory levers (a small TCG code buffer, no
+//! transparent huge pages, free page reporting) for the many small VMs only
+//! ([`lean`]).
 
 use super::accel::Accel;
 use kimg_contract::agent::{session_port_name, PORT_NAME, SESSION_PORTS};
@@ -24,14 +25,14 @@ pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
 /// The qdev id of every VM's cdrom device (QMP `blockdev-change-medium` names it).
 pub const CDROM_DEVICE: &str = "cdrom0";
 
-/// TCG's small translated-code buffer, MiB, for the VMs [`tcg_tb_mb`] gives it.
+/// TCG's small translated-code buffer, MiB, of a [`lean`] VM.
 /// QEMU 7.2's default grows to ~60 MB resident per VM; 16 MB costs a few
 /// retranslations at boot of the base image (measured: idle RSS -47 MB per VM, boot
 /// CPU within the noise of a loaded host).
 pub const TCG_TB_MB: u32 = 16;
 
-/// The most guest memory, MiB, of a VM that gets the small code buffer.
-pub const SMALL_TB_MAX_MEM_MB: u32 = 512;
+/// The most guest memory, MiB, of a [`lean`] VM.
+pub const LEAN_MAX_MEM_MB: u32 = 512;
 
 /// How much code a VM's guest runs, as far as TCG's code buffer is concerned (the
 /// image's flavour says: [`crate::addon::Addon::guest_code`]).
@@ -43,17 +44,21 @@ pub enum GuestCode {
     Big,
 }
 
-/// TCG's code buffer of a VM with `mem_mb` of guest memory running `code`: the
-/// small one ([`TCG_TB_MB`]), or `None` for QEMU's default. The one place this is
-/// decided. The small buffer is the memory lever of many small VMs (tens of base
-/// VMs at 128-384 MiB on one host); a guest whose hot code does not fit in 16 MB
-/// (a Kubernetes node's Go binaries) would have TCG flush the buffer and translate
-/// the same code again and again, paid in host CPU for as long as the VM runs. So
-/// only small-code VMs of at most [`SMALL_TB_MAX_MEM_MB`] get it: a bigger VM is not
-/// one of the many small ones the lever is for, and is given memory to run more.
-/// Under KVM there is no code buffer at all.
-pub fn tcg_tb_mb(mem_mb: u32, code: GuestCode) -> Option<u32> {
-    (code == GuestCode::Small && mem_mb <= SMALL_TB_MAX_MEM_MB).then_some(TCG_TB_MB)
+/// Whether a VM of `mem_mb` and `cpus` running `code` is one of the many small VMs
+/// the memory levers are for: TCG's small code buffer ([`TCG_TB_MB`]), transparent
+/// huge pages off ([`without_huge_pages`]) and the balloon's free page reporting.
+/// The one place this is decided. Each lever trades host CPU for memory: a guest
+/// whose hot code does not fit in 16 MB (a Kubernetes node's Go binaries) has TCG
+/// translate the same code again and again, and a busy guest refaults the pages it
+/// reported (the real Kubernetes test ran 42% longer, 1030 s against 723 s, when
+/// its VMs had no huge pages and reported free pages).
+/// A VM above [`LEAN_MAX_MEM_MB`] is given memory to run more, not to be one of
+/// many. One vCPU only: QEMU 7.2 segfaulted once booting a 2-vCPU base VM with the
+/// small buffer, where multi-threaded TCG flushes it across vCPU threads (not
+/// reproduced in 59 boots, so a suspicion, not a finding). Under KVM there is no
+/// code buffer; the other two levers hold.
+pub fn lean(mem_mb: u32, cpus: u32, code: GuestCode) -> bool {
+    code == GuestCode::Small && mem_mb <= LEAN_MAX_MEM_MB && cpus == 1
 }
 
 /// The QEMU machine type of a cluster's VMs.
@@ -191,7 +196,7 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Machine type.
     pub machine: Machine,
-    /// How much code the guest runs (the TCG code buffer's size: [`tcg_tb_mb`]).
+    /// How much code the guest runs (whether the VM is [`lean`]).
     pub code: GuestCode,
     /// Kernel for direct boot.
     pub kernel: PathBuf,
@@ -207,7 +212,15 @@ pub struct VmSpec {
     pub cdrom: Option<PathBuf>,
 }
 
-/// The command that starts `spec` daemonized, with its files under `paths`.
+impl VmSpec {
+    /// Whether the memory levers apply ([`lean`]).
+    pub fn lean(&self) -> bool {
+        lean(self.mem_mb, self.cpus, self.code)
+    }
+}
+
+/// The command that starts `spec` daemonized, with its files under `paths`
+/// (for a [`lean`] VM, also run it [`without_huge_pages`]).
 pub fn command(spec: &VmSpec, paths: &VmPaths) -> Command {
     let m = spec.machine;
     let mut c = machine(spec.accel, m, spec.mem_mb, spec.cpus, spec.code);
@@ -288,11 +301,15 @@ pub fn command(spec: &VmSpec, paths: &VmPaths) -> Command {
     c // The apiserver (and anything else) never waits for entropy.
         .args(["-object", "rng-random,filename=/dev/urandom,id=rng0"])
         .args(["-device", &format!("{},rng=rng0", m.virtio("rng"))])
-        // Pages the guest frees in big blocks go back to the host (the kernel's
+        // A lean VM's pages freed in big blocks go back to the host (the kernel's
         // decompression, the initramfs): idle RSS -28 MB at 384 MB of guest RAM.
         .args([
             "-device",
-            &format!("{},free-page-reporting=on", m.virtio("balloon")),
+            &format!(
+                "{},free-page-reporting={}",
+                m.virtio("balloon"),
+                if spec.lean() { "on" } else { "off" }
+            ),
         ])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", escape(&paths.qmp())));
@@ -308,13 +325,13 @@ pub fn command(spec: &VmSpec, paths: &VmPaths) -> Command {
 }
 
 /// QEMU with the machine every kimg VM gets (and the boot benchmark's floor too):
-/// no default devices, no display, exit instead of reboot; under TCG the code
-/// buffer [`tcg_tb_mb`] gives a guest running `code`.
+/// no default devices, no display, exit instead of reboot; under TCG a [`lean`]
+/// VM's small code buffer.
 pub fn machine(accel: Accel, machine: Machine, mem_mb: u32, cpus: u32, code: GuestCode) -> Command {
-    let (cpu, accel) = match (accel, tcg_tb_mb(mem_mb, code)) {
-        (Accel::Kvm, _) => ("host", "kvm".to_string()),
-        (Accel::Tcg, Some(mb)) => ("max", format!("tcg,tb-size={mb}")),
-        (Accel::Tcg, None) => ("max", "tcg".to_string()),
+    let (cpu, accel) = match accel {
+        Accel::Kvm => ("host", "kvm".to_string()),
+        Accel::Tcg if lean(mem_mb, cpus, code) => ("max", format!("tcg,tb-size={TCG_TB_MB}")),
+        Accel::Tcg => ("max", "tcg".to_string()),
     };
     let m = match machine {
         Machine::Q35 => "q35",
@@ -405,6 +422,17 @@ mod tests {
             line.contains("file=/c,,d.iso,format=raw,if=none,media=cdrom"),
             "{line}"
         );
+        // Not lean: QEMU's default code buffer, and the balloon reports nothing.
+        let big = VmSpec {
+            code: GuestCode::Big,
+            ..spec
+        };
+        let line = kimg_util::cmd::display(&command(&big, &paths));
+        assert!(line.contains("-M q35 -accel tcg -cpu"), "{line}");
+        assert!(
+            line.contains("virtio-balloon-pci,free-page-reporting=off"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -481,27 +509,29 @@ mod tests {
     }
 
     #[test]
-    fn only_small_code_vms_of_at_most_512_mib_get_the_small_tcg_code_buffer() {
-        assert_eq!(tcg_tb_mb(128, GuestCode::Small), Some(TCG_TB_MB));
-        assert_eq!(tcg_tb_mb(512, GuestCode::Small), Some(TCG_TB_MB));
-        assert_eq!(tcg_tb_mb(513, GuestCode::Small), None);
-        assert_eq!(tcg_tb_mb(2048, GuestCode::Small), None);
-        // A Kubernetes VM keeps QEMU's default, whatever its memory.
-        assert_eq!(tcg_tb_mb(384, GuestCode::Big), None);
-        assert_eq!(tcg_tb_mb(1536, GuestCode::Big), None);
-        let accel_of = |accel, mem_mb, code| {
-            let line = kimg_util::cmd::display(&machine(accel, Machine::Q35, mem_mb, 1, code));
+    fn only_one_vcpu_small_code_vms_of_at_most_512_mib_are_lean() {
+        assert!(lean(128, 1, GuestCode::Small));
+        assert!(lean(512, 1, GuestCode::Small));
+        assert!(!lean(513, 1, GuestCode::Small));
+        assert!(!lean(2048, 1, GuestCode::Small));
+        assert!(!lean(384, 2, GuestCode::Small));
+        // A Kubernetes VM keeps QEMU's defaults, whatever its size.
+        assert!(!lean(384, 1, GuestCode::Big));
+        assert!(!lean(1536, 1, GuestCode::Big));
+        let accel_of = |accel, mem_mb, cpus, code| {
+            let line = kimg_util::cmd::display(&machine(accel, Machine::Q35, mem_mb, cpus, code));
             let words: Vec<String> = line.split(' ').map(String::from).collect();
             let i = words.iter().position(|w| w == "-accel").expect("-accel");
             words[i + 1].clone()
         };
         assert_eq!(
-            accel_of(Accel::Tcg, 384, GuestCode::Small),
+            accel_of(Accel::Tcg, 384, 1, GuestCode::Small),
             "tcg,tb-size=16"
         );
-        assert_eq!(accel_of(Accel::Tcg, 1024, GuestCode::Small), "tcg");
-        assert_eq!(accel_of(Accel::Tcg, 384, GuestCode::Big), "tcg");
-        assert_eq!(accel_of(Accel::Kvm, 384, GuestCode::Small), "kvm");
+        assert_eq!(accel_of(Accel::Tcg, 384, 2, GuestCode::Small), "tcg");
+        assert_eq!(accel_of(Accel::Tcg, 1024, 1, GuestCode::Small), "tcg");
+        assert_eq!(accel_of(Accel::Tcg, 384, 1, GuestCode::Big), "tcg");
+        assert_eq!(accel_of(Accel::Kvm, 384, 1, GuestCode::Small), "kvm");
     }
 
     #[test]

@@ -301,7 +301,9 @@ fn start_vm(
     )?);
     qemu.args(addon.qemu_args(spec.vm, state));
     let mut qemu = network::wrap(state.net, &state.name, qemu);
-    qemu::without_huge_pages(&mut qemu);
+    if spec.lean() {
+        qemu::without_huge_pages(&mut qemu);
+    }
     cmd::run(&mut qemu)?;
     let sessions = (0..kimg_contract::agent::SESSION_PORTS).map(|k| paths.session_socket(k));
     for sock in [paths.agent(), paths.console(), paths.qmp()]
