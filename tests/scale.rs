@@ -38,21 +38,14 @@ fn machine_of(c: &TestCluster, vm: &str) -> String {
 fn microvm_and_q35_boot_the_base_image_and_uefi_stays_on_q35() {
     let c = TestCluster::new("e2e-machine");
     let img = path();
+    // One node, no router, of the base image; `extra` says the machine and the wait.
+    let one_vm = |extra: &[&str]| {
+        let mut args = vec!["--image", &img, "--nodes", "1", "--routers", "0"];
+        args.extend_from_slice(extra);
+        c.kimg("run", &args)
+    };
     // microvm on request: virtio-mmio, but for the agent ports.
-    let o = c.kimg(
-        "run",
-        &[
-            "--image",
-            &img,
-            "--nodes",
-            "1",
-            "--routers",
-            "0",
-            "--machine",
-            "microvm",
-            "--wait=600",
-        ],
-    );
+    let o = one_vm(&["--machine", "microvm", "--wait=600"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(machine_of(&c, "vm-001").starts_with("microvm"));
     let devs = c.exec_ok(
@@ -75,57 +68,21 @@ fn microvm_and_q35_boot_the_base_image_and_uefi_stays_on_q35() {
         .contains("QEMU CD-ROM"));
 
     // q35 by default: the same image, PCI devices.
-    let o = c.kimg(
-        "run",
-        &[
-            "--image",
-            &img,
-            "--nodes",
-            "1",
-            "--routers",
-            "0",
-            "--wait=600",
-        ],
-    );
+    let o = one_vm(&["--wait=600"]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(machine_of(&c, "vm-001"), "q35");
     let pci = c.exec_ok("vm-001", &["sh", "-c", "ls /sys/bus/pci/devices | wc -l"]);
     assert!(pci.trim().parse::<u32>().unwrap() > 5, "{pci}");
 
     // UEFI: q35 without asking; microvm refused up front, naming why.
-    let o = c.kimg(
-        "run",
-        &[
-            "--image",
-            &img,
-            "--nodes",
-            "1",
-            "--routers",
-            "0",
-            "--uefi",
-            "--machine",
-            "microvm",
-        ],
-    );
+    let o = one_vm(&["--uefi", "--machine", "microvm"]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(
         text(&o).contains("--uefi boots through OVMF"),
         "{}",
         text(&o)
     );
-    let o = c.kimg(
-        "run",
-        &[
-            "--image",
-            &img,
-            "--nodes",
-            "1",
-            "--routers",
-            "0",
-            "--uefi",
-            "--wait=900",
-        ],
-    );
+    let o = one_vm(&["--uefi", "--wait=900"]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(machine_of(&c, "vm-001"), "q35");
     assert_eq!(c.exec_ok("vm-001", &["hostname"]).trim(), "vm-001");

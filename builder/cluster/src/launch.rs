@@ -430,7 +430,23 @@ fn start_vm(
             )
         })?;
     }
-    let mut qemu = qemu::command(spec, &paths);
+    spawn_qemu(dir, &paths, spec, state, addon, &[])
+}
+
+/// Starts `spec`'s QEMU daemonized, `extra` arguments added (a restore's
+/// `-incoming`): on the cluster's networks with the add-on's devices, without
+/// huge pages if the VM is lean; then records which process it is and makes its
+/// sockets the owner's alone. Shared by a fresh start and a restore.
+pub(crate) fn spawn_qemu(
+    dir: &Path,
+    paths: &VmPaths,
+    spec: &VmSpec,
+    state: &ClusterState,
+    addon: &dyn Addon,
+    extra: &[String],
+) -> Result<(), ClusterError> {
+    let mut qemu = qemu::command(spec, paths);
+    qemu.args(extra);
     qemu.args(network::attach(
         state.net,
         &state.name,

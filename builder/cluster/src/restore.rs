@@ -12,7 +12,7 @@ use crate::launch::RunEvent;
 use crate::network;
 use crate::ops::stop_locked;
 use crate::process::qemu_pid;
-use crate::qemu::{self, VmPaths, VmSpec};
+use crate::qemu::{VmPaths, VmSpec};
 use crate::qmp::{self, Qmp};
 use crate::snapshot::{self, shell_quote, SnapVm, SnapshotManifest, LAYER, QMP_CALL, STATE};
 use crate::state::{cluster_dir, lock, read_manifest, save, ClusterState, VmRecord};
@@ -21,7 +21,6 @@ use kimg_contract::VmId;
 use kimg_util::cmd;
 use kimg_util::fs::PathContext;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -287,32 +286,11 @@ fn start_vm(
         let vars = paths.efi_vars();
         fs::copy(from.join("OVMF_VARS.fd"), &vars).with_path(&vars)?;
     }
-    let mut qemu = qemu::command(spec, &paths);
-    qemu.arg("-incoming").arg(format!(
-        "exec:zstd -q -dc {}",
-        shell_quote(&from.join(STATE))
-    ));
-    qemu.args(network::attach(
-        state.net,
-        &state.name,
-        dir,
-        spec.vm,
-        state.machine,
-    )?);
-    qemu.args(addon.qemu_args(spec.vm, state));
-    let mut qemu = network::wrap(state.net, &state.name, qemu);
-    if spec.lean() {
-        qemu::without_huge_pages(&mut qemu);
-    }
-    cmd::run(&mut qemu)?;
-    let sessions = (0..kimg_contract::agent::SESSION_PORTS).map(|k| paths.session_socket(k));
-    for sock in [paths.agent(), paths.console(), paths.qmp()]
-        .into_iter()
-        .chain(sessions)
-    {
-        fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).with_path(&sock)?;
-    }
-    Ok(())
+    let incoming = [
+        "-incoming".to_string(),
+        format!("exec:zstd -q -dc {}", shell_quote(&from.join(STATE))),
+    ];
+    crate::launch::spawn_qemu(dir, &paths, spec, state, addon, &incoming)
 }
 
 /// Waits for a VM's incoming migration to finish, then lets it run (a VM saved
