@@ -128,6 +128,19 @@ fn kimg_console_vm_002_gives_a_prompt_and_kimg_consoles_a_window_per_vm() {
     ]);
     let screen = tmux.type_and_wait_for("t", "hostname", "vm-002");
     assert!(screen.contains("vm-002:~#"), "a root prompt: {screen}");
+    // ctrl-c stops the command in the foreground: PID 1 blocks SIGINT for itself,
+    // and the console's shell and its commands must not inherit that.
+    tmux.ok(&["send-keys", "-t", "t", "sleep 600", "Enter"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !processes(&c, "vm-002")
+        .lines()
+        .any(|l| l.trim() == "sleep 600")
+    {
+        assert!(Instant::now() < deadline, "sleep 600 never started");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    tmux.ok(&["send-keys", "-t", "t", "C-c"]);
+    tmux.type_and_wait_for("t", "echo interrupted-$((6*7))", "interrupted-42");
     // ctrl-] detaches: kimg console ends, and with it the window and the session.
     tmux.ok(&["send-keys", "-t", "t", "C-]"]);
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -151,6 +151,29 @@ pub fn pod_routes(vm: VmId, size: &ClusterSize) -> Vec<PodRoute> {
         .collect()
 }
 
+/// Where a router sends the service ranges ([`SERVICE_RANGE4`], [`SERVICE_RANGE6`]):
+/// every node's cluster addresses, at equal cost (any node's kube-proxy forwards
+/// to the Service's pods), so that testers reach ClusterIPs as the nodes do.
+/// Empty for nodes and testers.
+pub fn service_gateways(vm: VmId, size: &ClusterSize) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    if vm.role() != Role::Router {
+        return (Vec::new(), Vec::new());
+    }
+    let nodes: Vec<VmId> = size
+        .members()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.role() == Role::Node)
+        .collect();
+    (
+        nodes
+            .iter()
+            .filter_map(|n| net::ipv4(Net::Cluster, *n))
+            .collect(),
+        nodes.iter().map(|n| net::ipv6(Net::Cluster, *n)).collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +194,24 @@ mod tests {
         assert_eq!(pod_routes(VmId::new(201).unwrap(), &size).len(), 3);
         assert_eq!(net::vm_from_mac(API_FORWARD_MAC), None);
         assert!(pod_routes(VmId::new(221).unwrap(), &size).is_empty());
+    }
+
+    #[test]
+    fn routers_send_services_to_every_node() {
+        let size = ClusterSize {
+            nodes: 3,
+            routers: 2,
+            testers: 1,
+        };
+        let (v4, v6) = service_gateways(VmId::new(202).unwrap(), &size);
+        let v4: Vec<String> = v4.iter().map(|a| a.to_string()).collect();
+        assert_eq!(v4, ["192.168.1.1", "192.168.1.2", "192.168.1.3"]);
+        assert_eq!(v6.len(), 3);
+        assert_eq!(v6[2].to_string(), "fd00:6b69:0:1::3");
+        for vm in [1, 221] {
+            let (v4, v6) = service_gateways(VmId::new(vm).unwrap(), &size);
+            assert!(v4.is_empty() && v6.is_empty(), "vm {vm}");
+        }
     }
 
     #[test]

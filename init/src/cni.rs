@@ -1,8 +1,9 @@
 //! Pod networking of the Kubernetes flavour, from kimg-contract's k8s ranges: a
 //! node's CNI config (bridge + host-local, both families, its own pod ranges) and
 //! routes to the other nodes' pods through their cluster addresses; a router gets
-//! routes to every node's pods. Images without the CNI plugins get nothing. Also
-//! vm-001's extra NIC for the host's forward to the apiserver: its address, no route.
+//! routes to every node's pods, and to the service ranges through all nodes at
+//! equal cost. Images without the CNI plugins get nothing. Also vm-001's extra NIC
+//! for the host's forward to the apiserver: its address, no route.
 
 use crate::net::Link;
 use crate::netlink::Rtnl;
@@ -66,7 +67,8 @@ pub fn configure(vm: VmId, size: &ClusterSize, links: &[Link]) -> Vec<String> {
         }
     }
     let routes = k8s::pod_routes(vm, size);
-    if routes.is_empty() {
+    let (services4, services6) = k8s::service_gateways(vm, size);
+    if routes.is_empty() && services4.is_empty() {
         return problems;
     }
     let mac = net::mac(Net::Cluster, vm);
@@ -89,6 +91,27 @@ pub fn configure(vm: VmId, size: &ClusterSize, links: &[Link]) -> Vec<String> {
             if let Err(e) = rtnl.add_route(link.index, &link.name, dst, prefix, via) {
                 problems.push(e.to_string());
             }
+        }
+    }
+    let (range4, prefix4) = k8s::SERVICE_RANGE4;
+    let (range6, prefix6) = k8s::SERVICE_RANGE6;
+    for (dst, prefix, via) in [
+        (
+            IpAddr::V4(range4),
+            prefix4,
+            services4.into_iter().map(IpAddr::V4).collect::<Vec<_>>(),
+        ),
+        (
+            IpAddr::V6(range6),
+            prefix6,
+            services6.into_iter().map(IpAddr::V6).collect(),
+        ),
+    ] {
+        if via.is_empty() {
+            continue;
+        }
+        if let Err(e) = rtnl.add_multipath_route(link.index, &link.name, dst, prefix, &via) {
+            problems.push(e.to_string());
         }
     }
     problems

@@ -133,11 +133,6 @@ pub fn spawn(spec: &ExecSpec) -> Result<Child, SpawnError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-        // SAFETY: runs in the forked child before exec; pthread_sigmask is
-        // async-signal-safe and touches nothing of the parent's memory.
-        unsafe {
-            cmd.pre_exec(unblock_signals);
-        }
         let mut child = REAPER.spawn(&mut cmd).map_err(|e| spawn_error(prog, &e))?;
         let pid = child.id() as i32;
         let input = child.stdin.take().map(OwnedFd::from);
@@ -187,7 +182,6 @@ pub fn spawn(spec: &ExecSpec) -> Result<Child, SpawnError> {
     // an int argument, and fd 0 is the PTY slave (std dup2'd it before this runs).
     unsafe {
         cmd.pre_exec(|| {
-            unblock_signals()?;
             nix::unistd::setsid()?;
             tiocsctty(0, 0)?;
             Ok(())
@@ -207,14 +201,6 @@ pub fn spawn(spec: &ExecSpec) -> Result<Child, SpawnError> {
         outputs: vec![(Kind::Stdout, pty.master)],
         pty: true,
     })
-}
-
-/// PID 1 blocks the signals its main loop reads (SIGINT, SIGTERM, ...), and a
-/// blocked mask is inherited: a command must start with none blocked, or ctrl-c
-/// would not reach it.
-fn unblock_signals() -> std::io::Result<()> {
-    nix::sys::signal::SigSet::empty().thread_set_mask()?;
-    Ok(())
 }
 
 fn winsize(rows: u16, cols: u16) -> Winsize {
@@ -609,20 +595,6 @@ mod tests {
         start_test_reaper();
         let r = run(&sv(&["true"]), Some(Duration::from_secs(u64::MAX)));
         assert_eq!(r.exit_code, 0);
-    }
-
-    #[test]
-    fn commands_start_with_no_signal_blocked() {
-        start_test_reaper();
-        let mut mask = nix::sys::signal::SigSet::empty();
-        mask.add(Signal::SIGINT);
-        // As PID 1 has it; only this test's thread, and only while it spawns.
-        let old = mask
-            .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
-            .unwrap();
-        let r = run(&sv(&["sh", "-c", "grep SigBlk /proc/self/status"]), None);
-        old.thread_set_mask().unwrap();
-        assert_eq!(r.stdout.trim(), "SigBlk:\t0000000000000000", "{}", r.stdout);
     }
 
     #[test]

@@ -28,6 +28,7 @@ const RTN_UNICAST: u8 = 1;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
+const RTA_MULTIPATH: u16 = 9;
 const AF_UNSPEC: u8 = 0;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -232,31 +233,97 @@ impl Rtnl {
         prefix: u8,
         gateway: IpAddr,
     ) -> Result<(), NetlinkError> {
-        let mut m = Msg::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, 0);
-        m.bytes(&[
-            family(&gateway),
-            prefix,
-            0,
-            0,
-            RT_TABLE_MAIN,
-            RTPROT_BOOT,
-            RT_SCOPE_UNIVERSE,
-            RTN_UNICAST,
-        ])
-        .bytes(&0u32.to_ne_bytes())
-        .attr(RTA_DST, &octets(&dst))
-        .attr(RTA_GATEWAY, &octets(&gateway))
-        .attr(RTA_OIF, &index.to_ne_bytes());
+        let mut m = route_msg(dst, prefix);
+        m.attr(RTA_GATEWAY, &octets(&gateway))
+            .attr(RTA_OIF, &index.to_ne_bytes());
         self.call(
             format!("route {dst}/{prefix} via {gateway} dev {name}"),
             &mut m,
         )
     }
+
+    /// Adds (or replaces) one route to `dst`/`prefix` through every one of
+    /// `gateways` on link `index`, at equal cost: the kernel spreads flows over them.
+    pub fn add_multipath_route(
+        &mut self,
+        index: u32,
+        name: &str,
+        dst: IpAddr,
+        prefix: u8,
+        gateways: &[IpAddr],
+    ) -> Result<(), NetlinkError> {
+        let mut m = route_msg(dst, prefix);
+        m.attr(RTA_MULTIPATH, &nexthops(index, gateways));
+        self.call(
+            format!(
+                "route {dst}/{prefix} via {} gateways dev {name}",
+                gateways.len()
+            ),
+            &mut m,
+        )
+    }
+}
+
+/// An RTM_NEWROUTE request for `dst`/`prefix` in the main table, without its
+/// next hops.
+fn route_msg(dst: IpAddr, prefix: u8) -> Msg {
+    let mut m = Msg::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, 0);
+    m.bytes(&[
+        family(&dst),
+        prefix,
+        0,
+        0,
+        RT_TABLE_MAIN,
+        RTPROT_BOOT,
+        RT_SCOPE_UNIVERSE,
+        RTN_UNICAST,
+    ])
+    .bytes(&0u32.to_ne_bytes())
+    .attr(RTA_DST, &octets(&dst));
+    m
+}
+
+/// RTA_MULTIPATH's payload: a `struct rtnexthop` (length, flags, weight - 1,
+/// ifindex) per gateway, each followed by its RTA_GATEWAY attribute.
+fn nexthops(index: u32, gateways: &[IpAddr]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for gw in gateways {
+        let gw = octets(gw); // 4 or 16 bytes: the attribute needs no padding
+        let attr_len = 4 + gw.len();
+        b.extend_from_slice(&((8 + attr_len) as u16).to_ne_bytes());
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&index.to_ne_bytes());
+        b.extend_from_slice(&(attr_len as u16).to_ne_bytes());
+        b.extend_from_slice(&RTA_GATEWAY.to_ne_bytes());
+        b.extend_from_slice(&gw);
+    }
+    b
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multipath_has_one_rtnexthop_with_its_gateway_per_gateway() {
+        let gws: Vec<IpAddr> = vec![
+            "192.168.1.1".parse().unwrap(),
+            "192.168.1.2".parse().unwrap(),
+        ];
+        let b = nexthops(3, &gws);
+        assert_eq!(b.len(), 2 * 16);
+        for (i, hop) in b.chunks(16).enumerate() {
+            assert_eq!(u16::from_ne_bytes([hop[0], hop[1]]), 16, "rtnh_len");
+            assert_eq!(&hop[2..4], &[0, 0], "flags, weight 1");
+            assert_eq!(u32::from_ne_bytes(hop[4..8].try_into().unwrap()), 3);
+            assert_eq!(u16::from_ne_bytes([hop[8], hop[9]]), 8);
+            assert_eq!(u16::from_ne_bytes([hop[10], hop[11]]), RTA_GATEWAY);
+            assert_eq!(&hop[12..], &[192, 168, 1, i as u8 + 1]);
+        }
+        let v6 = nexthops(3, &["fd00::1".parse().unwrap()]);
+        assert_eq!(v6.len(), 8 + 4 + 16);
+        assert_eq!(u16::from_ne_bytes([v6[0], v6[1]]), 28);
+    }
 
     #[test]
     fn messages_are_padded_and_length_patched() {

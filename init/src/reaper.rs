@@ -7,12 +7,16 @@
 //! registered (nor while std's spawn waits for a child whose exec failed).
 //! Exec threads never call `Child::wait`; they wait on the map with [`Reaper::wait`].
 //! Statuses of unregistered pids (orphans) are dropped.
+//!
+//! Every child of PID 1 starts through [`Reaper::spawn`], which also clears the
+//! signal mask PID 1 runs with.
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
@@ -56,8 +60,20 @@ impl Reaper {
         self.watched.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Spawns `cmd` and registers its pid before the reaper can see it exit.
+    /// Spawns `cmd` with no signal blocked and registers its pid before the reaper
+    /// can see it exit.
     pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<Child> {
+        // PID 1 blocks the signals its main loop reads (SIGCHLD, SIGTERM, ...), and a
+        // blocked mask survives exec: a service would ignore the SIGTERM that stops
+        // it, and a shell's command the ctrl-c meant for it.
+        // SAFETY: runs in the forked child before exec; pthread_sigmask is
+        // async-signal-safe and touches nothing of the parent's memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::signal::SigSet::empty().thread_set_mask()?;
+                Ok(())
+            });
+        }
         let mut watched = self.lock();
         let child = cmd.spawn()?;
         watched.insert(child.id() as i32, None);
@@ -162,6 +178,32 @@ pub(crate) mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             });
         });
+    }
+
+    #[test]
+    #[allow(clippy::zombie_processes)] // reaped by the test reaper, as in PID 1
+    fn children_start_with_no_signal_blocked() {
+        start_test_reaper();
+        let mut mask = nix::sys::signal::SigSet::empty();
+        mask.add(Signal::SIGTERM);
+        mask.add(Signal::SIGINT);
+        // As PID 1 has it; only this test's thread, and only while it spawns.
+        let old = mask
+            .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
+            .unwrap();
+        // grep itself: a shell (dash) would clear the mask it was given.
+        let mut cmd = Command::new("grep");
+        cmd.args(["SigBlk", "/proc/self/status"])
+            .stdout(std::process::Stdio::piped())
+            .current_dir("/")
+            .process_group(0);
+        let spawned = REAPER.spawn(&mut cmd);
+        old.thread_set_mask().unwrap();
+        let mut child = spawned.unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+        assert_eq!(REAPER.wait(child.id() as i32, None), Some(0));
+        assert_eq!(out.trim(), "SigBlk:\t0000000000000000", "{out}");
     }
 
     #[test]

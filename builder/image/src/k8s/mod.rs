@@ -378,6 +378,28 @@ mod tests {
                 c::cluster_dns4(),
                 c::cluster_dns6()
             ),
+            // Cluster DNS: dnsmasq on vm-001, the kube-dns Service in front of it.
+            format!("nameserver {}", net::ipv4(Net::Cluster, vm1).unwrap()),
+            format!(
+                "--listen-address={},{}",
+                net::ipv4(Net::Cluster, vm1).unwrap(),
+                net::ipv6(Net::Cluster, vm1)
+            ),
+            format!(
+                "ready = {{ tcp = \"{}:53\" }}",
+                net::ipv4(Net::Cluster, vm1).unwrap()
+            ),
+            format!("clusterIP: {}", c::cluster_dns4()),
+            format!(
+                "clusterIPs: [{}, \"{}\"]",
+                c::cluster_dns4(),
+                c::cluster_dns6()
+            ),
+            format!(
+                "addresses: [{{ip: {}}}, {{ip: \"{}\"}}]",
+                net::ipv4(Net::Cluster, vm1).unwrap(),
+                net::ipv6(Net::Cluster, vm1)
+            ),
             format!(
                 "clusterCIDR: \"{}/{},{}/{}\"",
                 c::POD_SUPERNET4.0,
@@ -393,10 +415,11 @@ mod tests {
         // No other address of those ranges is spelled out: a new one belongs in
         // kimg-contract first, then here.
         for (lit, n) in [
-            ("192.168.", 1),
-            ("10.96.", 3),
+            ("192.168.", 5),
+            ("fd00:6b69:", 2),
+            ("10.96.", 5),
             ("10.244.", 1),
-            ("fd00:10:", 4),
+            ("fd00:10:", 5),
         ] {
             assert_eq!(toml.matches(lit).count(), n, "{lit} in rootfs/k8s.toml");
         }
