@@ -210,16 +210,18 @@ fn brief(o: &Output) -> String {
     s
 }
 
-/// `get` until it succeeds, 3 tries: under TCG on 2 cores a request to the apiserver
-/// (and an exec through it and the kubelet) can time out once; a wrong answer
-/// still fails the check.
+/// `get` until it succeeds, 6 tries 10 s apart: under TCG on 2 cores the apiserver
+/// can stop answering for tens of seconds while 7 VMs start (a kubelet's requests
+/// to it time out, and an exec through it fails with the kubelet's "Authorization
+/// error" when the kubelet's own access check times out); a wrong answer still
+/// fails the check.
 fn tries(get: &dyn Fn() -> Output) -> Output {
     let mut o = get();
-    for _ in 1..3 {
+    for _ in 1..6 {
         if o.status.success() {
             break;
         }
-        std::thread::sleep(Duration::from_secs(5));
+        std::thread::sleep(Duration::from_secs(10));
         o = get();
     }
     o
