@@ -159,19 +159,11 @@ pub fn service_gateways(vm: VmId, size: &ClusterSize) -> (Vec<Ipv4Addr>, Vec<Ipv
     if vm.role() != Role::Router {
         return (Vec::new(), Vec::new());
     }
-    let nodes: Vec<VmId> = size
-        .members()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|n| n.role() == Role::Node)
-        .collect();
-    (
-        nodes
-            .iter()
-            .filter_map(|n| net::ipv4(Net::Cluster, *n))
-            .collect(),
-        nodes.iter().map(|n| net::ipv6(Net::Cluster, *n)).collect(),
-    )
+    // A router's pod routes go to every node, through the addresses wanted here.
+    pod_routes(vm, size)
+        .iter()
+        .map(|r| (r.via4, r.via6))
+        .unzip()
 }
 
 #[cfg(test)]

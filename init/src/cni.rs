@@ -67,10 +67,10 @@ pub fn configure(vm: VmId, size: &ClusterSize, links: &[Link]) -> Vec<String> {
         }
     }
     let routes = k8s::pod_routes(vm, size);
-    let (services4, services6) = k8s::service_gateways(vm, size);
-    if routes.is_empty() && services4.is_empty() {
-        return problems;
+    if routes.is_empty() {
+        return problems; // and no service routes: a router's go where its pod routes go
     }
+    let (services4, services6) = k8s::service_gateways(vm, size);
     let mac = net::mac(Net::Cluster, vm);
     let Some(link) = links.iter().find(|l| l.mac == Some(mac)) else {
         problems.push(format!("pod routes: no cluster interface with MAC {mac}"));

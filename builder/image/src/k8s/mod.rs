@@ -367,39 +367,23 @@ mod tests {
             c::SERVICE_RANGE6.0,
             c::SERVICE_RANGE6.1
         );
+        // vm-001's cluster addresses and the cluster DNS Service's.
+        let (cp4, cp6) = (
+            net::ipv4(Net::Cluster, vm1).unwrap(),
+            net::ipv6(Net::Cluster, vm1),
+        );
+        let (dns4, dns6) = (c::cluster_dns4(), c::cluster_dns6());
         let expected = [
-            format!(
-                "\"--advertise-address\", \"{}\"",
-                net::ipv4(Net::Cluster, vm1).unwrap()
-            ),
+            format!("\"--advertise-address\", \"{cp4}\""),
             format!("\"--service-cluster-ip-range\", \"{services}\""),
-            format!(
-                "clusterDNS: [\"{}\", \"{}\"]",
-                c::cluster_dns4(),
-                c::cluster_dns6()
-            ),
+            format!("clusterDNS: [\"{dns4}\", \"{dns6}\"]"),
             // Cluster DNS: dnsmasq on vm-001, the kube-dns Service in front of it.
-            format!("nameserver {}", net::ipv4(Net::Cluster, vm1).unwrap()),
-            format!(
-                "--listen-address={},{}",
-                net::ipv4(Net::Cluster, vm1).unwrap(),
-                net::ipv6(Net::Cluster, vm1)
-            ),
-            format!(
-                "ready = {{ tcp = \"{}:53\" }}",
-                net::ipv4(Net::Cluster, vm1).unwrap()
-            ),
-            format!("clusterIP: {}", c::cluster_dns4()),
-            format!(
-                "clusterIPs: [{}, \"{}\"]",
-                c::cluster_dns4(),
-                c::cluster_dns6()
-            ),
-            format!(
-                "addresses: [{{ip: {}}}, {{ip: \"{}\"}}]",
-                net::ipv4(Net::Cluster, vm1).unwrap(),
-                net::ipv6(Net::Cluster, vm1)
-            ),
+            format!("nameserver {cp4}"),
+            format!("--listen-address={cp4},{cp6}"),
+            format!("ready = {{ tcp = \"{cp4}:53\" }}"),
+            format!("clusterIP: {dns4}"),
+            format!("clusterIPs: [{dns4}, \"{dns6}\"]"),
+            format!("addresses: [{{ip: {cp4}}}, {{ip: \"{cp6}\"}}]"),
             format!(
                 "clusterCIDR: \"{}/{},{}/{}\"",
                 c::POD_SUPERNET4.0,
