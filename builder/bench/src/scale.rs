@@ -4,13 +4,17 @@
 //!   ready;
 //! - big: wall time of `run --nodes N --routers 1 --wait` next to the floor N x one
 //!   VM's QEMU CPU time / host cores (goal: ratio <= 1.5), total QEMU RSS once idle
-//!   (goal: <= 12 GB for 100 VMs), and the time `kimg status` and `kimg stop` take.
+//!   (goal: <= 12 GB for 100 VMs), their QEMUs' CPU while idle, and the time `kimg
+//!   status` and `kimg stop` take;
+//! - shared: the same idle VMs' proportional memory with KSM's merged pages (after
+//!   two more ksmd passes) and right after `run` = 2 took them back: side by side,
+//!   what sharing saves.
 
 use super::{step, BenchError};
 use kimg_cluster::accel::{Accel, AccelChoice};
-use kimg_cluster::process;
 use kimg_cluster::qemu::{Machine, VmPaths};
 use kimg_cluster::{self as cluster, RunOptions, Wait};
+use kimg_cluster::{ksm, process};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -53,8 +57,16 @@ pub struct ScaleBenchReport {
     pub ratio: f64,
     /// CPU seconds their QEMUs used until all were ready.
     pub cpu_secs: f64,
-    /// Total QEMU RSS once idle, MB.
+    /// The idle VMs' QEMUs' CPU, percent of one core, all together.
+    pub idle_core_pct: f64,
+    /// Total QEMU RSS once idle, MB (a page several QEMUs map counts in each).
     pub idle_rss_mb: f64,
+    /// Their total proportional memory once idle with nothing merged, MB.
+    pub idle_pss_mb: f64,
+    /// The same with KSM's merged pages, MB (`None`: KSM was not running).
+    pub ksm_pss_mb: Option<f64>,
+    /// Seconds from idle until ksmd had made two more passes.
+    pub ksm_secs: Option<f64>,
     /// Seconds `kimg status` took.
     pub status_secs: f64,
     /// Seconds `kimg stop` took.
@@ -64,6 +76,8 @@ pub struct ScaleBenchReport {
 }
 
 const NAME: &str = "bench-scale";
+/// How long the idle VMs' CPU is measured.
+const IDLE: Duration = Duration::from_secs(30);
 
 fn options(o: &ScaleBenchOptions, nodes: u16, routers: u16) -> RunOptions {
     RunOptions {
@@ -118,8 +132,7 @@ fn measure(o: &ScaleBenchOptions, log: &dyn Fn(&str)) -> Result<ScaleBenchReport
     let state = cluster::run(&options(o, o.nodes, 1), &|_| {})?;
     let wall_secs = t.elapsed().as_secs_f64();
     let vms = state.vms.len();
-    let pids = pids()?;
-    let cpu_secs = pids.iter().map(|&p| cpu(p)).sum::<f64>();
+    let cpu_secs = pids()?.into_iter().map(cpu).sum::<f64>();
     let load_avg = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_ascii_whitespace().next()?.parse().ok())
@@ -128,17 +141,48 @@ fn measure(o: &ScaleBenchOptions, log: &dyn Fn(&str)) -> Result<ScaleBenchReport
     log(&format!(
         "{vms} VMs ready after {wall_secs:.1}s (floor {floor_secs:.1}s, their QEMU CPU {cpu_secs:.1}s, load {load_avg:.1})"
     ));
-    // Idle: the last boots settle, freed pages are reported back.
-    std::thread::sleep(Duration::from_secs(20));
+    // Idle: the last boots settle, freed pages are reported back; what the idle VMs
+    // cost the host's cores (under TCG, each wakeup of a guest is host CPU).
+    std::thread::sleep(Duration::from_secs(10));
+    let cpu0 = pids()?.into_iter().map(cpu).sum::<f64>();
+    std::thread::sleep(IDLE);
+    let idle_core_pct =
+        (pids()?.into_iter().map(cpu).sum::<f64>() - cpu0) / IDLE.as_secs_f64() * 100.0;
     let t = Instant::now();
     let (_, st) = cluster::status(NAME)?;
     let status_secs = t.elapsed().as_secs_f64();
     let idle_rss_mb = st.iter().filter_map(|v| v.qemu_rss_kib).sum::<u64>() as f64 / 1024.0;
+    let pss_mb = || -> Result<f64, BenchError> {
+        let kib: u64 = pids()?.into_iter().filter_map(process::pss_kib).sum();
+        Ok(kib as f64 / 1024.0)
+    };
+    // The same idle VMs with KSM's merged pages, then without: ksmd merges a page
+    // on its second pass over it, so two more passes after idle have merged what
+    // is mergeable; `run` = 2 takes every merged page back.
+    let (ksm_pss_mb, ksm_secs) = match ksm::stats().filter(|k| k.running) {
+        Some(k0) => {
+            let t = Instant::now();
+            while ksm::stats().is_some_and(|k| k.full_scans < k0.full_scans + 2)
+                && t.elapsed() < Duration::from_secs(900)
+            {
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            let merged = pss_mb()?;
+            let secs = t.elapsed().as_secs_f64();
+            ksm::unmerge_all(true).map_err(|e| step("unmerging KSM's pages")(e.to_string()))?;
+            log(&format!(
+                "KSM: proportional memory {merged:.0} MB after two passes ({secs:.0}s)"
+            ));
+            (Some(merged), Some(secs))
+        }
+        None => (None, None),
+    };
+    let idle_pss_mb = pss_mb()?;
     let t = Instant::now();
     cluster::stop(NAME, Duration::from_secs(30))?;
     let stop_secs = t.elapsed().as_secs_f64();
     log(&format!(
-        "idle QEMU RSS {idle_rss_mb:.0} MB; status {status_secs:.2}s, stop {stop_secs:.2}s"
+        "idle: {idle_core_pct:.1}% of a core, QEMU RSS {idle_rss_mb:.0} MB, proportional {idle_pss_mb:.0} MB unmerged; status {status_secs:.2}s, stop {stop_secs:.2}s"
     ));
     Ok(ScaleBenchReport {
         accel: state.accel,
@@ -150,7 +194,11 @@ fn measure(o: &ScaleBenchOptions, log: &dyn Fn(&str)) -> Result<ScaleBenchReport
         floor_secs,
         ratio: wall_secs / floor_secs.max(f64::EPSILON),
         cpu_secs,
+        idle_core_pct,
         idle_rss_mb,
+        idle_pss_mb,
+        ksm_pss_mb,
+        ksm_secs,
         status_secs,
         stop_secs,
         load_avg,

@@ -6,7 +6,7 @@ use crate::agent::{self, AgentError};
 use crate::capacity::{par_map, CALL_THREADS};
 use crate::error::ClusterError;
 use crate::launch::RunEvent;
-use crate::process::{qemu_pid, rss_kib};
+use crate::process::{pss_kib, qemu_pid, rss_kib};
 use crate::qemu::VmPaths;
 use crate::state::{load, read_manifest, ClusterState};
 use kimg_contract::agent::{BootState, Op, Reply, Status};
@@ -154,6 +154,9 @@ pub struct VmStatus {
     /// Resident memory of the VM's QEMU in KiB (host side: guest RAM it touched, the
     /// TCG code buffer, QEMU itself), while it runs.
     pub qemu_rss_kib: Option<u64>,
+    /// Its proportional memory in KiB: pages it shares with other processes (QEMU's
+    /// libraries, guest pages KSM merged with other VMs') divided among them.
+    pub qemu_pss_kib: Option<u64>,
     /// Last console lines of a dead VM.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub last_console: Vec<String>,
@@ -206,6 +209,7 @@ pub fn status(name: &str) -> Result<(ClusterState, Vec<VmStatus>), ClusterError>
             state: "booting".into(),
             agent: None,
             qemu_rss_kib: None,
+            qemu_pss_kib: None,
             last_console: Vec::new(),
             overlays: Vec::new(),
         };
@@ -215,6 +219,7 @@ pub fn status(name: &str) -> Result<(ClusterState, Vec<VmStatus>), ClusterError>
             return st;
         };
         st.qemu_rss_kib = rss_kib(pid);
+        st.qemu_pss_kib = pss_kib(pid);
         if let Ok(Reply::Status(a)) =
             agent::request(&paths.agent(), Op::Status, Duration::from_secs(3))
         {

@@ -25,6 +25,7 @@ pub mod doctor;
 pub mod error;
 pub mod health;
 pub mod k8s;
+pub mod ksm;
 pub mod launch;
 pub mod list;
 pub mod network;

@@ -7,6 +7,7 @@ use crate::bootfiles::boot_files;
 use crate::capacity::{self, par_map, CALL_THREADS};
 use crate::error::ClusterError;
 use crate::health::{wait_for, Wait};
+use crate::ksm;
 use crate::launch::{boot_limit, make_cdroms, start_vms, RunEvent};
 use crate::network;
 use crate::process::{self, qemu_pid, KILL_WAIT};
@@ -151,6 +152,9 @@ pub fn scaleout(
         state.size = state.size.including(vm);
     }
     capacity::check_memory(&added)?;
+    if state.vms.len() + added.len() > ksm::BIG_CLUSTER {
+        on_event(RunEvent::Ksm(ksm::ensure_on()));
+    }
     let files = boot_files(&state.image, &manifest, &dir)?;
     let ids: Vec<VmId> = added.iter().map(|r| r.vm).collect();
     // The add-on's material for the new VMs (a node's kubelet credentials), then

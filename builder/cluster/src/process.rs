@@ -137,6 +137,20 @@ pub fn rss_kib(pid: Pid) -> Option<u64> {
         .ok()
 }
 
+/// The proportional set of process `pid` in KiB (`Pss` of /proc/PID/smaps_rollup):
+/// its resident pages, each shared one divided among the processes that map it, so
+/// pages KSM merged across VMs count once in a sum over their QEMUs.
+pub fn pss_kib(pid: Pid) -> Option<u64> {
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))?
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The CPU time (utime + stime) process `pid` used so far, if it runs.
 pub fn cpu_time(pid: Pid) -> Option<Duration> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -195,6 +209,9 @@ mod tests {
         let me = Pid::this();
         let rss = rss_kib(me).unwrap();
         assert!(rss > 100 && rss < 10 << 20, "{rss} KiB");
+        // Shared library pages count in part: never more than the resident set.
+        let pss = pss_kib(me).unwrap();
+        assert!(pss > 0 && pss <= rss, "pss {pss} KiB, rss {rss} KiB");
         // Burn a little CPU so that at least one tick is counted.
         let t = Instant::now();
         let mut x = 0u64;
@@ -203,6 +220,7 @@ mod tests {
         }
         assert!(cpu_time(me).unwrap() > Duration::ZERO);
         assert_eq!(rss_kib(Pid::from_raw(i32::MAX - 1)), None);
+        assert_eq!(pss_kib(Pid::from_raw(i32::MAX - 1)), None);
     }
 
     #[test]

@@ -95,12 +95,14 @@ impl Machine {
     /// HPET or ACPI PM timer: under TCG the kernel cannot calibrate the TSC (PIT
     /// calibration fails on a busy host) and stops at boot, and the clocksource
     /// watchdog would then judge the TSC by jiffies that TCG delivers late. The guest's
-    /// TSC is the host's under TCG, so its frequency is told.
+    /// TSC is the host's under TCG, so its frequency is told. On q35 too the TSC
+    /// needs no watchdog under TCG, whose checks would wake an idle VM twice a second.
     pub fn cmdline(self, accel: Accel) -> String {
         match (self, accel, host_tsc_khz()) {
             (Machine::Microvm, Accel::Tcg, Some(khz)) => {
                 format!("tsc_early_khz={khz} tsc=reliable")
             }
+            (Machine::Q35, Accel::Tcg, _) => "tsc=reliable".into(),
             _ => String::new(),
         }
     }
@@ -535,12 +537,13 @@ mod tests {
     }
 
     #[test]
-    fn microvm_under_tcg_is_told_the_tsc_frequency() {
+    fn tcg_guests_trust_the_tsc_and_microvm_is_told_its_frequency() {
         let khz = host_tsc_khz().expect("x86-64 hosts have a TSC");
         assert!((100_000..20_000_000).contains(&khz), "{khz} kHz");
         let words = Machine::Microvm.cmdline(Accel::Tcg);
         assert!(words.contains(&format!("tsc_early_khz={khz}")), "{words}");
-        assert_eq!(Machine::Q35.cmdline(Accel::Tcg), "");
+        assert_eq!(Machine::Q35.cmdline(Accel::Tcg), "tsc=reliable");
+        assert_eq!(Machine::Q35.cmdline(Accel::Kvm), "");
         assert_eq!(Machine::Microvm.cmdline(Accel::Kvm), "");
     }
 }

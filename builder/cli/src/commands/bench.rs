@@ -467,10 +467,30 @@ fn scale(a: ScaleArgs) -> anyhow::Result<ExitCode> {
         r.ratio
     );
     println!(
+        "idle VMs' QEMU CPU                   {:7.1} %   of one core ({:.2}% per VM)",
+        r.idle_core_pct,
+        r.idle_core_pct / r.vms.max(1) as f64
+    );
+    println!(
         "total QEMU RSS once idle             {:7.0} MB  (goal <= 12000 MB for 100 VMs; {:.0} MB per VM)",
         r.idle_rss_mb,
         r.idle_rss_mb / r.vms.max(1) as f64
     );
+    let per_vm = |mb: f64| mb / r.vms.max(1) as f64;
+    println!(
+        "  proportional, nothing merged       {:7.0} MB  ({:.0} MB per VM)",
+        r.idle_pss_mb,
+        per_vm(r.idle_pss_mb)
+    );
+    match (r.ksm_pss_mb, r.ksm_secs) {
+        (Some(mb), Some(secs)) => println!(
+            "  proportional, KSM merged           {:7.0} MB  ({:.0} MB per VM; {:.2} of unmerged; ksmd's two passes took {secs:.0} s)",
+            mb,
+            per_vm(mb),
+            mb / r.idle_pss_mb.max(f64::EPSILON)
+        ),
+        _ => println!("  proportional, KSM merged                 -     (KSM was not running)"),
+    }
     println!(
         "kimg status / kimg stop              {:7.2} s / {:.2} s",
         r.status_secs, r.stop_secs

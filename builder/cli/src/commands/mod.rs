@@ -121,6 +121,13 @@ pub fn start_progress<'a>(
                 acc.as_str(),
                 m.as_str()
             ),
+            RunEvent::Ksm(kimg_cluster::ksm::KsmOutcome::TurnedOn) => eprintln!(
+                "kimg {cmd}: turned on KSM (/sys/kernel/mm/ksm/run): the VMs share their identical pages; it stays on, idle once no VM runs"
+            ),
+            RunEvent::Ksm(kimg_cluster::ksm::KsmOutcome::Unavailable(why)) => eprintln!(
+                "kimg {cmd}: KSM not turned on ({why}): each VM holds its own copy of identical pages"
+            ),
+            RunEvent::Ksm(kimg_cluster::ksm::KsmOutcome::AlreadyOn) => {}
             RunEvent::Started(vm) if !big => eprintln!("kimg {cmd}: {vm} {started}"),
             RunEvent::Ready(vm, st, t) if !big => eprintln!(
                 "kimg {cmd}: {vm} {} after {:.2}s",

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 /// Show each VM of a cluster: role, state (booting, ready, degraded, dead),
 /// uptime, its QEMU's resident memory on the host, addresses, problems and overlays
-/// ("at boot" or "applied at"), under the cluster's network plan. A dead VM shows
+/// ("at boot" or "applied at"), under the cluster's network plan; then the QEMUs'
+/// memory in all, resident and proportional (pages the VMs share, counted once). A dead VM shows
 /// its last console lines. VMs a killed `kimg snapshot save` left paused are resumed
 /// first.
 #[derive(clap::Args)]
@@ -91,9 +92,18 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             println!("         | {l}");
         }
     }
+    // Resident counts a page each QEMU maps, once per QEMU; proportional counts it
+    // once in all, so the two differ by what the VMs share (KSM's merged pages).
+    let pss_kib: u64 = vms.iter().filter_map(|v| v.qemu_pss_kib).sum();
+    let ksm = match cluster::ksm::stats() {
+        Some(k) if k.running => "on",
+        Some(_) => "off",
+        None => "not in this kernel",
+    };
     println!(
-        "QEMU resident memory: {} MiB in all ({} VMs)",
+        "QEMU memory: {} MiB resident in all, {} MiB proportional ({} VMs; KSM {ksm})",
         total_kib / 1024,
+        pss_kib / 1024,
         vms.len()
     );
     Ok(ExitCode::SUCCESS)
