@@ -302,7 +302,9 @@ fn tester_spreads(c: &TestCluster, pods: &BTreeSet<String>) {
 
 /// Cluster DNS: Service names resolve in a pod (short, through its search path,
 /// and in full) and on a node, a router and the tester (their resolv.conf names
-/// vm-001's dnsmasq); the headless Service's name gives the 4 pods' addresses.
+/// vm-001's dnsmasq); the headless Service's name gives the 4 pods' addresses; an
+/// ExternalName Service's name is a CNAME to echo-v4 (with its address) until the
+/// Service is deleted.
 fn names_resolve(
     t0: Instant,
     c: &TestCluster,
@@ -345,6 +347,45 @@ fn names_resolve(
                 .map(|a| a.trim().to_string())
                 .collect();
             got == want
+        },
+    );
+
+    let target = "echo-v4.default.svc.cluster.local";
+    let ip = k.jsonpath("service", "echo-v4", "{.spec.clusterIP}");
+    k.ok(&[
+        "create",
+        "service",
+        "externalname",
+        "echo-alias",
+        "--external-name",
+        target,
+    ]);
+    let alias = "echo-alias.default.svc.cluster.local";
+    let mut out = String::new();
+    until(
+        t0,
+        c,
+        k,
+        "ExternalName Service name gives a CNAME to echo-v4 and its address",
+        &mut || {
+            out = String::from_utf8_lossy(&c.exec("vm-221", &["nslookup", alias]).stdout)
+                .into_owned();
+            out.contains(&format!("canonical name = {target}"))
+                && out
+                    .lines()
+                    .any(|l| l.strip_prefix("Address: ").map(str::trim) == Some(ip.as_str()))
+        },
+    );
+    k.ok(&["delete", "service", "echo-alias"]);
+    until(
+        t0,
+        c,
+        k,
+        "the deleted ExternalName Service's name is gone",
+        &mut || {
+            // busybox prints "** server can't find NAME: NXDOMAIN".
+            let o = text(&c.exec("vm-221", &["nslookup", alias]));
+            !o.contains("canonical name") && o.contains("NXDOMAIN")
         },
     );
 }
