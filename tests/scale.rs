@@ -120,16 +120,29 @@ fn a_hundred_nodes_come_up_ping_the_router_and_stop_leaves_nothing() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("101/101 started, 101 booted"), "{err}");
     assert!(!err.contains("vm-050 started"), "{err}");
+    // A cluster this big gets the host's KSM: kimg turns it on, or it ran already.
+    let ksm_run = || std::fs::read_to_string("/sys/kernel/mm/ksm/run").ok();
+    let turned_on = err.contains("turned on KSM");
+    if let Some(run) = ksm_run() {
+        assert_eq!(run.trim(), "1", "KSM not running under 101 VMs:\n{err}");
+    }
 
     let st = c.status_json();
     let vms = st["vms"].as_array().unwrap();
     assert_eq!(vms.len(), 101);
-    let mut rss_kib = 0;
+    let (mut rss_kib, mut pss_kib) = (0, 0);
     for v in vms {
         assert_eq!(v["state"], "ready", "{v}");
-        rss_kib += v["qemu_rss_kib"].as_u64().expect("RSS of a running VM");
+        let rss = v["qemu_rss_kib"].as_u64().expect("RSS of a running VM");
+        let pss = v["qemu_pss_kib"].as_u64().expect("PSS of a running VM");
+        assert!(pss <= rss, "{v}");
+        (rss_kib, pss_kib) = (rss_kib + rss, pss_kib + pss);
     }
-    eprintln!("QEMU RSS in all: {} MiB", rss_kib / 1024);
+    eprintln!(
+        "QEMU memory in all: {} MiB resident, {} MiB proportional",
+        rss_kib / 1024,
+        pss_kib / 1024
+    );
 
     // Every node pings the router, 8 at a time.
     let nodes: Vec<String> = (1..=100).map(|n| format!("vm-{n:03}")).collect();
@@ -150,6 +163,18 @@ fn a_hundred_nodes_come_up_ping_the_router_and_stop_leaves_nothing() {
     assert!(o.status.success(), "{}", text(&o));
     eprintln!("stop of 101 VMs: {:.1}s", t.elapsed().as_secs_f64());
     assert!(c.qemu_pids().is_empty(), "QEMUs left: {:?}", c.qemu_pids());
+    // The KSM kimg turned on goes off with the last QEMU on the host (other tests'
+    // VMs may still run).
+    let others = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| {
+            s.contains("(qemu-system")
+                && !s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z')
+        })
+    });
+    eprintln!("KSM turned on by the run: {turned_on}; other QEMUs: {others}");
+    if turned_on && !others {
+        assert_eq!(ksm_run().unwrap().trim(), "0", "KSM left on after the stop");
+    }
     let needle = c.runtime.path().to_string_lossy().into_owned();
     let switches = std::fs::read_dir("/proc")
         .unwrap()

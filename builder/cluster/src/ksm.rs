@@ -16,12 +16,16 @@ pub const BIG_CLUSTER: usize = 20;
 /// 1000 takes ~70 s.
 const PAGES_TO_SCAN: u64 = 1000;
 
+/// Left by kimg when it turned ksmd on, so that a stop that leaves no QEMU running
+/// turns it off again (a ksmd someone else started is theirs).
+const MARK: &str = "/run/kimg-ksm-on";
+
 /// What [`ensure_on`] found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KsmOutcome {
     /// ksmd was running already; its settings were left alone.
     AlreadyOn,
-    /// kimg started it (and it stays on: with no mergeable memory left it idles).
+    /// kimg started it; it runs until a stop leaves no QEMU on the host.
     TurnedOn,
     /// It could not be turned on (no such kernel feature, not root, ...): why.
     Unavailable(String),
@@ -62,10 +66,10 @@ fn stats_in(dir: &Path) -> Option<KsmStats> {
 
 /// Starts ksmd if it is not running, scanning [`PAGES_TO_SCAN`] pages per wake-up.
 pub fn ensure_on() -> KsmOutcome {
-    ensure_on_in(&dir())
+    ensure_on_in(&dir(), Path::new(MARK))
 }
 
-fn ensure_on_in(dir: &Path) -> KsmOutcome {
+fn ensure_on_in(dir: &Path, mark: &Path) -> KsmOutcome {
     match read(dir, "run") {
         None => KsmOutcome::Unavailable(format!(
             "{} is missing (a kernel without CONFIG_KSM)",
@@ -79,11 +83,49 @@ fn ensure_on_in(dir: &Path) -> KsmOutcome {
                     .map_err(|e| format!("writing {}: {e}", path.display()))
             };
             match write("pages_to_scan", PAGES_TO_SCAN).and_then(|()| write("run", 1)) {
-                Ok(()) => KsmOutcome::TurnedOn,
+                Ok(()) => {
+                    // Without the mark (no /run) ksmd stays on: it idles with nothing to merge.
+                    let _ = fs::write(mark, "");
+                    KsmOutcome::TurnedOn
+                }
                 Err(why) => KsmOutcome::Unavailable(why),
             }
         }
     }
+}
+
+/// After a stop: turns ksmd off again if kimg turned it on and no QEMU runs on the
+/// host any more. Pages it merged stay merged until written.
+pub fn off_when_unused() {
+    off_when_unused_in(&dir(), Path::new(MARK), qemu_runs());
+}
+
+fn off_when_unused_in(dir: &Path, mark: &Path, qemu_runs: bool) {
+    if !qemu_runs && mark.exists() && fs::write(dir.join("run"), "0").is_ok() {
+        let _ = fs::remove_file(mark);
+    }
+}
+
+/// Whether any QEMU runs on the host (any user's, any cluster's). One that exited
+/// but is not reaped yet (a zombie: the QEMUs of a stopped cluster, for a moment)
+/// does not count.
+fn qemu_runs() -> bool {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return true; // cannot tell: leave ksmd as it is
+    };
+    procs
+        .filter_map(Result::ok)
+        .any(|e| fs::read_to_string(e.path().join("stat")).is_ok_and(|s| running_qemu(&s)))
+}
+
+/// Whether a /proc/PID/stat line is a QEMU's that is not a zombie: `PID (COMM) STATE`.
+fn running_qemu(stat: &str) -> bool {
+    let Some((head, tail)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    head.split_once('(')
+        .is_some_and(|(_, comm)| comm.starts_with("qemu-system"))
+        && !matches!(tail.split_ascii_whitespace().next(), Some("Z" | "X"))
 }
 
 /// Unmerges every shared page (`run` = 2) and leaves ksmd as `running` says: how
@@ -112,9 +154,10 @@ mod tests {
     }
 
     #[test]
-    fn turns_ksmd_on_with_a_faster_scan() {
+    fn turns_ksmd_on_with_a_faster_scan_and_off_after_the_last_qemu() {
         let d = fake("0");
-        assert_eq!(ensure_on_in(d.path()), KsmOutcome::TurnedOn);
+        let mark = d.path().join("mark");
+        assert_eq!(ensure_on_in(d.path(), &mark), KsmOutcome::TurnedOn);
         assert_eq!(read(d.path(), "run"), Some(1));
         assert_eq!(read(d.path(), "pages_to_scan"), Some(PAGES_TO_SCAN));
         let s = stats_in(d.path()).unwrap();
@@ -122,19 +165,36 @@ mod tests {
             s.running && s.pages_sharing == 7 && s.full_scans == 3,
             "{s:?}"
         );
+        off_when_unused_in(d.path(), &mark, true);
+        assert_eq!(read(d.path(), "run"), Some(1), "a QEMU still runs");
+        off_when_unused_in(d.path(), &mark, false);
+        assert_eq!(read(d.path(), "run"), Some(0));
+        assert!(!mark.exists());
     }
 
     #[test]
     fn leaves_a_running_ksmd_as_the_host_tuned_it() {
         let d = fake("1");
-        assert_eq!(ensure_on_in(d.path()), KsmOutcome::AlreadyOn);
+        let mark = d.path().join("mark");
+        assert_eq!(ensure_on_in(d.path(), &mark), KsmOutcome::AlreadyOn);
         assert_eq!(read(d.path(), "pages_to_scan"), Some(100));
+        off_when_unused_in(d.path(), &mark, false);
+        assert_eq!(read(d.path(), "run"), Some(1), "not kimg's to turn off");
+    }
+
+    #[test]
+    fn a_qemu_counts_until_it_is_a_zombie() {
+        assert!(running_qemu("4242 (qemu-system-x86) S 1 4242"));
+        assert!(!running_qemu("4242 (qemu-system-x86) Z 1 4242"));
+        assert!(!running_qemu("4243 (bash) S 1 4243"));
+        assert!(!running_qemu("4244 (a) qemu-system) S 1"));
+        assert!(!running_qemu("garbage"));
     }
 
     #[test]
     fn a_host_without_ksm_is_named() {
         let d = tempfile::tempdir().unwrap();
-        let KsmOutcome::Unavailable(why) = ensure_on_in(d.path()) else {
+        let KsmOutcome::Unavailable(why) = ensure_on_in(d.path(), &d.path().join("mark")) else {
             panic!("no run file, yet not unavailable");
         };
         assert!(why.contains("run is missing"), "{why}");

@@ -66,6 +66,7 @@ pub(crate) fn stop_locked(
     let mut report = stop_vms(dir, &vms, grace);
     report.stuck.extend(network::destroy(name, dir)?);
     fs::remove_dir_all(dir).with_path(dir)?;
+    ksm::off_when_unused();
     Ok(report)
 }
 

@@ -122,7 +122,7 @@ pub fn start_progress<'a>(
                 m.as_str()
             ),
             RunEvent::Ksm(kimg_cluster::ksm::KsmOutcome::TurnedOn) => eprintln!(
-                "kimg {cmd}: turned on KSM (/sys/kernel/mm/ksm/run): the VMs share their identical pages; it stays on, idle once no VM runs"
+                "kimg {cmd}: turned on KSM (/sys/kernel/mm/ksm/run): the VMs share their identical pages; the stop that leaves no QEMU running turns it off"
             ),
             RunEvent::Ksm(kimg_cluster::ksm::KsmOutcome::Unavailable(why)) => eprintln!(
                 "kimg {cmd}: KSM not turned on ({why}): each VM holds its own copy of identical pages"
