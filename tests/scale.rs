@@ -3,9 +3,9 @@
 //! nothing left after `kimg stop`; microvm and q35 both boot the base image, UEFI
 //! stays on q35.
 //!
-//! The 100-node test runs only with `KIMG_SCALE=1` (~10 min under TCG on 2 cores,
-//! and ~14 GB of host memory: too much for every run of `scripts/test`); without it
-//! it says SKIPPED and passes. The machine test always runs.
+//! The 100-node test takes ~6 min under TCG on 2 cores and ~15 GB of host memory
+//! (kimg refuses the cluster, naming both figures, on a host with less);
+//! `KIMG_SCALE=0` skips it (it says SKIPPED and passes). The machine test always runs.
 
 use kimg_tests::{image, text, TestCluster};
 use std::time::Instant;
@@ -90,11 +90,8 @@ fn microvm_and_q35_boot_the_base_image_and_uefi_stays_on_q35() {
 
 #[test]
 fn a_hundred_nodes_come_up_ping_the_router_and_stop_leaves_nothing() {
-    if std::env::var("KIMG_SCALE").as_deref() != Ok("1") {
-        eprintln!(
-            "SKIPPED: set KIMG_SCALE=1 to run the 100-node cluster test \
-             (~10 min under TCG on 2 cores, ~14 GB of host memory)"
-        );
+    if std::env::var("KIMG_SCALE").as_deref() == Ok("0") {
+        eprintln!("SKIPPED: KIMG_SCALE=0 skips the 100-node cluster test");
         return;
     }
     let c = TestCluster::new("e2e-scale");
