@@ -165,12 +165,7 @@ fn a_hundred_nodes_come_up_ping_the_router_and_stop_leaves_nothing() {
     assert!(c.qemu_pids().is_empty(), "QEMUs left: {:?}", c.qemu_pids());
     // The KSM kimg turned on goes off with the last QEMU on the host (other tests'
     // VMs may still run).
-    let others = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| {
-            s.contains("(qemu-system")
-                && !s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z')
-        })
-    });
+    let others = kimg_cluster::process::any_qemu_runs();
     eprintln!("KSM turned on by the run: {turned_on}; other QEMUs: {others}");
     if turned_on && !others {
         assert_eq!(ksm_run().unwrap().trim(), "0", "KSM left on after the stop");

@@ -169,7 +169,7 @@ fn measure(o: &ScaleBenchOptions, log: &dyn Fn(&str)) -> Result<ScaleBenchReport
             }
             let merged = pss_mb()?;
             let secs = t.elapsed().as_secs_f64();
-            ksm::unmerge_all(true).map_err(|e| step("unmerging KSM's pages")(e.to_string()))?;
+            ksm::unmerge_all().map_err(|e| step("unmerging KSM's pages")(e.to_string()))?;
             log(&format!(
                 "KSM: proportional memory {merged:.0} MB after two passes ({secs:.0}s)"
             ));

@@ -53,15 +53,7 @@ pub fn need_mib(vms: &[VmRecord], window: usize) -> u64 {
 
 /// `MemAvailable` of /proc/meminfo in MiB.
 pub fn mem_available_mib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .split_ascii_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kib / 1024)
+    crate::process::proc_kib("/proc/meminfo", "MemAvailable").map(|kib| kib / 1024)
 }
 
 /// Refuses `vms` when the host's available memory cannot hold them.

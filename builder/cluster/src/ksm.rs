@@ -6,11 +6,11 @@
 //! MiB within 60 s of turning it on, for ~6% of one core in ksmd.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Clusters of more VMs than this get KSM turned on: the size where the host's
 /// memory, not its cores, starts to decide how many VMs it holds.
-pub const BIG_CLUSTER: usize = 20;
+const BIG_CLUSTER: usize = 20;
 /// ksmd's pages per wake-up (20 ms) when kimg turns it on. The kernel's default of
 /// 100 scans ~20 MB/s, so 100 VMs' guest RAM would take over ten minutes a pass;
 /// 1000 takes ~70 s.
@@ -20,7 +20,7 @@ const PAGES_TO_SCAN: u64 = 1000;
 /// turns it off again (a ksmd someone else started is theirs).
 const MARK: &str = "/run/kimg-ksm-on";
 
-/// What [`ensure_on`] found or did.
+/// What [`share_pages_of`] found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KsmOutcome {
     /// ksmd was running already; its settings were left alone.
@@ -43,9 +43,7 @@ pub struct KsmStats {
 }
 
 /// The host's KSM directory.
-fn dir() -> PathBuf {
-    PathBuf::from("/sys/kernel/mm/ksm")
-}
+const DIR: &str = "/sys/kernel/mm/ksm";
 
 fn read(dir: &Path, file: &str) -> Option<u64> {
     fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
@@ -53,7 +51,7 @@ fn read(dir: &Path, file: &str) -> Option<u64> {
 
 /// ksmd's counters, if the host has KSM.
 pub fn stats() -> Option<KsmStats> {
-    stats_in(&dir())
+    stats_in(Path::new(DIR))
 }
 
 fn stats_in(dir: &Path) -> Option<KsmStats> {
@@ -64,9 +62,11 @@ fn stats_in(dir: &Path) -> Option<KsmStats> {
     })
 }
 
-/// Starts ksmd if it is not running, scanning [`PAGES_TO_SCAN`] pages per wake-up.
-pub fn ensure_on() -> KsmOutcome {
-    ensure_on_in(&dir(), Path::new(MARK))
+/// For a cluster of `vms` VMs (after a scaleout, all of them): above
+/// [`BIG_CLUSTER`], starts ksmd if it is not running, scanning [`PAGES_TO_SCAN`]
+/// pages per wake-up, and says what it found or did; else nothing.
+pub fn share_pages_of(vms: usize) -> Option<KsmOutcome> {
+    (vms > BIG_CLUSTER).then(|| ensure_on_in(Path::new(DIR), Path::new(MARK)))
 }
 
 fn ensure_on_in(dir: &Path, mark: &Path) -> KsmOutcome {
@@ -97,7 +97,11 @@ fn ensure_on_in(dir: &Path, mark: &Path) -> KsmOutcome {
 /// After a stop: turns ksmd off again if kimg turned it on and no QEMU runs on the
 /// host any more. Pages it merged stay merged until written.
 pub fn off_when_unused() {
-    off_when_unused_in(&dir(), Path::new(MARK), qemu_runs());
+    off_when_unused_in(
+        Path::new(DIR),
+        Path::new(MARK),
+        crate::process::any_qemu_runs(),
+    );
 }
 
 fn off_when_unused_in(dir: &Path, mark: &Path, qemu_runs: bool) {
@@ -106,34 +110,12 @@ fn off_when_unused_in(dir: &Path, mark: &Path, qemu_runs: bool) {
     }
 }
 
-/// Whether any QEMU runs on the host (any user's, any cluster's). One that exited
-/// but is not reaped yet (a zombie: the QEMUs of a stopped cluster, for a moment)
-/// does not count.
-fn qemu_runs() -> bool {
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return true; // cannot tell: leave ksmd as it is
-    };
-    procs
-        .filter_map(Result::ok)
-        .any(|e| fs::read_to_string(e.path().join("stat")).is_ok_and(|s| running_qemu(&s)))
-}
-
-/// Whether a /proc/PID/stat line is a QEMU's that is not a zombie: `PID (COMM) STATE`.
-fn running_qemu(stat: &str) -> bool {
-    let Some((head, tail)) = stat.rsplit_once(')') else {
-        return false;
-    };
-    head.split_once('(')
-        .is_some_and(|(_, comm)| comm.starts_with("qemu-system"))
-        && !matches!(tail.split_ascii_whitespace().next(), Some("Z" | "X"))
-}
-
-/// Unmerges every shared page (`run` = 2) and leaves ksmd as `running` says: how
-/// `kimg bench scale` measures what the VMs hold without sharing, in the same run.
-pub fn unmerge_all(running: bool) -> std::io::Result<()> {
-    let run = dir().join("run");
+/// Unmerges every shared page (`run` = 2), then lets ksmd run on: how `kimg bench
+/// scale` measures what the VMs hold without sharing, in the same run.
+pub fn unmerge_all() -> std::io::Result<()> {
+    let run = Path::new(DIR).join("run");
     fs::write(&run, "2")?;
-    fs::write(&run, if running { "1" } else { "0" })
+    fs::write(&run, "1")
 }
 
 #[cfg(test)]
@@ -180,15 +162,6 @@ mod tests {
         assert_eq!(read(d.path(), "pages_to_scan"), Some(100));
         off_when_unused_in(d.path(), &mark, false);
         assert_eq!(read(d.path(), "run"), Some(1), "not kimg's to turn off");
-    }
-
-    #[test]
-    fn a_qemu_counts_until_it_is_a_zombie() {
-        assert!(running_qemu("4242 (qemu-system-x86) S 1 4242"));
-        assert!(!running_qemu("4242 (qemu-system-x86) Z 1 4242"));
-        assert!(!running_qemu("4243 (bash) S 1 4243"));
-        assert!(!running_qemu("4244 (a) qemu-system) S 1"));
-        assert!(!running_qemu("garbage"));
     }
 
     #[test]

@@ -101,8 +101,8 @@ pub enum RunEvent {
     Replaced,
     /// The accelerator and machine were chosen.
     Accel(Accel, Machine),
-    /// A big cluster ([`ksm::BIG_CLUSTER`]) had kernel same-page merging checked
-    /// (and turned on if it was off) before its VMs started.
+    /// A big cluster had kernel same-page merging checked (and turned on if it was
+    /// off) before its VMs started ([`ksm::share_pages_of`]).
     Ksm(ksm::KsmOutcome),
     /// A VM's QEMU was started.
     Started(VmId),
@@ -210,8 +210,8 @@ fn start(
         state.cdrom = Some(fs::canonicalize(c).with_path(c)?);
     }
     capacity::check_memory(&state.vms)?;
-    if state.vms.len() > ksm::BIG_CLUSTER {
-        on_event(RunEvent::Ksm(ksm::ensure_on()));
+    if let Some(ksm) = ksm::share_pages_of(state.vms.len()) {
+        on_event(RunEvent::Ksm(ksm));
     }
     make_cdroms(dir, &mut state, addon, ids, true)?;
     save(dir, &state)?;

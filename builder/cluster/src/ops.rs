@@ -153,8 +153,8 @@ pub fn scaleout(
         state.size = state.size.including(vm);
     }
     capacity::check_memory(&added)?;
-    if state.vms.len() + added.len() > ksm::BIG_CLUSTER {
-        on_event(RunEvent::Ksm(ksm::ensure_on()));
+    if let Some(ksm) = ksm::share_pages_of(state.vms.len() + added.len()) {
+        on_event(RunEvent::Ksm(ksm));
     }
     let files = boot_files(&state.image, &manifest, &dir)?;
     let ids: Vec<VmId> = added.iter().map(|r| r.vm).collect();

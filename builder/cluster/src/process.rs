@@ -125,30 +125,28 @@ pub fn qemu_pid(paths: &VmPaths) -> Option<Pid> {
     daemon_pid(&paths.pidfile(), "qemu")
 }
 
-/// The resident set of process `pid` in KiB (`VmRSS` of /proc/PID/status), if it runs.
-pub fn rss_kib(pid: Pid) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+/// The number of a `KEY: N kB` line of a /proc file (status, smaps_rollup,
+/// meminfo), if the file and the line are there.
+pub fn proc_kib(path: &str, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
         .split_ascii_whitespace()
         .next()?
         .parse()
         .ok()
 }
 
+/// The resident set of process `pid` in KiB (`VmRSS` of /proc/PID/status), if it runs.
+pub fn rss_kib(pid: Pid) -> Option<u64> {
+    proc_kib(&format!("/proc/{pid}/status"), "VmRSS")
+}
+
 /// The proportional set of process `pid` in KiB (`Pss` of /proc/PID/smaps_rollup):
 /// its resident pages, each shared one divided among the processes that map it, so
 /// pages KSM merged across VMs count once in a sum over their QEMUs.
 pub fn pss_kib(pid: Pid) -> Option<u64> {
-    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))?
-        .split_ascii_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Pss")
 }
 
 /// The CPU time (utime + stime) process `pid` used so far, if it runs.
@@ -175,6 +173,21 @@ pub fn alive(pid: i32) -> bool {
             .rsplit_once(')')
             .map_or("", |(_, rest)| rest.trim_start());
         !(state.starts_with('Z') || state.starts_with('X'))
+    })
+}
+
+/// Whether any QEMU runs on the host (any user's, any cluster's; a zombie does not
+/// count: the QEMUs of a stopped cluster are ones for a moment).
+pub fn any_qemu_runs() -> bool {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return true; // cannot tell: say yes, the careful answer
+    };
+    procs.filter_map(Result::ok).any(|e| {
+        let pid = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok());
+        pid.is_some_and(|pid| {
+            fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.starts_with("qemu-system"))
+                && alive(pid)
+        })
     })
 }
 
@@ -205,6 +218,25 @@ mod tests {
     use std::process::Command;
 
     #[test]
+    fn a_qemu_counts_until_it_is_a_zombie() {
+        // A program named like QEMU (comm is its file name's first 15 bytes).
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("qemu-system-x86_64");
+        fs::copy("/bin/sleep", &fake).unwrap();
+        let mut child = std::process::Command::new(&fake).arg("60").spawn().unwrap();
+        let pid = child.id() as i32;
+        assert!(alive(pid) && any_qemu_runs());
+        // Killed and not reaped yet: a zombie, which no longer counts.
+        kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+        assert!(wait_gone(|| alive(pid), deadline(Duration::from_secs(10))));
+        assert!(
+            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok(),
+            "reaped too early"
+        );
+        child.wait().unwrap();
+    }
+
+    #[test]
     fn own_rss_and_cpu_time_are_read() {
         let me = Pid::this();
         let rss = rss_kib(me).unwrap();
@@ -221,6 +253,9 @@ mod tests {
         assert!(cpu_time(me).unwrap() > Duration::ZERO);
         assert_eq!(rss_kib(Pid::from_raw(i32::MAX - 1)), None);
         assert_eq!(pss_kib(Pid::from_raw(i32::MAX - 1)), None);
+        assert!(proc_kib("/proc/meminfo", "MemAvailable").is_some_and(|k| k > 0));
+        // A key is a whole key: "Pss" is not "Pss_Anon".
+        assert_eq!(proc_kib("/proc/meminfo", "MemAvail"), None);
     }
 
     #[test]

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 /// Show each VM of a cluster: role, state (booting, ready, degraded, dead),
 /// uptime, its QEMU's resident memory on the host, addresses, problems and overlays
 /// ("at boot" or "applied at"), under the cluster's network plan; then the QEMUs'
-/// memory in all, resident and proportional (pages the VMs share, counted once). A dead VM shows
-/// its last console lines. VMs a killed `kimg snapshot save` left paused are resumed
-/// first.
+/// memory in all, resident and proportional (pages the VMs share, counted once). A
+/// dead VM shows its last console lines. VMs a killed `kimg snapshot save` left
+/// paused are resumed first.
 #[derive(clap::Args)]
 pub struct Args {
     /// Cluster name.
