@@ -100,6 +100,28 @@ fn cluster_of_nodes_routers_and_a_tester_talks_and_survives_a_dead_vm() {
         m.split_whitespace().nth(1).unwrap().parse().unwrap()
     };
     assert!(mem_kb("vm-202") > 256 * 1024 && mem_kb("vm-201") < 256 * 1024);
+    // Host CPU in proportion to vCPUs (cpu_share): vm-201's 2 at nice 0, the
+    // 1-vCPU VMs at 3 (half the weight), on every QEMU thread and its session.
+    // /proc/PID/stat's field 19, the 17th after comm's closing parenthesis.
+    let nice = |stat: &Path| -> i32 {
+        let s = std::fs::read_to_string(stat).unwrap();
+        let f = s.rsplit_once(')').unwrap().1.split_whitespace().nth(16);
+        f.unwrap().parse().unwrap()
+    };
+    for vm in &names {
+        let pid = std::fs::read_to_string(c.runtime.path().join(format!("e2e-net/{vm}/qemu.pid")));
+        let proc = Path::new("/proc").join(pid.unwrap().trim());
+        let want = if *vm == "vm-201" { 0 } else { 3 };
+        for task in std::fs::read_dir(proc.join("task")).unwrap() {
+            assert_eq!(nice(&task.unwrap().path().join("stat")), want, "{vm}");
+        }
+        if let Ok(ag) = std::fs::read_to_string(proc.join("autogroup")) {
+            assert!(
+                ag.trim_end().ends_with(&format!("nice {want}")),
+                "{vm}: {ag}"
+            );
+        }
+    }
     let table = c.kimg("status", &[]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(

@@ -5,6 +5,7 @@ use crate::accel::{self, Accel, AccelChoice};
 use crate::addon::{self, Addon};
 use crate::bootfiles::boot_files;
 use crate::capacity;
+use crate::cpu_share;
 use crate::error::ClusterError;
 use crate::health::{poll_ready, wait_for, Wait};
 use crate::ksm;
@@ -466,13 +467,16 @@ pub(crate) fn spawn_qemu(
         state.machine,
     )?);
     qemu.args(addon.qemu_args(spec.vm, state));
-    let mut qemu = network::wrap(state.net, &state.name, qemu);
+    let max_cpus = state.vms.iter().map(|r| r.cpus).max().unwrap_or(0);
+    let nice = cpu_share::nice(spec.cpus, max_cpus.max(spec.cpus));
+    let mut qemu = network::wrap(state.net, &state.name, cpu_share::niced(nice, qemu));
     if spec.lean() {
         qemu::without_huge_pages(&mut qemu);
     }
     cmd::run(&mut qemu)?;
     // QEMU wrote its pid file before daemonizing returned: record who it is.
-    crate::process::record_start(&paths.pidfile())?;
+    let pid = crate::process::record_start(&paths.pidfile())?;
+    cpu_share::set_session_nice(pid, nice);
     // QEMU's -daemonize sets umask 027 before creating the sockets: tighten them.
     let sessions = (0..kimg_contract::agent::SESSION_PORTS).map(|k| paths.session_socket(k));
     for sock in [paths.agent(), paths.console(), paths.qmp()]

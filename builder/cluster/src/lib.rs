@@ -21,6 +21,7 @@ pub mod apply;
 pub mod bootfiles;
 pub mod capacity;
 pub mod consoles;
+pub mod cpu_share;
 pub mod doctor;
 pub mod error;
 pub mod health;

@@ -127,7 +127,7 @@ fn record_switch(cluster_dir: &Path, net: Net) -> Result<(), NetworkError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match crate::process::record_start(&pidfile) {
-            Ok(()) => return Ok(()),
+            Ok(_) => return Ok(()),
             Err(e) if Instant::now() > deadline => return Err(NetworkError::Record(e)),
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }

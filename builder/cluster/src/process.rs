@@ -53,7 +53,7 @@ pub fn start_time(pid: i32) -> Option<u64> {
 }
 
 /// Records the start time of the process named by `pidfile` (just started by kimg).
-pub fn record_start(pidfile: &Path) -> Result<(), IoError> {
+pub fn record_start(pidfile: &Path) -> Result<i32, IoError> {
     let text = read_to_string_nofollow(pidfile)?;
     let pid: i32 = text.trim().parse().map_err(|_| {
         IoError::new(
@@ -67,7 +67,8 @@ pub fn record_start(pidfile: &Path) -> Result<(), IoError> {
             std::io::Error::other(format!("process {pid} exited right after its start")),
         )
     })?;
-    kimg_util::fs::write_atomic(&start_record(pidfile), format!("{pid} {start}\n"))
+    kimg_util::fs::write_atomic(&start_record(pidfile), format!("{pid} {start}\n"))?;
+    Ok(pid)
 }
 
 /// The pid in `pidfile` while that process still runs, is called `comm_prefix`...
