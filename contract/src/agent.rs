@@ -291,6 +291,19 @@ pub fn parse_frame(
     Ok(Some((kind, HEADER_LEN..end, end)))
 }
 
+/// How many bytes to drop from `buf`, whose head is no frame ([`parse_frame`] said
+/// so), to reach the next place a frame may start: the next [`FRAME_MAGIC`], or a
+/// last byte that may begin one. At least 1 for any `buf` that is not empty, so a
+/// reader that resyncs always gets on (one that kept a lone last byte which was no
+/// magic's start spun on it for ever).
+pub fn resync_len(buf: &[u8]) -> usize {
+    match find(buf.get(1..).unwrap_or(&[]), &FRAME_MAGIC) {
+        Some(i) => i + 1,
+        None if buf.len() > 1 && buf.last() == Some(&FRAME_MAGIC[0]) => buf.len() - 1,
+        None => buf.len(),
+    }
+}
+
 /// Where `pattern` starts in `buf`, for resynchronising on a Ready or Open frame.
 pub fn find(buf: &[u8], pattern: &[u8]) -> Option<usize> {
     if pattern.is_empty() || buf.len() < pattern.len() {
@@ -543,6 +556,66 @@ mod tests {
             if let Some(k) = Kind::from_byte(b) {
                 assert_eq!(k as u8, b);
             }
+        }
+    }
+
+    #[test]
+    fn resync_always_gets_on_and_never_drops_a_frame() {
+        // The lone byte that is no magic's start: it must go (it used to stay).
+        assert_eq!(resync_len(b"s"), 1);
+        assert_eq!(resync_len(b"stale bytes"), 11);
+        assert_eq!(resync_len(b"stale k"), 6);
+        assert_eq!(resync_len(b"xkF\x06"), 1);
+        // Random garbage with frames spliced in (a fixed-seed generator, repeatable):
+        // a reader that parses and resyncs until the input is used up gets on at
+        // every step and finds every frame that was spliced in, unchanged.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..2000 {
+            let mut buf = Vec::new();
+            let mut want = Vec::new();
+            for _ in 0..(next() % 6) {
+                // Garbage rich in magic bytes (and a lone last "k" at times), then
+                // perhaps a whole frame.
+                for _ in 0..(next() % 12) {
+                    buf.push(
+                        *[b'k', b'F', b'x', 0, 0xff]
+                            .get((next() % 5) as usize)
+                            .unwrap(),
+                    );
+                }
+                if next() % 2 == 0 {
+                    let payload: Vec<u8> = (0..next() % 9).map(|_| next() as u8).collect();
+                    buf.extend_from_slice(&frame(Kind::Stdout, &payload));
+                    want.push(payload);
+                }
+            }
+            let mut got = Vec::new();
+            let mut rest = &buf[..];
+            while !rest.is_empty() {
+                match parse_frame(rest) {
+                    Ok(Some((k, r, used))) => {
+                        if k == Kind::Stdout {
+                            got.push(rest[r].to_vec());
+                        }
+                        rest = &rest[used..];
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        let n = resync_len(rest);
+                        assert!((1..=rest.len()).contains(&n), "{rest:?}");
+                        rest = &rest[n..];
+                    }
+                }
+            }
+            // The garbage holds no kind byte, so none of it parses as a frame: what
+            // was read is exactly the spliced frames, in order.
+            assert_eq!(got, want, "{buf:?}");
         }
     }
 

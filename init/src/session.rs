@@ -5,9 +5,7 @@
 //! outgoing ones.
 
 use crate::exec::{self, Child, Ended, Sink};
-use kimg_contract::agent::{
-    self, find, parse_frame, Kind, Open, Session, FRAME_MAGIC, HEADER_LEN, MAX_FRAME,
-};
+use kimg_contract::agent::{self, parse_frame, Kind, Open, Session, HEADER_LEN, MAX_FRAME};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::fs::{File, OpenOptions};
@@ -138,9 +136,8 @@ impl Port {
 
     /// Drops input up to the next possible frame start (after garbage).
     fn resync(&mut self) {
-        let at = find(self.inbuf.get(1..).unwrap_or(&[]), &FRAME_MAGIC)
-            .map_or(self.inbuf.len().saturating_sub(1), |i| i + 1);
-        self.inbuf.drain(..at);
+        let n = agent::resync_len(&self.inbuf);
+        self.inbuf.drain(..n);
     }
 
     /// Whether another frame may be queued without passing the bound.
@@ -526,6 +523,24 @@ mod tests {
             at += used;
         }
         out
+    }
+
+    #[test]
+    fn a_lone_stale_byte_read_alone_does_not_stall_the_port() {
+        // The first read gets one byte that cannot begin a frame; the Open comes
+        // 200 ms later. wait_open used to keep that byte and spin on it for ever
+        // without reading again (seen as a hung unit test at 100% CPU).
+        let (a, mut host) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut port = Port::from_file(File::from(OwnedFd::from(a)), "test");
+        let open = frame(Kind::Open, b"{}");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(port.wait_open()));
+        host.write_all(b"s").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        host.write_all(&open).unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(got.as_deref(), Ok(&b"{}"[..]));
     }
 
     fn spec(argv: &[&str]) -> ExecSpec {
