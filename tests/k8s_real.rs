@@ -224,16 +224,13 @@ fn tries(get: &dyn Fn() -> Output) -> Output {
     loop {
         let o = get();
         let busy = !o.status.success() && control_plane_busy(&o) && Instant::now() < deadline;
-        match (busy, busy_since) {
-            (true, None) => busy_since = Some(Instant::now()),
-            (false, Some(since)) => {
-                eprintln!(
-                    "          (the control plane did not answer kubectl for {:.0} s)",
-                    since.elapsed().as_secs_f64()
-                );
-                busy_since = None;
-            }
-            _ => {}
+        if busy {
+            busy_since.get_or_insert_with(Instant::now);
+        } else if let Some(since) = busy_since.take() {
+            eprintln!(
+                "          (the control plane did not answer kubectl for {:.0} s)",
+                since.elapsed().as_secs_f64()
+            );
         }
         if o.status.success() {
             return o;

@@ -18,9 +18,9 @@
 //! echo pods ran 300 s later (a container start timed out), as a node's work
 //! (image import, containers) was starved while vm-001 took whatever it was given.
 //!
-//! So every QEMU gets a nice value by its vCPUs: per thread (`nice(1)` before exec,
-//! inherited by every thread QEMU starts) for hosts that schedule by cgroup or with
-//! autogroup off, and on its session (`/proc/PID/autogroup`). Only values >= 0: no
+//! So every QEMU gets a nice value by its vCPUs: per thread (set between fork and
+//! exec, inherited by every thread QEMU starts) for hosts that schedule by cgroup
+//! or with autogroup off, and on its session (`/proc/PID/autogroup`). Only values >= 0: no
 //! root needed, and a cluster yields to the host's other work rather than the
 //! reverse.
 
@@ -36,17 +36,24 @@ pub fn nice(cpus: u32, max_cpus: u32) -> u32 {
     (doublings * PER_DOUBLING).min(19)
 }
 
-/// `qemu` run through `nice -n N` (every thread inherits it); as it is for 0.
-pub fn niced(nice: u32, qemu: Command) -> Command {
+/// Has `qemu` start `nice` steps below kimg (every thread it starts inherits it);
+/// nothing for 0. Set on the final command, like `qemu::without_huge_pages`.
+pub fn lower_threads(qemu: &mut Command, nice: u32) {
+    use std::os::unix::process::CommandExt;
     if nice == 0 {
-        return qemu;
+        return;
     }
-    let mut c = kimg_util::cmd::command("nice");
-    c.arg("-n")
-        .arg(nice.to_string())
-        .arg(qemu.get_program())
-        .args(qemu.get_args());
-    c
+    let incr = nice as std::ffi::c_int;
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // the nice system call, which is async-signal-safe. Its result is not
+    // checked: raising one's own nice value cannot be refused, and -1 is also a
+    // valid new value.
+    unsafe {
+        qemu.pre_exec(move || {
+            nix::libc::nice(incr);
+            Ok(())
+        });
+    }
 }
 
 /// Sets the autogroup nice of the session of process `pid` (the daemonized QEMU,
@@ -81,22 +88,16 @@ mod tests {
     }
 
     #[test]
-    fn qemu_is_run_through_nice_only_when_it_is_niced() {
-        let mut q = Command::new("qemu-system-x86_64");
-        q.args(["-m", "128"]);
-        // The program by its name (kimg_util::cmd finds its path), then the arguments.
-        let args = |c: &Command| {
-            std::iter::once(std::path::Path::new(c.get_program()).file_name().unwrap())
-                .chain(c.get_args())
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
+    fn qemu_is_run_niced_only_when_it_is_niced() {
+        // nice(1) without arguments prints the value it runs at.
+        let runs_at = |n: u32| -> i32 {
+            let mut c = Command::new("nice");
+            lower_threads(&mut c, n);
+            let out = c.output().unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
         };
-        assert_eq!(args(&niced(0, q)), ["qemu-system-x86_64", "-m", "128"]);
-        let mut q = Command::new("qemu-system-x86_64");
-        q.args(["-m", "128"]);
-        assert_eq!(
-            args(&niced(10, q)),
-            ["nice", "-n", "10", "qemu-system-x86_64", "-m", "128"]
-        );
+        let own = runs_at(0);
+        assert!(own <= 9, "the test itself runs at nice {own}");
+        assert_eq!(runs_at(10), own + 10);
     }
 }

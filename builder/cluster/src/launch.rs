@@ -467,12 +467,13 @@ pub(crate) fn spawn_qemu(
         state.machine,
     )?);
     qemu.args(addon.qemu_args(spec.vm, state));
-    let max_cpus = state.vms.iter().map(|r| r.cpus).max().unwrap_or(0);
-    let nice = cpu_share::nice(spec.cpus, max_cpus.max(spec.cpus));
-    let mut qemu = network::wrap(state.net, &state.name, cpu_share::niced(nice, qemu));
+    let mut qemu = network::wrap(state.net, &state.name, qemu);
     if spec.lean() {
         qemu::without_huge_pages(&mut qemu);
     }
+    let max_cpus = state.vms.iter().map(|r| r.cpus).fold(spec.cpus, u32::max);
+    let nice = cpu_share::nice(spec.cpus, max_cpus);
+    cpu_share::lower_threads(&mut qemu, nice);
     cmd::run(&mut qemu)?;
     // QEMU wrote its pid file before daemonizing returned: record who it is.
     let pid = crate::process::record_start(&paths.pidfile())?;
