@@ -1,6 +1,7 @@
 //! The real Kubernetes release on the standard cluster, the way a network-function
 //! developer uses it (xcluster's workflow): 4 nodes + 2 routers + 1 tester, every
-//! node Ready, a pod on every node, pod to pod in IPv4 and IPv6, ClusterIP Services
+//! node Ready, a pod on every node, pod to pod in IPv4 and IPv6 (TCP and UDP), node
+//! and router to pod (UDP), ClusterIP Services
 //! in IPv4, IPv6 and dual-stack from pods and from nodes, a NodePort and a ClusterIP
 //! (by name) reached from the tester through a router and spread over all 4
 //! backends (the seed's mconnect check), routers reaching pods, Service names
@@ -9,7 +10,8 @@
 //! and a new one restored from it (`kimg run --from --wait`): every node Ready with
 //! its kubelet alive again, and a new pod that reaches a pod on another node.
 //! Before the ipvs switch, Kubernetes' own judge: upstream's sig-network
-//! conformance tests (`e2e.test` of the same release) against the cluster.
+//! conformance tests (`e2e.test` of the same release; a CI-sized subset, see
+//! [`E2E_FOCUS`]) against the cluster.
 //!
 //! Runs when `KIMG_K8S_RELEASE` names a release folder (`scripts/k8s-release`
 //! builds v1.20.2 from Debian's source and prints it; `scripts/test` sets it):
@@ -269,6 +271,19 @@ fn from_pod(k: &Kubectl, pod: &str, url: &str) -> Output {
             "exec", pod, "--", "timeout", "20", "wget", "-q", "-O", "-", url,
         ])
     })
+}
+
+/// agnhost netexec's UDP port: it answers the datagram `hostname` with its pod's name.
+const UDP_PORT: u16 = 8081;
+
+/// A shell command that asks the netexec at `ip` for its pod's name over UDP and
+/// fails when nothing answers (so [`tries`] sends again: a datagram may be lost).
+/// `nc` is OpenBSD's: the test image's own, on the VMs `nc.openbsd` (busybox's `nc`
+/// has no UDP).
+fn udp_hostname(nc: &str, ip: &str) -> String {
+    format!(
+        r#"a=$(echo hostname | timeout 20 {nc} -u -w 3 {ip} {UDP_PORT}) && [ -n "$a" ] && echo "$a""#
+    )
 }
 
 /// `url` fetched with curl on VM `vm`.
@@ -542,6 +557,27 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
                 text(&o)
             );
         }
+        // UDP from a pod, a node and a router (upstream's "Networking Granular
+        // Checks" do pod and node with pods of their own: too slow for CI, see
+        // E2E_FOCUS).
+        for ip in [ip4, ip6] {
+            let in_pod = udp_hostname("nc", ip);
+            let on_vm = udp_hostname("nc.openbsd", ip);
+            for (who, o) in [
+                (
+                    client.as_str(),
+                    tries(&|| k.run(&["exec", &client, "--", "sh", "-c", &in_pod])),
+                ),
+                ("vm-002", tries(&|| c.exec("vm-002", &["sh", "-c", &on_vm]))),
+                ("vm-201", tries(&|| c.exec("vm-201", &["sh", "-c", &on_vm]))),
+            ] {
+                assert!(
+                    o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == name,
+                    "{who} -> {name} on {node} at {ip} udp/{UDP_PORT}: {}",
+                    text(&o)
+                );
+            }
+        }
         let o = from_vm(&c, "vm-201", &url(ip4, 8080, "/hostname"));
         assert!(
             o.status.success(),
@@ -550,7 +586,7 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
         );
     }
     eprintln!(
-        "{:7.1} s  pod to pod (v4, v6) and router to pods",
+        "{:7.1} s  pod to pod (v4, v6; TCP, UDP), node and router to pods (UDP)",
         t0.elapsed().as_secs_f64()
     );
     services_answer(&c, &k, &client, &names);
@@ -721,12 +757,15 @@ spec:
 /// Upstream's e2e suite in the release (`scripts/k8s-release --e2e`), as the
 /// kubernetes-test tarball lays it out.
 const E2E_TEST: &str = "kubernetes/test/bin/e2e.test";
-/// The sig-network [Conformance] tests of v1.20.2 CI runs, chosen for CI's time and
-/// for what the checks above do not cover: UDP pod to pod and node to pod (each
-/// ~1.5 min under TCG), the apiserver's own Service, an Endpoints object's
-/// lifecycle (seconds each). `KIMG_E2E_FOCUS` runs others, such as all of them:
+/// The sig-network [Conformance] tests of v1.20.2 CI runs: the apiserver's own
+/// Service and an Endpoints object's lifecycle (seconds each). The "Networking
+/// Granular Checks" (UDP/HTTP pod to pod and node to pod) pass here but each starts
+/// 6 pods of its own: 400-620 s each on CI's loaded cluster, where one failed
+/// (2026-11-30: its netserver pods were not Ready within the suite's timeout), so
+/// the checks above do UDP with the echo pods instead. `KIMG_E2E_FOCUS` runs
+/// others, such as all of them:
 /// `KIMG_E2E_FOCUS='\[sig-network\].*\[Conformance\]'` (13 run, ~30 min).
-const E2E_FOCUS: &str = r"\[sig-network\] (Networking Granular Checks: Pods should function for (intra-pod|node-pod) communication: udp|Services should (provide secure master service|test the lifecycle of an Endpoint)) .*\[Conformance\]";
+const E2E_FOCUS: &str = r"\[sig-network\] Services should (provide secure master service|test the lifecycle of an Endpoint) .*\[Conformance\]";
 /// Never run: the 8 DNS tests. They query with `dig` from the jessie-dnsutils
 /// image, which kimg does not build, and ask for what kimg's cluster DNS does not
 /// serve (SRV records, pod A records, ExternalName CNAMEs).
