@@ -277,12 +277,14 @@ fn from_pod(k: &Kubectl, pod: &str, url: &str) -> Output {
 const UDP_PORT: u16 = 8081;
 
 /// A shell command that asks the netexec at `ip` for its pod's name over UDP and
-/// fails when nothing answers (so [`tries`] sends again: a datagram may be lost).
-/// `nc` is OpenBSD's: the test image's own, on the VMs `nc.openbsd` (busybox's `nc`
-/// has no UDP).
+/// fails when nothing answers in 3 s (so [`tries`] sends again: a datagram may be
+/// lost); `-W 1` ends it at the answer.
+/// `nc` is OpenBSD's: the test image's `/usr/bin/nc` (by its path: busybox's
+/// `timeout` runs its own `nc` applet, which has no UDP, for a bare `nc`), on the
+/// VMs `nc.openbsd`.
 fn udp_hostname(nc: &str, ip: &str) -> String {
     format!(
-        r#"a=$(echo hostname | timeout 20 {nc} -u -w 3 {ip} {UDP_PORT}) && [ -n "$a" ] && echo "$a""#
+        r#"a=$(echo hostname | timeout 20 {nc} -u -W 1 -w 3 {ip} {UDP_PORT}) && [ -n "$a" ] && echo "$a""#
     )
 }
 
@@ -561,7 +563,7 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
         // Checks" do pod and node with pods of their own: too slow for CI, see
         // E2E_FOCUS).
         for ip in [ip4, ip6] {
-            let in_pod = udp_hostname("nc", ip);
+            let in_pod = udp_hostname("/usr/bin/nc", ip);
             let on_vm = udp_hostname("nc.openbsd", ip);
             for (who, o) in [
                 (
