@@ -264,33 +264,36 @@ fn control_plane_busy(o: &Output) -> bool {
     .any(|m| err.contains(m))
 }
 
+/// `cmd` run in pod `pod`, through [`tries`].
+fn in_pod(k: &Kubectl, pod: &str, cmd: &[&str]) -> Output {
+    let argv: Vec<&str> = ["exec", pod, "--"].iter().chain(cmd).copied().collect();
+    tries(&|| k.run(&argv))
+}
+
+/// `cmd` run on VM `vm`, through [`tries`].
+fn on_vm(c: &TestCluster, vm: &str, cmd: &[&str]) -> Output {
+    tries(&|| c.exec(vm, cmd))
+}
+
 /// `url` fetched from inside pod `pod` (busybox wget; its -T crashes, so timeout).
 fn from_pod(k: &Kubectl, pod: &str, url: &str) -> Output {
-    tries(&|| {
-        k.run(&[
-            "exec", pod, "--", "timeout", "20", "wget", "-q", "-O", "-", url,
-        ])
-    })
+    in_pod(k, pod, &["timeout", "20", "wget", "-q", "-O", "-", url])
+}
+
+/// `url` fetched with curl on VM `vm`.
+fn from_vm(c: &TestCluster, vm: &str, url: &str) -> Output {
+    on_vm(c, vm, &["curl", "-sS", "-g", "--max-time", "20", url])
 }
 
 /// agnhost netexec's UDP port: it answers the datagram `hostname` with its pod's name.
 const UDP_PORT: u16 = 8081;
 
-/// A shell command that asks the netexec at `ip` for its pod's name over UDP and
-/// fails when nothing answers in 3 s (so [`tries`] sends again: a datagram may be
-/// lost); `-W 1` ends it at the answer.
-/// `nc` is OpenBSD's: the test image's `/usr/bin/nc` (by its path: busybox's
-/// `timeout` runs its own `nc` applet, which has no UDP, for a bare `nc`), on the
-/// VMs `nc.openbsd`.
+/// A shell command that asks the netexec at `ip` for its pod's name over UDP with
+/// OpenBSD's nc (`nc` in the test image, `nc.openbsd` on the VMs: busybox's `nc`
+/// has no `-u`): `-W 1` ends it at the answer, `-w 3` after 3 s of silence, and
+/// then it fails, so that [`tries`] sends again (a datagram may be lost).
 fn udp_hostname(nc: &str, ip: &str) -> String {
-    format!(
-        r#"a=$(echo hostname | timeout 20 {nc} -u -W 1 -w 3 {ip} {UDP_PORT}) && [ -n "$a" ] && echo "$a""#
-    )
-}
-
-/// `url` fetched with curl on VM `vm`.
-fn from_vm(c: &TestCluster, vm: &str, url: &str) -> Output {
-    tries(&|| c.exec(vm, &["curl", "-sS", "-g", "--max-time", "20", url]))
+    format!(r#"a=$(echo hostname | {nc} -u -W 1 -w 3 {ip} {UDP_PORT}) && [ -n "$a" ] && echo "$a""#)
 }
 
 fn url(ip: &str, port: u16, path: &str) -> String {
@@ -551,6 +554,9 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
             ip4.starts_with("10.244.") && ip6.starts_with("fd00:10:244:"),
             "{name}: {ip4} {ip6}"
         );
+        // Pod to pod over TCP, then UDP from a pod, a node and a router (upstream's
+        // "Networking Granular Checks" do pod and node with pods of their own: too
+        // slow for CI, see E2E_FOCUS).
         for ip in [ip4, ip6] {
             let o = from_pod(&k, &client, &url(ip, 8080, "/hostname"));
             assert!(
@@ -558,20 +564,14 @@ fn k8s_real_standard_cluster_services_and_ipvs() {
                 "{client} -> {name} on {node} at {ip}: {}",
                 text(&o)
             );
-        }
-        // UDP from a pod, a node and a router (upstream's "Networking Granular
-        // Checks" do pod and node with pods of their own: too slow for CI, see
-        // E2E_FOCUS).
-        for ip in [ip4, ip6] {
-            let in_pod = udp_hostname("/usr/bin/nc", ip);
-            let on_vm = udp_hostname("nc.openbsd", ip);
+            let (in_image, on_vms) = (udp_hostname("nc", ip), udp_hostname("nc.openbsd", ip));
             for (who, o) in [
                 (
                     client.as_str(),
-                    tries(&|| k.run(&["exec", &client, "--", "sh", "-c", &in_pod])),
+                    in_pod(&k, &client, &["sh", "-c", &in_image]),
                 ),
-                ("vm-002", tries(&|| c.exec("vm-002", &["sh", "-c", &on_vm]))),
-                ("vm-201", tries(&|| c.exec("vm-201", &["sh", "-c", &on_vm]))),
+                ("vm-002", on_vm(&c, "vm-002", &["sh", "-c", &on_vms])),
+                ("vm-201", on_vm(&c, "vm-201", &["sh", "-c", &on_vms])),
             ] {
                 assert!(
                     o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == name,
