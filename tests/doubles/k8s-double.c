@@ -34,6 +34,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <libgen.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -114,11 +115,14 @@ static void answer(SSL *ssl) {
 }
 
 /* Answers one connection to the apiserver double: TLS if the client speaks first
- * with a handshake record (0x16), else the banner. */
+ * with a handshake record (0x16), else the banner. A client gets 5 s to speak: under
+ * TCG on a loaded host a guest's curl can stall for seconds between its connect and
+ * its ClientHello, and a banner and close then would reset its handshake (curl: (35)
+ * Connection reset by peer), an answer the real apiserver never gives. */
 static void serve_apiserver(int c, SSL_CTX *ctx) {
     struct pollfd p = {.fd = c, .events = POLLIN};
     unsigned char first = 0;
-    if (ctx && poll(&p, 1, 2000) == 1 && recv(c, &first, 1, MSG_PEEK) == 1 && first == 0x16) {
+    if (ctx && poll(&p, 1, 5000) == 1 && recv(c, &first, 1, MSG_PEEK) == 1 && first == 0x16) {
         SSL *ssl = SSL_new(ctx);
         SSL_set_fd(ssl, c);
         if (SSL_accept(ssl) == 1) {
@@ -199,11 +203,25 @@ int main(int argc, char **argv) {
              * sessions have a context. */
             SSL_CTX_set_session_id_context(ctx, (const unsigned char *)"kimg", 4);
         }
-        if (s >= 0 && bind(s, (struct sockaddr *)&a, sizeof a) == 0 && listen(s, 16) == 0)
+        /* One child per connection, as the real one serves them concurrently: a
+         * silent or stalled client holds up no other. Children are reaped by the
+         * kernel (SIGCHLD ignored). */
+        signal(SIGCHLD, SIG_IGN);
+        if (s >= 0 && bind(s, (struct sockaddr *)&a, sizeof a) == 0 && listen(s, 64) == 0)
             for (;;) {
                 int c = accept(s, NULL, NULL);
-                if (c >= 0)
+                if (c < 0)
+                    continue;
+                pid_t child = fork();
+                if (child == 0) {
+                    close(s);
                     serve_apiserver(c, ctx);
+                    _exit(0);
+                }
+                if (child < 0) /* No child to be had: serve it here. */
+                    serve_apiserver(c, ctx);
+                else
+                    close(c);
             }
     }
     for (;;)
