@@ -4,6 +4,7 @@
 use kimg_tests::{image, kimg, text, TestCluster};
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 fn tool(args: &[&str]) -> String {
     let o = Command::new(args[0])
@@ -151,6 +152,40 @@ fn one_vm_boots_runs_commands_and_stops_cleanly() {
     assert!(
         modules.contains("ipip ") && modules.contains("tunnel4 "),
         "{modules}"
+    );
+
+    // Under TCG the guest is told the host's TSC frequency rather than calibrating it
+    // (a calibration on a busy host once ran a CI guest's clocks 24 times too fast):
+    // the kernel took the figure, and the guest's uptime advances as the host's time.
+    if st["accel"] == "tcg" {
+        let cmdline = c.exec_ok("vm-001", &["cat", "/proc/cmdline"]);
+        let khz: u64 = cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("tsc_early_khz="))
+            .unwrap_or_else(|| panic!("no tsc_early_khz under TCG: {cmdline}"))
+            .parse()
+            .unwrap();
+        let dmesg = c.exec_ok("vm-001", &["dmesg"]);
+        let detected = format!("tsc: Detected {}.{:03} MHz", khz / 1000, khz % 1000);
+        assert!(dmesg.contains(&detected), "no {detected:?}: {dmesg}");
+    }
+    let uptime = || {
+        let up = c.exec_ok("vm-001", &["cat", "/proc/uptime"]);
+        up.split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+    };
+    let (t0, u0, t1) = (Instant::now(), uptime(), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let (t2, u1, t3) = (Instant::now(), uptime(), Instant::now());
+    // The guest read its clock within [t0, t1], then within [t2, t3] (+10 ms ticks).
+    let (least, most) = ((t2 - t1).as_secs_f64(), (t3 - t0).as_secs_f64());
+    assert!(
+        (least - 0.02..=most + 0.02).contains(&(u1 - u0)),
+        "guest uptime advanced {:.2} s while the host's time advanced {least:.2}-{most:.2} s",
+        u1 - u0
     );
 
     let vmdir = c.runtime.path().join(&c.name).join("vm-001");

@@ -8,7 +8,7 @@
 //! kimg-init must still answer. One small cluster is shared by the in-VM faults; a
 //! watchdog process stops it when the test process ends, however it ends.
 
-use kimg_tests::{image, kimg_bin, text, TestCluster};
+use kimg_tests::{image, kimg_bin, qemu_pids_of, text, TestCluster};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -213,6 +213,91 @@ fn kill_9_during_run_then_stop_leaves_no_qemu_and_the_next_run_works() {
     let o = c.kimg("run", &again);
     assert!(o.status.success(), "{}", text(&o));
     c.exec_ok("vm-201", &["true"]);
+}
+
+/// The bench's runtime roots now in /tmp.
+fn bench_runtimes() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("kimg-bench-rt-")
+        })
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// ctrl-c during `kimg bench`, once its VM runs: the bench stops its cluster (QEMU
+/// runs in a session of its own, which the terminal's signal does not reach),
+/// removes its temp dirs, then dies of the signal as an interrupted program does.
+#[test]
+fn ctrl_c_during_bench_stops_its_cluster_and_removes_its_dirs() {
+    let img = image();
+    let before = bench_runtimes();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut bench = Command::new(kimg_bin())
+        .args(["bench", "exec", "--image"])
+        .arg(&img.image)
+        .args(["--mem", "256", "--mb", "1", "--runs", "3"])
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    // Its runtime root appears, then a QEMU under it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let root = loop {
+        let running = bench_runtimes()
+            .into_iter()
+            .filter(|d| !before.contains(d))
+            .find(|d| !qemu_pids_of(&d.to_string_lossy()).is_empty());
+        if let Some(root) = running {
+            break root;
+        }
+        let exited = bench.try_wait().unwrap();
+        assert!(
+            exited.is_none() && Instant::now() < deadline,
+            "no bench QEMU (bench {exited:?}):\n{}",
+            std::fs::read_to_string(log.path()).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let needle = root.to_string_lossy().into_owned();
+    Command::new("kill")
+        .args(["-INT", &bench.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = bench.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = bench.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let left = qemu_pids_of(&needle);
+    for pid in &left {
+        let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+    }
+    let err = std::fs::read_to_string(log.path()).unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.and_then(|s| s.signal()),
+        Some(2),
+        "{status:?}: {err}"
+    );
+    assert!(left.is_empty(), "QEMUs left running: {left:?}\n{err}");
+    assert!(!root.exists(), "{} left behind\n{err}", root.display());
+    assert!(
+        err.contains("SIGINT: stopping the bench's clusters"),
+        "{err}"
+    );
 }
 
 /// `kimg stop` with every QEMU and switch of the cluster stopped by SIGSTOP (the

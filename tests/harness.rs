@@ -144,25 +144,29 @@ impl TestCluster {
 
     /// Pids of QEMU processes whose command line mentions this cluster's runtime dir.
     pub fn qemu_pids(&self) -> Vec<u32> {
-        let needle = self.runtime.path().to_string_lossy().into_owned();
-        let mut pids = Vec::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let cmd = String::from_utf8_lossy(&cmd);
-            // argv[0] is `qemu-system-x86_64`, or its full path under `ip netns exec`.
-            let argv0 = cmd.split('\0').next().unwrap_or_default();
-            let program = argv0.rsplit('/').next().unwrap_or_default();
-            if program.starts_with("qemu-system") && cmd.contains(&needle) {
-                pids.push(pid);
-            }
-        }
-        pids
+        qemu_pids_of(&self.runtime.path().to_string_lossy())
     }
+}
+
+/// Pids of QEMU processes whose command line mentions `needle` (a runtime dir).
+pub fn qemu_pids_of(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        // argv[0] is `qemu-system-x86_64`, or its full path under `ip netns exec`.
+        let argv0 = cmd.split('\0').next().unwrap_or_default();
+        let program = argv0.rsplit('/').next().unwrap_or_default();
+        if program.starts_with("qemu-system") && cmd.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 impl Drop for TestCluster {

@@ -43,7 +43,7 @@ pub mod state;
 pub use error::ClusterError;
 pub use health::{console_tail, status, VmStatus, Wait, WaitFor};
 pub use launch::{run, RunEvent, RunOptions};
-pub use ops::{scalein, scaleout, stop, StopReport};
+pub use ops::{scalein, scaleout, stop, stop_holding_lock, StopReport};
 pub use process::{alive, qemu_pid};
 pub use session::{copy_in, copy_out, exec, exec_stream, CopyReport};
 pub use state::{cluster_dir, load, runtime_root, vm_paths, ClusterState, VmRecord};

@@ -48,6 +48,17 @@ pub fn stop(name: &str, grace: Duration) -> Result<StopReport, ClusterError> {
     stop_locked(name, &dir, grace)
 }
 
+/// [`stop`] without taking the cluster's lock, for the one process that may already
+/// hold it: an interrupted `kimg bench`, whose own launch holds it while its clusters
+/// live in a runtime root no other kimg uses. Anyone else uses [`stop`].
+pub fn stop_holding_lock(name: &str, grace: Duration) -> Result<StopReport, ClusterError> {
+    let dir = cluster_dir(name)?;
+    if !dir.exists() {
+        return Err(ClusterError::NotFound(name.to_string()));
+    }
+    stop_locked(name, &dir, grace)
+}
+
 pub(crate) fn stop_locked(
     name: &str,
     dir: &Path,

@@ -6,11 +6,16 @@ use kimg_cluster::network::NetBackend;
 use kimg_cluster::qemu::Machine;
 use kimg_image::{self as image, BuildOptions};
 use kimg_kernel::KernelSource;
-use std::path::PathBuf;
+use nix::sys::signal::{signal, SigHandler, SigSet, Signal};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
 
 /// Measure what the issues ask for; each suite prints its figures next to what they
-/// are compared with, measured in the same run.
+/// are compared with, measured in the same run. ctrl-c stops the bench's clusters
+/// and removes its temp dirs.
 #[derive(clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -286,7 +291,8 @@ struct SnapshotArgs {
 
 /// Runs `kimg bench`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    match a.suite {
+    stop_clusters_on_interrupt()?;
+    let done = match a.suite {
         Suite::Boot(b) => boot(b),
         Suite::Cluster(c) => cluster(c),
         Suite::Scale(s) => scale(s),
@@ -296,16 +302,18 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Suite::K8s(k) => k8s(k),
         Suite::Snapshot(s) => snapshot(s),
         Suite::Exec(e) => exec(e),
+    };
+    // A suite that failed because its clusters were being stopped under it: the
+    // interrupt's thread ends the process once they are gone, not this error.
+    while INTERRUPTED.load(Ordering::SeqCst) {
+        std::thread::park();
     }
+    done
 }
 
 fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tempfile::Builder::new()
-        .prefix("kimg-bench-rt-")
-        .tempdir_in("/tmp")?;
-    let cache = tempfile::Builder::new()
-        .prefix("kimg-bench-cache-")
-        .tempdir()?;
+    let runtime = temp_dir("kimg-bench-rt-", Some(Path::new("/tmp")))?;
+    let cache = temp_dir("kimg-bench-cache-", None)?;
     let opts = bench::snapshot::SnapshotBenchOptions {
         image: kimg_image::fetch::resolve_image(&a.image),
         mem_mb: a.mem,
@@ -345,10 +353,8 @@ fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn k8s(a: K8sArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tempfile::Builder::new()
-        .prefix("kimg-bench-rt-")
-        .tempdir_in("/tmp")?;
-    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let runtime = temp_dir("kimg-bench-rt-", Some(Path::new("/tmp")))?;
+    let scratch = temp_dir("kimg-bench-", None)?;
     let opts = bench::k8s::K8sBenchOptions {
         k8s_image: a.k8s_image,
         base_image: a.base_image,
@@ -432,9 +438,7 @@ fn k8s(a: K8sArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn scale(a: ScaleArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tempfile::Builder::new()
-        .prefix("kimg-bench-rt-")
-        .tempdir_in("/tmp")?;
+    let runtime = temp_dir("kimg-bench-rt-", Some(Path::new("/tmp")))?;
     let opts = bench::scale::ScaleBenchOptions {
         image: kimg_image::fetch::resolve_image(&a.image),
         nodes: a.nodes,
@@ -499,9 +503,7 @@ fn scale(a: ScaleArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn cluster(a: ClusterArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tempfile::Builder::new()
-        .prefix("kimg-bench-rt-")
-        .tempdir_in("/tmp")?;
+    let runtime = temp_dir("kimg-bench-rt-", Some(Path::new("/tmp")))?;
     let opts = bench::cluster::ClusterBenchOptions {
         image: a.image,
         mem_mb: a.mem,
@@ -556,7 +558,7 @@ fn cluster(a: ClusterArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
-    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let scratch = temp_dir("kimg-bench-", None)?;
     let opts = BenchOptions {
         build: BuildOptions {
             out_dir: PathBuf::new(),
@@ -626,7 +628,7 @@ fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
             a.image.display()
         );
     }
-    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let scratch = temp_dir("kimg-bench-", None)?;
     let quiet = a.json;
     let r = bench::publish::run(
         &bench::publish::PublishBenchOptions {
@@ -667,7 +669,7 @@ fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn cdrom(a: CdromArgs) -> anyhow::Result<ExitCode> {
-    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let scratch = temp_dir("kimg-bench-", None)?;
     let opts = bench::cdrom::CdromBenchOptions {
         image: a.image,
         mb: a.mb,
@@ -726,7 +728,7 @@ fn kernel(a: KernelArgs) -> anyhow::Result<ExitCode> {
         Some(t) => t,
         None => kimg_kernel::source::fetch(&kimg_util::cache::cache_dir(), &log)?,
     };
-    let scratch = tempfile::Builder::new().prefix("kimg-bench-").tempdir()?;
+    let scratch = temp_dir("kimg-bench-", None)?;
     let jobs = a.jobs.unwrap_or_else(kimg_kernel::source::default_jobs);
     let opts = bench::kernel::KernelBenchOptions {
         tree,
@@ -769,9 +771,7 @@ fn kernel(a: KernelArgs) -> anyhow::Result<ExitCode> {
 
 /// Progress lines on stderr, unless the figures go out as JSON.
 fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tempfile::Builder::new()
-        .prefix("kimg-bench-rt-")
-        .tempdir_in("/tmp")?;
+    let runtime = temp_dir("kimg-bench-rt-", Some(Path::new("/tmp")))?;
     let opts = bench::exec::ExecBenchOptions {
         image: a.image,
         mem_mb: a.mem,
@@ -801,9 +801,80 @@ fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The bench's temp dirs (runtime roots of its clusters, scratch), for
+/// [`stop_clusters_on_interrupt`] to remove.
+static TEMP_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Set once an interrupt is being handled.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// A temp dir of the bench, in `parent` (runtime roots go in /tmp: QEMU's socket paths
+/// have a length limit) or the system's: removed when it drops, or on an interrupt.
+fn temp_dir(prefix: &str, parent: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
+    let b = tempfile::Builder::new().prefix(prefix).clone();
+    let dir = match parent {
+        Some(p) => b.tempdir_in(p),
+        None => b.tempdir(),
+    }?;
+    TEMP_DIRS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(dir.path().to_path_buf());
+    Ok(dir)
+}
+
+/// On ctrl-c (or SIGTERM, SIGHUP) the bench stops its clusters and removes its temp
+/// dirs before it exits: their QEMUs run in sessions of their own, which a terminal's
+/// ctrl-c does not reach, and a bench killed by the signal never gets to its own `stop`.
+/// The signals are blocked here, before any thread starts, and taken by one thread
+/// with sigwait; std's `Command` unblocks them in every child (QEMU, curl, builds).
+fn stop_clusters_on_interrupt() -> anyhow::Result<()> {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set.thread_block()
+        .map_err(|e| anyhow::anyhow!("block SIGINT, SIGTERM, SIGHUP: {e}"))?;
+    std::thread::spawn(move || {
+        let Ok(sig) = set.wait() else { return };
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        eprintln!("\nkimg bench: {sig}: stopping the bench's clusters");
+        let dirs = TEMP_DIRS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // Only a runtime root of the bench's own (each suite points KIMG_RUNTIME_DIR at
+        // one): before that, the root is the user's, whose clusters are not ours.
+        let ours = std::env::var_os("KIMG_RUNTIME_DIR")
+            .is_some_and(|root| dirs.iter().any(|d| Path::new(&root).starts_with(d)));
+        if ours {
+            // Twice: a VM the suite launched while the first pass ran goes too. The
+            // suite's thread may hold a cluster's lock (a launch): no other kimg uses
+            // this root, so the lock is not asked for.
+            for _ in 0..2 {
+                for c in kimg_cluster::list::clusters() {
+                    let stopped = kimg_cluster::stop_holding_lock(&c.name, Duration::from_secs(5));
+                    if let Err(e) = stopped {
+                        eprintln!("kimg bench: stop {}: {e}", c.name);
+                    }
+                }
+            }
+        }
+        for d in &dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        // Then die of the signal, as an interrupted program does (the shell sees it).
+        // SAFETY: SIG_DFL installs no handler; nothing runs in signal context.
+        let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+        let mut one = SigSet::empty();
+        one.add(sig);
+        let _ = one.thread_unblock();
+        let _ = nix::sys::signal::raise(sig);
+    });
+    Ok(())
+}
+
 fn progress(quiet: bool) -> impl Fn(&str) {
     move |line| {
-        if !quiet {
+        // Once interrupted, figures of a suite whose clusters are going say nothing.
+        if !quiet && !INTERRUPTED.load(Ordering::SeqCst) {
             eprintln!("kimg bench: {line}");
         }
     }
