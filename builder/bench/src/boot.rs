@@ -156,7 +156,7 @@ fn floor_boot(
     cmdline: &str,
 ) -> Result<f64, BenchError> {
     let mut cmd = qemu::machine(accel, machine, BENCH_MEM_MB, 1, GuestCode::Small);
-    let cmdline = format!("{cmdline} {}", machine.cmdline(accel));
+    let cmdline = format!("{cmdline} {}", qemu::clock_cmdline(accel));
     cmd.arg("-kernel")
         .arg(kernel)
         .arg("-initrd")

@@ -401,9 +401,9 @@ pub(crate) fn vm_cmdline(base: &str, vm: VmId, state: &ClusterState, cdrom: bool
     // each, not 0.38%.
     let mut line = with_size(&with_hostname(base, &vm.hostname()), &state.size)
         + " no_timer_check nowatchdog sysctl.vm.compaction_proactiveness=0";
-    let machine = state.machine.cmdline(state.accel);
-    if !machine.is_empty() {
-        line = format!("{line} {machine}");
+    let clock = crate::qemu::clock_cmdline(state.accel);
+    if !clock.is_empty() {
+        line = format!("{line} {clock}");
     }
     if cdrom {
         line = with_cdrom(&line);

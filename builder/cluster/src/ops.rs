@@ -20,7 +20,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// What `stop` did per VM.
@@ -40,10 +40,7 @@ pub struct StopReport {
 /// Returns within about `grace` + 2 s (the agents) + [`KILL_WAIT`] per stuck process
 /// group, whatever the processes do.
 pub fn stop(name: &str, grace: Duration) -> Result<StopReport, ClusterError> {
-    let dir = cluster_dir(name)?;
-    if !dir.exists() {
-        return Err(ClusterError::NotFound(name.to_string()));
-    }
+    let dir = existing_dir(name)?;
     let _lock = lock(name)?;
     stop_locked(name, &dir, grace)
 }
@@ -52,11 +49,17 @@ pub fn stop(name: &str, grace: Duration) -> Result<StopReport, ClusterError> {
 /// hold it: an interrupted `kimg bench`, whose own launch holds it while its clusters
 /// live in a runtime root no other kimg uses. Anyone else uses [`stop`].
 pub fn stop_holding_lock(name: &str, grace: Duration) -> Result<StopReport, ClusterError> {
+    stop_locked(name, &existing_dir(name)?, grace)
+}
+
+/// The directory of cluster `name`, which must exist (checked before its lock is
+/// taken, so that stopping a cluster that is not there leaves no lock file).
+fn existing_dir(name: &str) -> Result<PathBuf, ClusterError> {
     let dir = cluster_dir(name)?;
     if !dir.exists() {
         return Err(ClusterError::NotFound(name.to_string()));
     }
-    stop_locked(name, &dir, grace)
+    Ok(dir)
 }
 
 pub(crate) fn stop_locked(

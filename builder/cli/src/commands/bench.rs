@@ -312,8 +312,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitCode> {
-    let runtime = temp_dir("kimg-bench-rt-", Some(Path::new("/tmp")))?;
-    let cache = temp_dir("kimg-bench-cache-", None)?;
+    let runtime = runtime_dir()?;
+    let cache = scratch_dir("kimg-bench-cache-")?;
     let opts = bench::snapshot::SnapshotBenchOptions {
         image: kimg_image::fetch::resolve_image(&a.image),
         mem_mb: a.mem,
@@ -353,8 +353,8 @@ fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn k8s(a: K8sArgs) -> anyhow::Result<ExitCode> {
-    let runtime = temp_dir("kimg-bench-rt-", Some(Path::new("/tmp")))?;
-    let scratch = temp_dir("kimg-bench-", None)?;
+    let runtime = runtime_dir()?;
+    let scratch = scratch_dir("kimg-bench-")?;
     let opts = bench::k8s::K8sBenchOptions {
         k8s_image: a.k8s_image,
         base_image: a.base_image,
@@ -438,7 +438,7 @@ fn k8s(a: K8sArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn scale(a: ScaleArgs) -> anyhow::Result<ExitCode> {
-    let runtime = temp_dir("kimg-bench-rt-", Some(Path::new("/tmp")))?;
+    let runtime = runtime_dir()?;
     let opts = bench::scale::ScaleBenchOptions {
         image: kimg_image::fetch::resolve_image(&a.image),
         nodes: a.nodes,
@@ -503,7 +503,7 @@ fn scale(a: ScaleArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn cluster(a: ClusterArgs) -> anyhow::Result<ExitCode> {
-    let runtime = temp_dir("kimg-bench-rt-", Some(Path::new("/tmp")))?;
+    let runtime = runtime_dir()?;
     let opts = bench::cluster::ClusterBenchOptions {
         image: a.image,
         mem_mb: a.mem,
@@ -558,7 +558,7 @@ fn cluster(a: ClusterArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
-    let scratch = temp_dir("kimg-bench-", None)?;
+    let scratch = scratch_dir("kimg-bench-")?;
     let opts = BenchOptions {
         build: BuildOptions {
             out_dir: PathBuf::new(),
@@ -628,7 +628,7 @@ fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
             a.image.display()
         );
     }
-    let scratch = temp_dir("kimg-bench-", None)?;
+    let scratch = scratch_dir("kimg-bench-")?;
     let quiet = a.json;
     let r = bench::publish::run(
         &bench::publish::PublishBenchOptions {
@@ -669,7 +669,7 @@ fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn cdrom(a: CdromArgs) -> anyhow::Result<ExitCode> {
-    let scratch = temp_dir("kimg-bench-", None)?;
+    let scratch = scratch_dir("kimg-bench-")?;
     let opts = bench::cdrom::CdromBenchOptions {
         image: a.image,
         mb: a.mb,
@@ -728,7 +728,7 @@ fn kernel(a: KernelArgs) -> anyhow::Result<ExitCode> {
         Some(t) => t,
         None => kimg_kernel::source::fetch(&kimg_util::cache::cache_dir(), &log)?,
     };
-    let scratch = temp_dir("kimg-bench-", None)?;
+    let scratch = scratch_dir("kimg-bench-")?;
     let jobs = a.jobs.unwrap_or_else(kimg_kernel::source::default_jobs);
     let opts = bench::kernel::KernelBenchOptions {
         tree,
@@ -771,7 +771,7 @@ fn kernel(a: KernelArgs) -> anyhow::Result<ExitCode> {
 
 /// Progress lines on stderr, unless the figures go out as JSON.
 fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
-    let runtime = temp_dir("kimg-bench-rt-", Some(Path::new("/tmp")))?;
+    let runtime = runtime_dir()?;
     let opts = bench::exec::ExecBenchOptions {
         image: a.image,
         mem_mb: a.mem,
@@ -808,19 +808,30 @@ static TEMP_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 /// Set once an interrupt is being handled.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// A temp dir of the bench, in `parent` (runtime roots go in /tmp: QEMU's socket paths
-/// have a length limit) or the system's: removed when it drops, or on an interrupt.
-fn temp_dir(prefix: &str, parent: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
-    let b = tempfile::Builder::new().prefix(prefix).clone();
-    let dir = match parent {
-        Some(p) => b.tempdir_in(p),
-        None => b.tempdir(),
-    }?;
+/// A runtime root for the bench's clusters, in /tmp (QEMU's socket paths have a
+/// length limit): removed when it drops, or on an interrupt.
+fn runtime_dir() -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix("kimg-bench-rt-")
+        .tempdir_in("/tmp")?;
+    Ok(registered(dir))
+}
+
+/// A scratch dir of the bench in the system's temp dir: removed when it drops, or on
+/// an interrupt.
+fn scratch_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    Ok(registered(
+        tempfile::Builder::new().prefix(prefix).tempdir()?,
+    ))
+}
+
+/// `dir`, noted in [`TEMP_DIRS`].
+fn registered(dir: tempfile::TempDir) -> tempfile::TempDir {
     TEMP_DIRS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(dir.path().to_path_buf());
-    Ok(dir)
+    dir
 }
 
 /// On ctrl-c (or SIGTERM, SIGHUP) the bench stops its clusters and removes its temp
