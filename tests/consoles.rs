@@ -164,16 +164,26 @@ fn kimg_console_vm_002_gives_a_prompt_and_kimg_consoles_a_window_per_vm() {
     let windows = tmux.ok(&["list-windows", "-t", &session, "-F", "#{window_name}"]);
     assert_eq!(windows.lines().collect::<Vec<_>>(), ["vm-001", "vm-002"]);
     tmux.type_and_wait_for(&format!("{session}:vm-001"), "hostname", "vm-001");
-    // Again: the session is replaced, not doubled.
-    let o = tmux
-        .command(&kimg_bin())
-        .args(["consoles", "--name", &c.name, "--detach"])
-        .env("KIMG_RUNTIME_DIR", c.runtime.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "kimg consoles again:\n{}", text(&o));
-    let sessions = tmux.ok(&["list-sessions", "-F", "#{session_name}"]);
-    assert_eq!(sessions.trim(), session);
+    // Again, while it is the server's only session: replaced, not doubled, and the
+    // new windows' consoles (queued behind the old ones) answer once the old go.
+    for round in 0..3 {
+        let o = tmux
+            .command(&kimg_bin())
+            .args(["consoles", "--name", &c.name, "--detach"])
+            .env("KIMG_RUNTIME_DIR", c.runtime.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "kimg consoles again:\n{}", text(&o));
+        let sessions = tmux.ok(&["list-sessions", "-F", "#{session_name}"]);
+        assert_eq!(sessions.trim(), session);
+        let windows = tmux.ok(&["list-windows", "-t", &session, "-F", "#{window_name}"]);
+        assert_eq!(windows.lines().collect::<Vec<_>>(), ["vm-001", "vm-002"]);
+        tmux.type_and_wait_for(
+            &format!("{session}:vm-002"),
+            &format!("echo round-$(({round}+100))"),
+            &format!("round-{}", round + 100),
+        );
+    }
 }
 
 #[test]

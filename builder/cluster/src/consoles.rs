@@ -27,11 +27,15 @@ pub fn window_command(kimg: &Path, runtime: &Path, name: &str, vm: VmId) -> Stri
     )
 }
 
-/// The tmux command lines that make the session: the old session of the same name
-/// killed first (by the caller, errors ignored), then a new detached session whose
-/// first window is the first VM, then one window per further VM.
-pub fn tmux_plan(kimg: &Path, runtime: &Path, name: &str, vms: &[VmId]) -> Vec<Vec<String>> {
-    let session = session_name(name);
+/// The tmux command lines that make session `session` of cluster `name`: a detached
+/// session whose first window is the first VM, then one window per further VM.
+pub fn tmux_plan(
+    kimg: &Path,
+    runtime: &Path,
+    session: &str,
+    name: &str,
+    vms: &[VmId],
+) -> Vec<Vec<String>> {
     let mut plan = Vec::new();
     for (i, vm) in vms.iter().enumerate() {
         let cmd = window_command(kimg, runtime, name, *vm);
@@ -40,7 +44,7 @@ pub fn tmux_plan(kimg: &Path, runtime: &Path, name: &str, vms: &[VmId]) -> Vec<V
                 "new-session".into(),
                 "-d".into(),
                 "-s".into(),
-                session.clone(),
+                session.into(),
             ]
         } else {
             // `SESSION:` is the session's next free window index.
@@ -59,7 +63,7 @@ pub fn tmux_plan(kimg: &Path, runtime: &Path, name: &str, vms: &[VmId]) -> Vec<V
 
 /// Makes the tmux session of cluster `name`'s consoles, one window per VM running
 /// `kimg console` through the binary `kimg`; returns the session's name. An earlier
-/// session of the same name is replaced.
+/// session of the same name is replaced, and kept if the new one cannot be made.
 pub fn open(kimg: &Path, name: &str) -> Result<String, ClusterError> {
     let (_, state) = crate::state::load(name)?;
     if !cmd::exists("tmux") {
@@ -70,14 +74,28 @@ pub fn open(kimg: &Path, name: &str) -> Result<String, ClusterError> {
     }
     let vms: Vec<VmId> = state.vms.iter().map(|r| r.vm).collect();
     let session = session_name(name);
-    // No session of that name is the usual case: its failure means nothing.
-    let _ = cmd::command("tmux")
-        .args(["kill-session", "-t", &format!("={session}")])
-        .stderr(std::process::Stdio::null())
-        .status();
-    for argv in tmux_plan(kimg, &crate::state::runtime_root(), name, &vms) {
-        cmd::run(cmd::command("tmux").args(&argv))?;
+    // Built under a name of its own, then renamed over the old session: killing the
+    // old one first would leave a server with no session, which exits, and the next
+    // command can reach it while it does ("server exited unexpectedly"). The new
+    // windows' consoles wait in the console socket's backlog until the old ones go.
+    let building = format!("{session}-new-{}", std::process::id());
+    let tmux = |argv: &[&str]| cmd::run(cmd::command("tmux").args(argv));
+    let quiet = |argv: &[&str]| {
+        let _ = cmd::command("tmux")
+            .args(argv)
+            .stderr(std::process::Stdio::null())
+            .status();
+    };
+    for argv in tmux_plan(kimg, &crate::state::runtime_root(), &building, name, &vms) {
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        if let Err(e) = tmux(&argv) {
+            quiet(&["kill-session", "-t", &format!("={building}")]);
+            return Err(e.into());
+        }
     }
+    // No session of that name is the usual case: its failure means nothing.
+    quiet(&["kill-session", "-t", &format!("={session}")]);
+    tmux(&["rename-session", "-t", &format!("={building}"), &session])?;
     Ok(session)
 }
 
@@ -91,7 +109,13 @@ mod tests {
             .into_iter()
             .map(|n| VmId::new(n).unwrap())
             .collect();
-        let plan = tmux_plan(Path::new("/bin/kimg"), Path::new("/run/k m"), "c1", &vms);
+        let plan = tmux_plan(
+            Path::new("/bin/kimg"),
+            Path::new("/run/k m"),
+            "kimg-c1",
+            "c1",
+            &vms,
+        );
         assert_eq!(plan.len(), 3);
         assert_eq!(plan[0][..4], ["new-session", "-d", "-s", "kimg-c1"]);
         assert_eq!(plan[1][..4], ["new-window", "-d", "-t", "kimg-c1:"]);
