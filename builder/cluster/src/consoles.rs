@@ -86,9 +86,26 @@ pub fn open(kimg: &Path, name: &str) -> Result<String, ClusterError> {
             .stderr(std::process::Stdio::null())
             .status();
     };
-    for argv in tmux_plan(kimg, &crate::state::runtime_root(), &building, name, &vms) {
+    for (i, argv) in tmux_plan(kimg, &crate::state::runtime_root(), &building, name, &vms)
+        .iter()
+        .enumerate()
+    {
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        if let Err(e) = tmux(&argv) {
+        let mut made = tmux(&argv);
+        // The same race from the other side: the user's last session ended just
+        // before, and the server is still exiting when the first command reaches it.
+        for _ in 0..20 {
+            match &made {
+                Err(cmd::CmdError::Failed { stderr, .. })
+                    if i == 0 && stderr.contains("server exited unexpectedly") =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    made = tmux(&argv);
+                }
+                _ => break,
+            }
+        }
+        if let Err(e) = made {
             quiet(&["kill-session", "-t", &format!("={building}")]);
             return Err(e.into());
         }
