@@ -93,18 +93,6 @@ fn nodes(name: &str, nodes: &str, extra: &[&str]) -> TestCluster {
     c
 }
 
-/// The command lines of the processes in `vm` (one per line).
-fn processes(c: &TestCluster, vm: &str) -> String {
-    c.exec_ok(
-        vm,
-        &[
-            "sh",
-            "-c",
-            "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done",
-        ],
-    )
-}
-
 #[test]
 fn kimg_console_vm_002_gives_a_prompt_and_kimg_consoles_a_window_per_vm() {
     let c = nodes("console", "2", &[]);
@@ -131,14 +119,7 @@ fn kimg_console_vm_002_gives_a_prompt_and_kimg_consoles_a_window_per_vm() {
     // ctrl-c stops the command in the foreground: PID 1 blocks SIGINT for itself,
     // and the console's shell and its commands must not inherit that.
     tmux.ok(&["send-keys", "-t", "t", "sleep 600", "Enter"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !processes(&c, "vm-002")
-        .lines()
-        .any(|l| l.trim() == "sleep 600")
-    {
-        assert!(Instant::now() < deadline, "sleep 600 never started");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    c.wait_for_process("vm-002", "sleep 600", Duration::from_secs(60));
     tmux.ok(&["send-keys", "-t", "t", "C-c"]);
     tmux.type_and_wait_for("t", "echo interrupted-$((6*7))", "interrupted-42");
     // ctrl-] detaches: kimg console ends, and with it the window and the session.
@@ -189,7 +170,7 @@ fn kimg_console_vm_002_gives_a_prompt_and_kimg_consoles_a_window_per_vm() {
 #[test]
 fn kimg_run_with_console_off_leaves_the_console_without_a_shell() {
     let c = nodes("console-off", "1", &["--append", "kimg.console=off"]);
-    let ps = processes(&c, "vm-001");
+    let ps = c.processes("vm-001");
     assert!(!ps.contains("/bin/sh -l"), "no console shell:\n{ps}");
     let log = c.kimg("logs", &["vm-001"]);
     assert!(
@@ -201,7 +182,7 @@ fn kimg_run_with_console_off_leaves_the_console_without_a_shell() {
     let on = nodes("console-on", "1", &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ps = processes(&on, "vm-001");
+        let ps = on.processes("vm-001");
         if ps.contains("/bin/sh -l") {
             break;
         }

@@ -142,6 +142,33 @@ impl TestCluster {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// The command lines of the processes in `vm`, one per line (arguments joined
+    /// by spaces, with a trailing space).
+    pub fn processes(&self, vm: &str) -> String {
+        self.exec_ok(
+            vm,
+            &[
+                "sh",
+                "-c",
+                "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done",
+            ],
+        )
+    }
+
+    /// Waits (up to `limit`) until a process of `vm` has the command line `cmdline`:
+    /// what was typed into a terminal has started, and a key such as ctrl-c now
+    /// reaches it rather than the shell.
+    pub fn wait_for_process(&self, vm: &str, cmdline: &str, limit: std::time::Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while !self.processes(vm).lines().any(|l| l.trim() == cmdline) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{vm}: no process `{cmdline}` after {limit:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+
     /// Pids of QEMU processes whose command line mentions this cluster's runtime dir.
     pub fn qemu_pids(&self) -> Vec<u32> {
         qemu_pids_of(&self.runtime.path().to_string_lossy())

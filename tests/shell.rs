@@ -126,7 +126,7 @@ fn shell_in_a_vm_works_like_a_terminal() {
     // ctrl-c reaches the foreground process: sleep ends, the shell answers again.
     // (A child sh, since busybox ash runs its own sleep in-process.)
     tmux.keys("one", &["sh -c 'sleep 100'", "Enter"]);
-    std::thread::sleep(Duration::from_secs(2));
+    c.wait_for_process("vm-001", "sleep 100", long);
     let t = Instant::now();
     tmux.keys("one", &["C-c"]);
     tmux.keys("one", &["echo after-ctrl-c=$?", "Enter"]);
