@@ -145,7 +145,7 @@ fn apply_starts_and_restarts_services_runs_hooks_and_refuses_bad_overlays() {
         pids.push(web_pid(&c, vm));
     }
     // The drive is empty again; the VM is still ready.
-    let st = c.status_json();
+    let st = c.status_answered();
     for vm in VMS {
         let ovs = overlays_of(&st, vm);
         assert_eq!(ovs[0].1, "at boot", "{vm}: {ovs:?}");
@@ -221,7 +221,7 @@ fn apply_starts_and_restarts_services_runs_hooks_and_refuses_bad_overlays() {
     );
     let written = c.exec("vm-002", &["ls", "/etc/bad-overlay-was-here"]);
     assert!(!written.status.success(), "{}", text(&written));
-    let st = c.status_json();
+    let st = c.status_answered();
     let vm2 = st["vms"]
         .as_array()
         .unwrap()

@@ -49,7 +49,7 @@ fn deb_tcpdump_iperf3_sees_a_ping_and_reports_a_rate() {
         ],
     );
     assert!(run.status.success(), "kimg run:\n{}", text(&run));
-    let st = c.status_json();
+    let st = c.status_answered();
     for vm in st["vms"].as_array().unwrap() {
         assert_eq!(vm["state"], "ready", "{vm}");
     }

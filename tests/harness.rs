@@ -213,6 +213,24 @@ impl TestCluster {
         serde_json::from_slice(&o.stdout).expect("status --json is JSON")
     }
 
+    /// `kimg status --json` once every VM that is not dead has its agent's report in
+    /// it. Status asks each agent once, for 3 s: a VM whose vCPU a loaded host stalls
+    /// longer shows as "booting" with no report, which is not what a test checks.
+    pub fn status_answered(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let st = self.status_json();
+            let silent = st["vms"].as_array().is_none_or(|vms| {
+                vms.iter()
+                    .any(|v| v["state"] != "dead" && v["agent"].is_null())
+            });
+            if !silent || Instant::now() > deadline {
+                return st;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
     /// Waits until `path` exists on `vm` (a service's process writes it some time
     /// after its service counts as started, e.g. behind a readiness wait); its text.
     pub fn wait_file(&self, vm: &str, path: &str, timeout: Duration) -> String {

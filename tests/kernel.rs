@@ -161,8 +161,7 @@ fn image_with_kernel_from_source_boots() {
         ],
     );
     assert!(run.status.success(), "kimg run:\n{}", text(&run));
-    let st = c.kimg("status", &["--json"]);
-    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let st = c.status_answered();
     assert_eq!(st["vms"][0]["state"], "ready", "{st}");
     let release = c.exec_ok("vm-001", &["uname", "-r"]);
     assert!(release.starts_with("6.1."), "{release}");

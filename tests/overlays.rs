@@ -212,9 +212,7 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
     );
 
     // Status: every overlay with its hash, size and result; the VM is ready.
-    let st = c.kimg("status", &["--json"]);
-    assert!(st.status.success(), "{}", text(&st));
-    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let st = c.status_answered();
     let vm = &st["vms"][0];
     assert_eq!(vm["state"], "degraded", "{vm}");
     let problems = vm["agent"]["problems"].to_string();
@@ -264,8 +262,7 @@ fn overlays_unpack_like_gnu_tar_hostile_ones_change_nothing() {
 #[test]
 fn cdrom_off_attaches_without_unpacking() {
     let c = run_one_vm("e2e-cdrom-off", &["--append", "kimg.cdrom=off", "test"]);
-    let st = c.kimg("status", &["--json"]);
-    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let st = c.status_answered();
     let vm = &st["vms"][0];
     assert_eq!(vm["state"], "ready", "{vm}");
     assert_eq!(vm["agent"]["overlays"], serde_json::json!([]), "{vm}");

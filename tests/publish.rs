@@ -152,8 +152,7 @@ fn published_image_fetched_by_name_boots_under_uefi() {
         "0",
         "--wait=240",
     ]);
-    let st: serde_json::Value =
-        serde_json::from_slice(&c.kimg("status", &["--json"]).stdout).unwrap();
+    let st = c.status_answered();
     let vm = &st["vms"][0];
     assert_eq!(vm["state"], "ready", "{st}");
     assert_eq!(vm["agent"]["hostname"], "vm-001", "{st}");

@@ -124,7 +124,7 @@ fn a_hundred_nodes_come_up_ping_the_router_and_stop_leaves_nothing() {
         assert_eq!(run.trim(), "1", "KSM not running under 101 VMs:\n{err}");
     }
 
-    let st = c.status_json();
+    let st = c.status_answered();
     let vms = st["vms"].as_array().unwrap();
     assert_eq!(vms.len(), 101);
     let (mut rss_kib, mut pss_kib) = (0, 0);

@@ -119,10 +119,16 @@ fn shell_in_a_vm_works_like_a_terminal() {
     // The window size follows a resize.
     tmux.keys("one", &["stty size", "Enter"]);
     tmux.wait_for("one", "30 100", long);
+    // The resize travels apart from the keys: the guest waits for it to land.
     tmux.cmd(&["resize-window", "-t", "one", "-x", "90", "-y", "25"]);
-    std::thread::sleep(Duration::from_secs(1));
-    tmux.keys("one", &["stty size", "Enter"]);
-    tmux.wait_for("one", "25 90", long);
+    tmux.keys(
+        "one",
+        &[
+            "while [ \"$(stty size)\" != '25 90' ]; do sleep 1; done; echo resized-$((1+1))",
+            "Enter",
+        ],
+    );
+    tmux.wait_for("one", "resized-2", long);
     // ctrl-c reaches the foreground process: sleep ends, the shell answers again.
     // (A child sh, since busybox ash runs its own sleep in-process.)
     tmux.keys("one", &["sh -c 'sleep 100'", "Enter"]);

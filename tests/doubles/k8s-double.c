@@ -115,14 +115,15 @@ static void answer(SSL *ssl) {
 }
 
 /* Answers one connection to the apiserver double: TLS if the client speaks first
- * with a handshake record (0x16), else the banner. A client gets 5 s to speak: under
- * TCG on a loaded host a guest's curl can stall for seconds between its connect and
- * its ClientHello, and a banner and close then would reset its handshake (curl: (35)
- * Connection reset by peer), an answer the real apiserver never gives. */
+ * with a handshake record (0x16), else the banner (the test's probe sends a newline).
+ * A client gets 60 s to speak: under TCG on a loaded host a guest's curl can stall
+ * for seconds between its connect and its ClientHello, and a banner and close then
+ * would reset its handshake (curl: (35) Connection reset by peer), an answer the
+ * real apiserver never gives. */
 static void serve_apiserver(int c, SSL_CTX *ctx) {
     struct pollfd p = {.fd = c, .events = POLLIN};
     unsigned char first = 0;
-    if (ctx && poll(&p, 1, 5000) == 1 && recv(c, &first, 1, MSG_PEEK) == 1 && first == 0x16) {
+    if (ctx && poll(&p, 1, 60000) == 1 && recv(c, &first, 1, MSG_PEEK) == 1 && first == 0x16) {
         SSL *ssl = SSL_new(ctx);
         SSL_set_fd(ssl, c);
         if (SSL_accept(ssl) == 1) {

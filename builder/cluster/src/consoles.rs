@@ -94,7 +94,7 @@ pub fn open(kimg: &Path, name: &str) -> Result<String, ClusterError> {
         let mut made = tmux(&argv);
         // The same race from the other side: the user's last session ended just
         // before, and the server is still exiting when the first command reaches it.
-        for _ in 0..20 {
+        for _ in 0..100 {
             match &made {
                 Err(cmd::CmdError::Failed { stderr, .. })
                     if i == 0 && stderr.contains("server exited unexpectedly") =>
