@@ -44,12 +44,15 @@ fn planned(vm: &str) -> Vec<String> {
     out
 }
 
-/// A shell loop pinging each target over IPv4 and IPv6; prints FAIL lines. `p` tries
-/// a ping 3 times: one echo or neighbour query lost on a loaded host is no failure.
+/// A shell function `p`: runs its arguments up to 3 times until they succeed. One
+/// echo or neighbour query lost on a loaded host is no failed ping.
+const RETRY: &str = "p() { for i in 1 2 3; do \"$@\" && return; done; return 1; }; ";
+
+/// A shell loop pinging each target over IPv4 and IPv6; prints FAIL lines.
 fn ping_script(targets: &[String]) -> String {
     format!(
-        "p() {{ for i in 1 2 3; do \"$@\" >/dev/null && return; done; return 1; }}; \
-         for h in {}; do p ping -c1 -W3 $h || echo FAIL4 $h; p ping6 -c1 -W3 $h || echo FAIL6 $h; done; echo done",
+        "{RETRY}for h in {}; do p ping -c1 -W3 $h >/dev/null || echo FAIL4 $h; \
+         p ping6 -c1 -W3 $h >/dev/null || echo FAIL6 $h; done; echo done",
         targets.join(" ")
     )
 }
@@ -147,10 +150,7 @@ fn cluster_of_nodes_routers_and_a_tester_talks_and_survives_a_dead_vm() {
         &[
             "sh",
             "-c",
-            &format!(
-                "p() {{ for i in 1 2 3; do \"$@\" && return; done; return 1; }}; \
-                 p ping -c1 -W3 {ip4} && p ping6 -c1 -W3 {ip6}"
-            ),
+            &format!("{RETRY}p ping -c1 -W3 {ip4} && p ping6 -c1 -W3 {ip6}"),
         ],
     );
     assert_eq!(out.matches("ttl=63").count(), 2, "{out}");

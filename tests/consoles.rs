@@ -130,35 +130,31 @@ fn kimg_console_vm_002_gives_a_prompt_and_kimg_consoles_a_window_per_vm() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    let o = tmux
-        .command(&kimg_bin())
-        .args(["consoles", "--name", &c.name, "--detach"])
-        .env("KIMG_RUNTIME_DIR", c.runtime.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "kimg consoles:\n{}", text(&o));
     let session = format!("kimg-{}", c.name);
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        format!("tmux attach -t {session}")
-    );
-    let windows = tmux.ok(&["list-windows", "-t", &session, "-F", "#{window_name}"]);
-    assert_eq!(windows.lines().collect::<Vec<_>>(), ["vm-001", "vm-002"]);
-    tmux.type_and_wait_for(&format!("{session}:vm-001"), "hostname", "vm-001");
-    // Again, while it is the server's only session: replaced, not doubled, and the
-    // new windows' consoles (queued behind the old ones) answer once the old go.
-    for round in 0..3 {
+    // `kimg consoles --detach`: it prints how to attach, and makes one window per VM.
+    let consoles = || {
         let o = tmux
             .command(&kimg_bin())
             .args(["consoles", "--name", &c.name, "--detach"])
             .env("KIMG_RUNTIME_DIR", c.runtime.path())
             .output()
             .unwrap();
-        assert!(o.status.success(), "kimg consoles again:\n{}", text(&o));
-        let sessions = tmux.ok(&["list-sessions", "-F", "#{session_name}"]);
-        assert_eq!(sessions.trim(), session);
+        assert!(o.status.success(), "kimg consoles:\n{}", text(&o));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            format!("tmux attach -t {session}")
+        );
         let windows = tmux.ok(&["list-windows", "-t", &session, "-F", "#{window_name}"]);
         assert_eq!(windows.lines().collect::<Vec<_>>(), ["vm-001", "vm-002"]);
+    };
+    consoles();
+    tmux.type_and_wait_for(&format!("{session}:vm-001"), "hostname", "vm-001");
+    // Again, while it is the server's only session: replaced, not doubled, and the
+    // new windows' consoles (queued behind the old ones) answer once the old go.
+    for round in 0..3 {
+        consoles();
+        let sessions = tmux.ok(&["list-sessions", "-F", "#{session_name}"]);
+        assert_eq!(sessions.trim(), session);
         tmux.type_and_wait_for(
             &format!("{session}:vm-002"),
             &format!("echo round-$(({round}+100))"),

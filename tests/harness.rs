@@ -158,20 +158,24 @@ impl TestCluster {
     /// Waits (up to `limit`) until a process of `vm` has the command line `cmdline`:
     /// what was typed into a terminal has started, and a key such as ctrl-c now
     /// reaches it rather than the shell.
-    pub fn wait_for_process(&self, vm: &str, cmdline: &str, limit: std::time::Duration) {
-        let deadline = std::time::Instant::now() + limit;
-        while !self.processes(vm).lines().any(|l| l.trim() == cmdline) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{vm}: no process `{cmdline}` after {limit:?}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(500));
-        }
+    pub fn wait_for_process(&self, vm: &str, cmdline: &str, limit: Duration) {
+        wait_until(&format!("{vm}: process `{cmdline}`"), limit, &mut || {
+            self.processes(vm).lines().any(|l| l.trim() == cmdline)
+        });
     }
 
     /// Pids of QEMU processes whose command line mentions this cluster's runtime dir.
     pub fn qemu_pids(&self) -> Vec<u32> {
         qemu_pids_of(&self.runtime.path().to_string_lossy())
+    }
+}
+
+/// Polls `ok` every half second until it holds; panics naming `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, ok: &mut dyn FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

@@ -6,7 +6,7 @@
 //! here is made of test doubles (tests/doubles/k8s-double.c, built static), which
 //! record their arguments and stay up; the real release is run by tests/k8s_real.rs.
 
-use kimg_tests::{kimg, kimg_bin, text, TestCluster};
+use kimg_tests::{kimg, kimg_bin, text, wait_until, TestCluster};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -135,15 +135,6 @@ fn readyz_status(c: &TestCluster) -> String {
         ],
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Polls `ok` every half second until it holds; panics naming `what` after `limit`.
-fn wait_until(what: &str, limit: Duration, ok: &mut dyn FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// A kimg process a test watches while it runs: its stderr collected as it comes;
@@ -305,9 +296,9 @@ fn k8s_run_wait_returns_once_the_control_plane_takes_pods() {
     );
     // No answer at all (000: a curl a loaded host stalled past its 10 s) is asked
     // again; any answer must be 200.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut status = readyz_status(&c);
-    while status == "000" && std::time::Instant::now() < deadline {
+    while status == "000" && Instant::now() < deadline {
         status = readyz_status(&c);
     }
     assert_eq!(status, "200");

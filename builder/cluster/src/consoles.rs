@@ -79,41 +79,34 @@ pub fn open(kimg: &Path, name: &str) -> Result<String, ClusterError> {
     // command can reach it while it does ("server exited unexpectedly"). The new
     // windows' consoles wait in the console socket's backlog until the old ones go.
     let building = format!("{session}-new-{}", std::process::id());
-    let tmux = |argv: &[&str]| cmd::run(cmd::command("tmux").args(argv));
-    let quiet = |argv: &[&str]| {
-        let _ = cmd::command("tmux")
-            .args(argv)
-            .stderr(std::process::Stdio::null())
-            .status();
-    };
-    for (i, argv) in tmux_plan(kimg, &crate::state::runtime_root(), &building, name, &vms)
-        .iter()
-        .enumerate()
-    {
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let mut made = tmux(&argv);
-        // The same race from the other side: the user's last session ended just
-        // before, and the server is still exiting when the first command reaches it.
-        for _ in 0..100 {
-            match &made {
-                Err(cmd::CmdError::Failed { stderr, .. })
-                    if i == 0 && stderr.contains("server exited unexpectedly") =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                    made = tmux(&argv);
-                }
-                _ => break,
-            }
-        }
-        if let Err(e) = made {
-            quiet(&["kill-session", "-t", &format!("={building}")]);
+    for argv in tmux_plan(kimg, &crate::state::runtime_root(), &building, name, &vms) {
+        if let Err(e) = tmux(&argv) {
+            let _ = tmux(&["kill-session", "-t", &format!("={building}")]);
             return Err(e.into());
         }
     }
     // No session of that name is the usual case: its failure means nothing.
-    quiet(&["kill-session", "-t", &format!("={session}")]);
+    let _ = tmux(&["kill-session", "-t", &format!("={session}")]);
     tmux(&["rename-session", "-t", &format!("={building}"), &session])?;
     Ok(session)
+}
+
+/// Runs tmux with `argv`. A server that is still exiting (the user's last session
+/// ended just before) makes tmux fail "server exited unexpectedly": tried again then,
+/// for 10 s at most, by which time a new server is started.
+fn tmux(argv: &[impl AsRef<std::ffi::OsStr>]) -> Result<std::process::Output, cmd::CmdError> {
+    let mut tries = 100;
+    loop {
+        match cmd::run(cmd::command("tmux").args(argv)) {
+            Err(cmd::CmdError::Failed { stderr, .. })
+                if tries > 0 && stderr.contains("server exited unexpectedly") =>
+            {
+                tries -= 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            done => return done,
+        }
+    }
 }
 
 #[cfg(test)]
