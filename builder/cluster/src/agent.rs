@@ -34,7 +34,13 @@ pub enum AgentError {
     /// An answer line passed the limit.
     #[error("the agent sent a line longer than {MAX_LINE} bytes")]
     TooLong,
+    /// The caller's liveness check failed while waiting (its VM is gone).
+    #[error("gave up waiting for the agent: its VM is gone")]
+    Gone,
 }
+
+/// How often [`request_while`] asks its liveness check while it waits for an answer.
+pub const ALIVE_CHECK: Duration = Duration::from_millis(100);
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -47,6 +53,24 @@ fn next_id() -> u64 {
 /// Sends `op` and waits up to `timeout` (a deadline for the whole call) for its
 /// answer.
 pub fn request(socket: &Path, op: Op, timeout: Duration) -> Result<Reply, AgentError> {
+    request_while(socket, op, timeout, &|| true)
+}
+
+/// [`request`] that also gives up ([`AgentError::Gone`]) once `alive` says false,
+/// asked every [`ALIVE_CHECK`] while no answer has come.
+///
+/// This is how a booting VM is waited for: one request, held open until the agent
+/// serves. QEMU keeps the request in the socket until the guest opens its port and
+/// then delivers it, so the answer comes the moment the agent starts. Asking again
+/// on every short timeout would not be quicker: QEMU serves one client at a time and
+/// sees a client gone only when it next reads, so each new request queues behind the
+/// abandoned ones (the 2 s per-request limit this replaced cost a boot 1 s on average).
+pub fn request_while(
+    socket: &Path,
+    op: Op,
+    timeout: Duration,
+    alive: &dyn Fn() -> bool,
+) -> Result<Reply, AgentError> {
     let deadline = Instant::now() + timeout;
     let stream = UnixStream::connect(socket).map_err(|source| AgentError::Connect {
         path: socket.display().to_string(),
@@ -84,11 +108,16 @@ pub fn request(socket: &Path, op: Op, timeout: Duration) -> Result<Reply, AgentE
         if line.len() > MAX_LINE {
             return Err(AgentError::TooLong);
         }
-        stream.set_read_timeout(Some(left(deadline)?))?;
+        stream.set_read_timeout(Some(left(deadline)?.min(ALIVE_CHECK)))?;
         match (&stream).read(&mut chunk) {
             Ok(0) => return Err(AgentError::Closed),
             Ok(n) => line.extend_from_slice(&chunk[..n]),
-            Err(e) if is_timeout(&e) => return Err(AgentError::Timeout(timeout)),
+            Err(e) if is_timeout(&e) => {
+                left(deadline)?;
+                if !alive() {
+                    return Err(AgentError::Gone);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }
@@ -176,6 +205,42 @@ mod tests {
             behave(s);
         });
         (dir, sock, t)
+    }
+
+    #[test]
+    fn a_wait_ends_when_the_vm_is_gone_not_at_the_deadline() {
+        let (_dir, sock, t) = fake_guest(|s| {
+            // A guest that never answers, until the host hangs up.
+            let _ = (&s).read(&mut [0u8; 1]);
+        });
+        let checks = std::sync::atomic::AtomicU32::new(0);
+        let alive = || checks.fetch_add(1, Ordering::Relaxed) < 3;
+        let err = request_while(&sock, Op::Status, Duration::from_secs(600), &alive).unwrap_err();
+        assert!(matches!(err, AgentError::Gone), "{err}");
+        assert_eq!(checks.load(Ordering::Relaxed), 4);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn an_answer_slower_than_the_liveness_checks_still_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            let req: Request = from_line(&line).unwrap();
+            std::thread::sleep(ALIVE_CHECK * 5);
+            let r = Response {
+                id: req.id,
+                reply: Reply::Ok,
+            };
+            (&s).write_all(to_line(&r).as_bytes()).unwrap();
+        });
+        let reply = request_while(&sock, Op::Status, Duration::from_secs(600), &|| true).unwrap();
+        assert_eq!(reply, Reply::Ok);
+        t.join().unwrap();
     }
 
     #[test]

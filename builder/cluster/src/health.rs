@@ -132,10 +132,11 @@ pub(crate) fn poll_ready(paths: &VmPaths, deadline: Instant) -> Result<BootState
         if left.is_zero() {
             return Err("no ready report before the timeout".into());
         }
-        match agent::request(&paths.agent(), Op::Status, left.min(Duration::from_secs(2))) {
+        let alive = || qemu_pid(paths).is_some();
+        match agent::request_while(&paths.agent(), Op::Status, left, &alive) {
             Ok(Reply::Status(st)) if st.state != BootState::Booting => return Ok(st.state),
-            Ok(_) | Err(AgentError::Timeout(_)) => {}
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            Err(AgentError::Timeout(_) | AgentError::Gone) => {}
+            Ok(_) | Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
 }
