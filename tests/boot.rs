@@ -167,6 +167,21 @@ fn one_vm_boots_runs_commands_and_stops_cleanly() {
         let detected = format!("tsc: Detected {}.{:03} MHz", khz / 1000, khz % 1000);
         assert!(dmesg.contains(&detected), "no {detected:?}: {dmesg}");
     }
+    // The image's boot-speed words (kimg_contract::cmdline::FAST_BOOT) took effect in
+    // the real kernel: no crypto self-tests, the KDF test's initcall skipped, the
+    // kernel's text at its link address (no KASLR).
+    let dmesg = c.exec_ok("vm-001", &["dmesg"]);
+    assert!(dmesg.contains("alg: self-tests disabled"), "{dmesg}");
+    assert!(
+        dmesg.contains("initcall crypto_kdf108_init blacklisted"),
+        "{dmesg}"
+    );
+    let kallsyms = c.exec_ok("vm-001", &["cat", "/proc/kallsyms"]);
+    let text_addr = kallsyms
+        .lines()
+        .find(|l| l.ends_with(" T _text") || l.ends_with(" t _text"))
+        .unwrap_or_else(|| panic!("no _text in /proc/kallsyms"));
+    assert!(text_addr.starts_with("ffffffff81000000 "), "{text_addr}");
     let uptime = || {
         let up = c.exec_ok("vm-001", &["cat", "/proc/uptime"]);
         up.split_whitespace()

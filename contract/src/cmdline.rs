@@ -120,10 +120,18 @@ impl KimgArgs {
     }
 }
 
+/// Kernel words that only make a throw-away VM's boot quicker. Measured under TCG
+/// here (median of 5 boots each, one VM to ready): the crypto self-tests cost 0.35 s
+/// (`cryptomgr.notests` skips the algorithm tests, the blacklisted initcall is the
+/// CTR-KDF test alone and registers nothing), KASLR's relocation in the decompressor
+/// 0.1 s. Without KASLR the kernel's addresses are also the same on every boot, which
+/// helps whoever debugs in the VM.
+pub const FAST_BOOT: &str = "cryptomgr.notests initcall_blacklist=crypto_kdf108_init nokaslr";
+
 /// The command line an image boots with, before the launcher adds the hostname.
 pub fn base_cmdline(root: &RootSpec) -> String {
     format!(
-        "console={CONSOLE} {KEY_ROOT}={} panic=-1 quiet loglevel=4",
+        "console={CONSOLE} {KEY_ROOT}={} panic=-1 quiet loglevel=4 {FAST_BOOT}",
         root.to_arg()
     )
 }

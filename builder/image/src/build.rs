@@ -269,15 +269,19 @@ fn prepare_kernel(opts: &BuildOptions, plan: &Plan) -> Result<(Kernel, String), 
 /// from the root.
 fn module_closures(kernel: &Kernel, plan: &Plan) -> Result<Modules, BuildError> {
     let index = ModuleIndex::scan(&kernel.modules_dir)?;
-    let stage1 = index
+    let stage1: Vec<PathBuf> = index
         .closure(kimg_kernel::modules::STAGE1_MODULES)?
         .iter()
         .map(|m| m.rel_path.clone())
         .collect();
+    // Every boot runs stage 1 first, so stage 2 skips what it loaded (virtio and
+    // virtio_ring): the kernel checks a module's signature before it finds the
+    // module already loaded, so a second request is not free.
     let stage2 = index
         .closure(&plan.stage2_modules)?
         .iter()
         .map(|m| m.rel_path.clone())
+        .filter(|m| !stage1.contains(m))
         .collect();
     Ok(Modules {
         index,
