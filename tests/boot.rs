@@ -263,3 +263,25 @@ fn build_with_bad_input_fails_clearly_and_leaves_nothing() {
         text(&o)
     );
 }
+
+/// `kimg bench boot` splits each kimg boot by the real guest's kernel log: the marks
+/// it looks for (the kernel's `Run /init` line, kimg-init's stage-2 banner) are
+/// there, in order, and every part took time.
+#[test]
+fn bench_boot_splits_a_real_boot_by_the_guest_log() {
+    let runtime = tempfile::tempdir().unwrap();
+    let o = kimg(runtime.path(), &["bench", "boot", "--runs", "1", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let parts = r["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 1, "{r}");
+    for key in [
+        "before_kernel_secs",
+        "kernel_secs",
+        "stage1_secs",
+        "stage2_secs",
+    ] {
+        let secs = parts[0][key].as_f64().unwrap();
+        assert!(secs > 0.0, "{key}: {r}");
+    }
+}

@@ -4,6 +4,13 @@
 /// Present only in the initramfs: tells kimg-init to run stage 1.
 pub const STAGE1_MARKER: &str = "/etc/kimg/initramfs";
 
+/// What starts every line kimg-init logs (kernel log and console).
+pub const LOG_PREFIX: &str = "kimg-init: ";
+
+/// The start of the first line kimg-init logs on the root (after [`LOG_PREFIX`]):
+/// where stage 1 ended, for `kimg bench boot`'s breakdown.
+pub const STAGE2_BANNER: &str = "stage 2 (root filesystem)";
+
 /// The modules kimg-init loads in this stage (one in the initramfs, one on the root):
 /// `.ko` paths relative to `/lib/modules/<uname -r>/`, one per line, dependencies
 /// first.

@@ -100,7 +100,8 @@ fn fatal(what: &str, detail: &str, problems: &Problems) -> ! {
 
 fn stage2() -> ! {
     info!(
-        "stage 2 (root filesystem), version {}",
+        "{}, version {}",
+        kimg_contract::boot::STAGE2_BANNER,
         env!("CARGO_PKG_VERSION")
     );
     let mut problems = Problems::default();

@@ -11,7 +11,7 @@ pub const KMSG: &str = "/dev/kmsg";
 /// The system console (the serial console in a kimg VM).
 pub const CONSOLE: &str = "/dev/console";
 /// Prefix of every line kimg-init writes.
-pub const PREFIX: &str = "kimg-init: ";
+pub const PREFIX: &str = kimg_contract::boot::LOG_PREFIX;
 
 /// Kernel log levels kimg-init uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,8 @@
 //! - boot: `kimg run --wait` start to ready for one VM (its default machine), next to
 //!   the floors: the same kernel and accelerator booting a busybox-only initramfs
 //!   that powers off at once, on q35 (the floor of the machine kimg used before
-//!   microvm; goal: ratio <= 1.0) and on microvm, runs alternated.
+//!   microvm; goal: ratio <= 1.0) and on microvm, runs alternated;
+//! - where each kimg boot went ([`BootParts`]), from the guest's kernel log.
 
 use super::{median, step, BenchError};
 use kimg_cluster::accel::{self, Accel, AccelChoice};
@@ -40,7 +41,70 @@ pub struct BenchReport {
     pub ratio: f64,
     /// Median boot / median microvm floor.
     pub microvm_ratio: f64,
+    /// Where each kimg boot went (a boot whose guest could not be asked is left out).
+    pub parts: Vec<BootParts>,
 }
+
+/// Where one kimg boot's wall time went, by the guest's clock (dmesg timestamps and
+/// the agent's ready time).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BootParts {
+    /// The wall time less the guest's ready time: kimg run's host side, QEMU and
+    /// firmware, the kernel's decompression (all before the guest's clock starts),
+    /// and the ready answer's way back.
+    pub before_kernel_secs: f64,
+    /// Kernel start to `/init`.
+    pub kernel_secs: f64,
+    /// kimg-init's stage 1: modules, the root, switch_root, until stage 2's banner.
+    pub stage1_secs: f64,
+    /// Stage 2 to ready: modules, network, overlays, services.
+    pub stage2_secs: f64,
+}
+
+/// The kernel's log line when it starts the initramfs' `/init`.
+const RUN_INIT: &str = "Run /init as init process";
+
+/// Splits a boot of `wall_secs` whose guest was ready at `ready_secs` of its clock,
+/// by its kernel log `dmesg` (`[seconds] text` lines); `None` without both marks.
+pub fn boot_parts(dmesg: &str, ready_secs: f64, wall_secs: f64) -> Option<BootParts> {
+    let at = |needle: &str| {
+        dmesg.lines().find_map(|l| {
+            let (stamp, text) = l.strip_prefix('[')?.split_once(']')?;
+            text.contains(needle)
+                .then(|| stamp.trim().parse::<f64>().ok())
+                .flatten()
+        })
+    };
+    let init = at(RUN_INIT)?;
+    let stage2 = at(&format!(
+        "{}{}",
+        kimg_contract::boot::LOG_PREFIX,
+        kimg_contract::boot::STAGE2_BANNER
+    ))?;
+    Some(BootParts {
+        before_kernel_secs: wall_secs - ready_secs,
+        kernel_secs: init,
+        stage1_secs: stage2 - init,
+        stage2_secs: ready_secs - stage2,
+    })
+}
+
+/// Asks the bench cluster's vm-001 for its kernel log and ready time.
+fn parts_of(wall_secs: f64) -> Result<BootParts, BenchError> {
+    let vm = kimg_contract::VmId::FIRST;
+    let dmesg = cluster::session::exec(BENCH, vm, vec!["dmesg".into()], None)?;
+    let (_, vms) = cluster::status(BENCH)?;
+    let ready = vms
+        .first()
+        .and_then(|v| v.agent.as_ref()?.ready_secs)
+        .ok_or_else(|| step("boot breakdown")("the agent reported no ready time"))?;
+    boot_parts(&dmesg.stdout, ready, wall_secs).ok_or_else(|| {
+        step("boot breakdown")(format!("no {RUN_INIT:?} or stage 2 banner in dmesg"))
+    })
+}
+
+/// The bench cluster's name.
+const BENCH: &str = "bench";
 
 /// Options of `kimg bench`.
 #[derive(Debug, Clone)]
@@ -88,8 +152,8 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
 
     let runtime = opts.scratch.join("rt");
     std::env::set_var("KIMG_RUNTIME_DIR", &runtime);
-    let (mut floor_secs, mut microvm_floor_secs, mut boot_secs) =
-        (Vec::new(), Vec::new(), Vec::new());
+    let (mut floor_secs, mut microvm_floor_secs, mut boot_secs, mut parts) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut machine = Machine::Q35;
     for i in 0..opts.runs {
         let f = floor_boot(
@@ -111,7 +175,7 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
         log(&format!("floor boot {} (microvm): {f:.2}s", i + 1));
         microvm_floor_secs.push(f);
         let ro = RunOptions {
-            name: "bench".into(),
+            name: BENCH.into(),
             image: built.image.clone(),
             nodes: 1,
             routers: 0,
@@ -125,7 +189,11 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
         let t = Instant::now();
         machine = cluster::run(&ro, &|_| {})?.machine;
         let k = t.elapsed().as_secs_f64();
-        cluster::stop("bench", Duration::from_secs(10))?;
+        match parts_of(k) {
+            Ok(p) => parts.push(p),
+            Err(e) => log(&format!("kimg boot {}: no breakdown: {e}", i + 1)),
+        }
+        cluster::stop(BENCH, Duration::from_secs(10))?;
         log(&format!(
             "kimg boot {} ({}): {k:.2}s",
             i + 1,
@@ -144,6 +212,7 @@ pub fn run(opts: &BenchOptions, log: &dyn Fn(&str)) -> Result<BenchReport, Bench
         boot_secs,
         ratio,
         microvm_ratio,
+        parts,
     })
 }
 
@@ -172,4 +241,37 @@ fn floor_boot(
         return Err(step("floor boot")(format!("qemu exited with {st}")));
     }
     Ok(t.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_boot_splits_at_init_and_stage_2() {
+        let dmesg = "[    0.000000] Linux version 6.1.0\n\
+                     [    1.804928] Run /init as init process\n\
+                     [    1.905488] kimg-init: stage 1 (initramfs), version 0.1.0\n\
+                     [    2.674421] kimg-init: stage 2 (root filesystem), version 0.1.0\n\
+                     [    3.011327] kimg-init: loaded 7 modules from /etc/kimg/modules.load\n";
+        let p = boot_parts(dmesg, 3.25, 3.95).unwrap();
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(near(p.before_kernel_secs, 0.70), "{p:?}");
+        assert!(near(p.kernel_secs, 1.804928), "{p:?}");
+        assert!(near(p.stage1_secs, 2.674421 - 1.804928), "{p:?}");
+        assert!(near(p.stage2_secs, 3.25 - 2.674421), "{p:?}");
+        // The parts add up to the wall time.
+        let sum = p.before_kernel_secs + p.kernel_secs + p.stage1_secs + p.stage2_secs;
+        assert!(near(sum, 3.95), "{sum}");
+    }
+
+    #[test]
+    fn a_log_without_both_marks_gives_no_breakdown() {
+        assert_eq!(boot_parts("", 3.0, 4.0), None);
+        let no_stage2 = "[    1.8] Run /init as init process\n[    2.0] kimg-init: stage 1\n";
+        assert_eq!(boot_parts(no_stage2, 3.0, 4.0), None);
+        let garbage =
+            "[ x ] Run /init as init process\nRun /init [\n[] kimg-init: stage 2 (root filesystem)";
+        assert_eq!(boot_parts(garbage, 3.0, 4.0), None);
+    }
 }
