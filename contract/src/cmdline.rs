@@ -125,7 +125,9 @@ impl KimgArgs {
 /// (`cryptomgr.notests` skips the algorithm tests, the blacklisted initcall is the
 /// CTR-KDF test alone and registers nothing), KASLR's relocation in the decompressor
 /// 0.1 s. Without KASLR the kernel's addresses are also the same on every boot, which
-/// helps whoever debugs in the VM.
+/// helps whoever debugs in the VM. (`nokaslr` is read by the decompressor; the kernel
+/// proper does not know it and hands it to /init as an argument, which kimg-init
+/// ignores.)
 pub const FAST_BOOT: &str = "cryptomgr.notests initcall_blacklist=crypto_kdf108_init nokaslr";
 
 /// The command line an image boots with, before the launcher adds the hostname.

@@ -79,6 +79,7 @@ fn stage1() -> ! {
     if let Err(e) = switchroot::mount_root(&root) {
         fatal("cannot mount the root partition", &e.to_string(), &problems);
     }
+    switchroot::prefetch_stage2();
     if let Err(e) = save_problems(&problems) {
         error!("{e}");
     }
