@@ -59,12 +59,10 @@ pub fn request(socket: &Path, op: Op, timeout: Duration) -> Result<Reply, AgentE
 /// [`request`] that also gives up ([`AgentError::Gone`]) once `alive` says false,
 /// asked every [`ALIVE_CHECK`] while no answer has come.
 ///
-/// This is how a booting VM is waited for: one request, held open until the agent
+/// This is how a booting VM is waited for: a request held open until the agent
 /// serves. QEMU keeps the request in the socket until the guest opens its port and
-/// then delivers it, so the answer comes the moment the agent starts. Asking again
-/// on every short timeout would not be quicker: QEMU serves one client at a time and
-/// sees a client gone only when it next reads, so each new request queues behind the
-/// abandoned ones (the 2 s per-request limit this replaced cost a boot 1 s on average).
+/// then delivers it, so the answer comes the moment the agent starts, and a VM whose
+/// QEMU died is seen within [`ALIVE_CHECK`].
 pub fn request_while(
     socket: &Path,
     op: Op,

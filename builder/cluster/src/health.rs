@@ -122,6 +122,13 @@ fn wait_vms(
     }
 }
 
+/// How long one status request of [`poll_ready`] is held before it is asked again (a
+/// request the agent read but could not answer, say while it reopened its port, is
+/// not waited for until the deadline). Asking sooner gains nothing: QEMU serves one
+/// client at a time and sees a client gone only when it next reads, so a new request
+/// queues behind the abandoned ones.
+const HOLD: Duration = Duration::from_secs(10);
+
 /// Asks the agent for its status until it reports ready/degraded or time runs out.
 pub(crate) fn poll_ready(paths: &VmPaths, deadline: Instant) -> Result<BootState, String> {
     loop {
@@ -133,7 +140,7 @@ pub(crate) fn poll_ready(paths: &VmPaths, deadline: Instant) -> Result<BootState
             return Err("no ready report before the timeout".into());
         }
         let alive = || qemu_pid(paths).is_some();
-        match agent::request_while(&paths.agent(), Op::Status, left, &alive) {
+        match agent::request_while(&paths.agent(), Op::Status, left.min(HOLD), &alive) {
             Ok(Reply::Status(st)) if st.state != BootState::Booting => return Ok(st.state),
             Err(AgentError::Timeout(_) | AgentError::Gone) => {}
             Ok(_) | Err(_) => std::thread::sleep(Duration::from_millis(100)),
