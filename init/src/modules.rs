@@ -29,17 +29,27 @@ pub fn load_list(list: &str) -> Result<Loaded> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::default()),
         Err(e) => return Err(e).context(|| format!("read {list}")),
     };
-    let release = nix::sys::utsname::uname().context(|| "uname")?;
-    let base = Path::new(MODULES_DIR).join(release.release());
     let mut loaded = Loaded::default();
-    for rel in parse_modules_load(&text) {
-        let path: PathBuf = base.join(rel);
+    for path in listed_files(Path::new("/"), &text)? {
         match load_one(&path) {
             Ok(()) => loaded.ok += 1,
             Err(e) => loaded.failed.push(e.to_string()),
         }
     }
     Ok(loaded)
+}
+
+/// The module files a `modules.load` list names, in the running kernel's module tree
+/// under `root` (`/`, or the root stage 1 mounted).
+pub fn listed_files(root: &Path, list: &str) -> Result<Vec<PathBuf>> {
+    let release = nix::sys::utsname::uname().context(|| "uname")?;
+    let base = root
+        .join(MODULES_DIR.trim_start_matches('/'))
+        .join(release.release());
+    Ok(parse_modules_load(list)
+        .into_iter()
+        .map(|rel| base.join(rel))
+        .collect())
 }
 
 /// Smallest free block, as a power of two of 4 KiB pages, that the balloon reports
@@ -85,6 +95,24 @@ mod tests {
             ]
         );
         assert!(parse_modules_load("").is_empty());
+    }
+
+    #[test]
+    fn listed_files_are_in_the_running_kernels_tree_under_the_root() {
+        let release = nix::sys::utsname::uname().unwrap();
+        let release = release.release().to_string_lossy();
+        let files = listed_files(
+            Path::new("/newroot"),
+            "kernel/a.ko\n# no\n\nkernel/b/c.ko\n",
+        )
+        .unwrap();
+        assert_eq!(
+            files,
+            [
+                PathBuf::from(format!("/newroot/lib/modules/{release}/kernel/a.ko")),
+                PathBuf::from(format!("/newroot/lib/modules/{release}/kernel/b/c.ko")),
+            ]
+        );
     }
 
     #[test]

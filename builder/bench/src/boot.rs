@@ -61,6 +61,22 @@ pub struct BootParts {
     pub stage2_secs: f64,
 }
 
+impl BootParts {
+    /// Each part's name and its median over `parts`, in boot order.
+    pub fn medians(parts: &[BootParts]) -> [(&'static str, f64); 4] {
+        let m = |f: fn(&BootParts) -> f64| median(&parts.iter().map(f).collect::<Vec<_>>());
+        [
+            (
+                "host, QEMU, firmware, decompression",
+                m(|p| p.before_kernel_secs),
+            ),
+            ("kernel to /init", m(|p| p.kernel_secs)),
+            ("kimg-init stage 1 (initramfs)", m(|p| p.stage1_secs)),
+            ("kimg-init stage 2 to ready", m(|p| p.stage2_secs)),
+        ]
+    }
+}
+
 /// The kernel's log line when it starts the initramfs' `/init`.
 const RUN_INIT: &str = "Run /init as init process";
 

@@ -137,15 +137,7 @@ mod tests {
 
     #[test]
     fn skips_stale_answers_and_returns_the_matching_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let listener = UnixListener::bind(&sock).unwrap();
-        let server = std::thread::spawn(move || {
-            let (s, _) = listener.accept().unwrap();
-            let mut r = BufReader::new(&s);
-            let mut line = String::new();
-            r.read_line(&mut line).unwrap();
-            let req: Request = from_line(&line).unwrap();
+        let (_dir, sock, server) = fake_guest(|s, req| {
             let stale = Response {
                 id: req.id ^ 1,
                 reply: Reply::Ok,
@@ -185,9 +177,9 @@ mod tests {
     }
 
     /// A fake guest on a real unix socket: accepts, reads the request, then runs
-    /// `behave` on the connection.
+    /// `behave` on the connection and the request.
     fn fake_guest(
-        behave: impl FnOnce(UnixStream) + Send + 'static,
+        behave: impl FnOnce(UnixStream, Request) + Send + 'static,
     ) -> (
         tempfile::TempDir,
         std::path::PathBuf,
@@ -200,14 +192,14 @@ mod tests {
             let (s, _) = listener.accept().unwrap();
             let mut line = String::new();
             BufReader::new(&s).read_line(&mut line).unwrap();
-            behave(s);
+            behave(s, from_line(&line).unwrap());
         });
         (dir, sock, t)
     }
 
     #[test]
     fn a_wait_ends_when_the_vm_is_gone_not_at_the_deadline() {
-        let (_dir, sock, t) = fake_guest(|s| {
+        let (_dir, sock, t) = fake_guest(|s, _| {
             // A guest that never answers, until the host hangs up.
             let _ = (&s).read(&mut [0u8; 1]);
         });
@@ -221,14 +213,7 @@ mod tests {
 
     #[test]
     fn an_answer_slower_than_the_liveness_checks_still_arrives() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let listener = UnixListener::bind(&sock).unwrap();
-        let t = std::thread::spawn(move || {
-            let (s, _) = listener.accept().unwrap();
-            let mut line = String::new();
-            BufReader::new(&s).read_line(&mut line).unwrap();
-            let req: Request = from_line(&line).unwrap();
+        let (_dir, sock, t) = fake_guest(|s, req| {
             std::thread::sleep(ALIVE_CHECK * 5);
             let r = Response {
                 id: req.id,
@@ -243,7 +228,7 @@ mod tests {
 
     #[test]
     fn a_dripping_guest_cannot_stretch_the_deadline() {
-        let (_dir, sock, t) = fake_guest(|mut s| {
+        let (_dir, sock, t) = fake_guest(|mut s, _| {
             // A byte every 100 ms, never a newline: per-read timeouts never fire.
             for _ in 0..40 {
                 if s.write_all(b"x").is_err() {
@@ -262,7 +247,7 @@ mod tests {
 
     #[test]
     fn a_flooding_guest_is_cut_at_the_line_limit() {
-        let (_dir, sock, t) = fake_guest(|mut s| {
+        let (_dir, sock, t) = fake_guest(|mut s, _| {
             let junk = vec![b'x'; 64 * 1024];
             // Far more than the limit, without a newline; stops when the client leaves.
             for _ in 0..(4 * MAX_LINE / junk.len()) {

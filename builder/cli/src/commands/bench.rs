@@ -618,26 +618,10 @@ fn boot(a: BootArgs) -> anyhow::Result<ExitCode> {
             r.microvm_ratio
         );
         if !r.parts.is_empty() {
-            let m = |f: fn(&bench::boot::BootParts) -> f64| {
-                bench::median(&r.parts.iter().map(f).collect::<Vec<_>>())
-            };
             println!("where a kimg boot went (medians of {}):", r.parts.len());
-            println!(
-                "  host, QEMU, firmware, decompression {:6.2} s",
-                m(|p| p.before_kernel_secs)
-            );
-            println!(
-                "  kernel to /init                     {:6.2} s",
-                m(|p| p.kernel_secs)
-            );
-            println!(
-                "  kimg-init stage 1 (initramfs)       {:6.2} s",
-                m(|p| p.stage1_secs)
-            );
-            println!(
-                "  kimg-init stage 2 to ready          {:6.2} s",
-                m(|p| p.stage2_secs)
-            );
+            for (part, secs) in bench::boot::BootParts::medians(&r.parts) {
+                println!("  {part:<36}{secs:6.2} s");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
