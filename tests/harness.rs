@@ -60,6 +60,32 @@ pub fn own_cache() -> tempfile::TempDir {
     cache
 }
 
+/// A directory `BASE/PREFIX-PID` that lives as long as this test process. Statics
+/// are never dropped, so a `TempDir` held by one would stay behind after every run
+/// (118 MB per test binary for the shared image); instead each call first removes
+/// the `PREFIX-PID` directories of processes that no longer exist.
+pub fn process_dir(base: &Path, prefix: &str) -> PathBuf {
+    let mine = std::process::id();
+    if let Ok(entries) = std::fs::read_dir(base) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let pid = name.to_str().and_then(|n| {
+                n.strip_prefix(prefix)?
+                    .strip_prefix('-')?
+                    .parse::<u32>()
+                    .ok()
+            });
+            if pid.is_some_and(|p| p != mine && !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = base.join(format!("{prefix}-{mine}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// An image built once per test process by `kimg build`.
 pub struct BuiltImage {
     /// Directory holding hd.img and hd.json.
@@ -76,11 +102,7 @@ pub struct BuiltImage {
 pub fn image() -> &'static BuiltImage {
     static IMAGE: OnceLock<BuiltImage> = OnceLock::new();
     IMAGE.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("kimg-e2e-image-")
-            .tempdir()
-            .unwrap()
-            .keep();
+        let dir = process_dir(&std::env::temp_dir(), "kimg-e2e-image");
         let start = Instant::now();
         let out = Command::new(kimg_bin())
             .args(["build", "--out"])

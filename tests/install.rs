@@ -32,11 +32,7 @@ fn installed() -> &'static PathBuf {
             .output()
             .expect("cargo install runs");
         assert!(out.status.success(), "cargo install:\n{}", text(&out));
-        let alone = tempfile::Builder::new()
-            .prefix("kimg-alone-")
-            .tempdir_in("/tmp")
-            .unwrap()
-            .keep();
+        let alone = kimg_tests::process_dir(Path::new("/tmp"), "kimg-alone");
         std::fs::set_permissions(&alone, std::fs::Permissions::from_mode(0o755)).unwrap();
         let bin = alone.join("kimg");
         std::fs::copy(root.path().join("bin/kimg"), &bin).unwrap();
