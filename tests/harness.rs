@@ -122,6 +122,9 @@ pub fn image() -> &'static BuiltImage {
     })
 }
 
+/// How long [`TestCluster::reaches`] waits for an echo reply.
+pub const REACH_WINDOW: Duration = Duration::from_secs(90);
+
 /// A cluster started by a test in its own runtime dir; stopped on drop.
 pub struct TestCluster {
     /// Runtime dir (KIMG_RUNTIME_DIR) of this cluster only.
@@ -162,6 +165,44 @@ impl TestCluster {
         let o = self.exec(vm, argv);
         assert!(o.status.success(), "{vm}: {argv:?}:\n{}", text(&o));
         String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `from` gets an echo reply from `target` (a name or an address) within
+    /// [`REACH_WINDOW`], asking one echo at a time. A single `ping -c 3` rests on the
+    /// ARP of its first echo: three requests in 3 s, after which the kernel drops the
+    /// echoes queued behind it, so a busy host's 3-s stall fails it (stop 25's CI: one
+    /// of 100 nodes under 101 TCG VMs got no reply to 3 echoes in 20 s). A target not
+    /// reached for the whole window fails the test with the neighbour tables, links
+    /// and routes of `from` and of the VMs in `diagnose`.
+    pub fn reaches(&self, from: &str, target: &str, diagnose: &[&str]) {
+        let t = Instant::now();
+        let mut tries = 0;
+        let last = loop {
+            tries += 1;
+            let o = self.exec(from, &["ping", "-c", "1", "-W", "5", target]);
+            if o.status.success() {
+                if tries > 1 {
+                    eprintln!(
+                        "{from} -> {target}: answered on try {tries}, after {:?}",
+                        t.elapsed()
+                    );
+                }
+                return;
+            }
+            if t.elapsed() > REACH_WINDOW {
+                break o;
+            }
+        };
+        let mut report = format!(
+            "{from} -> {target}: no reply in {tries} tries over {:?}:\n{}",
+            t.elapsed(),
+            text(&last)
+        );
+        for vm in std::iter::once(&from).chain(diagnose) {
+            let o = self.exec(vm, &["sh", "-c", "ip neigh; ip -s link; ip route"]);
+            report.push_str(&format!("\n{vm}:\n{}", text(&o)));
+        }
+        panic!("{report}");
     }
 
     /// The command lines of the processes in `vm`, one per line (arguments joined
