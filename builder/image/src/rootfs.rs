@@ -512,6 +512,8 @@ pub fn set_times(dir: &Path, mtime: i64) -> Result<(), RootfsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kimg_contract::service::{start_order, ServiceSpec};
+    use kimg_contract::{Role, VmId};
 
     #[test]
     fn base_manifest_parses_and_has_the_etc_skeleton() {
@@ -539,10 +541,41 @@ mod tests {
             .filter(|f| f.path.starts_with("/etc/kimg/services/"))
             .collect();
         assert!(services.len() >= 3);
-        for f in services {
-            let stem = Path::new(&f.path).file_stem().unwrap().to_string_lossy();
-            kimg_contract::service::ServiceSpec::parse(&stem, &f.content)
-                .unwrap_or_else(|e| panic!("{}: {e}", f.path));
+        let all: Vec<ServiceSpec> = services
+            .iter()
+            .map(|f| {
+                let stem = Path::new(&f.path).file_stem().unwrap().to_string_lossy();
+                ServiceSpec::parse(&stem, &f.content).unwrap_or_else(|e| panic!("{}: {e}", f.path))
+            })
+            .collect();
+        // On each role's VM: every `after` known, no cycle; what talks to the
+        // apiserver starts behind the VM's one wait for its /readyz, which on vm-001
+        // starts once the apiserver listens.
+        for vm in [1, 2, 201] {
+            let vm = VmId::new(vm).unwrap();
+            let here: Vec<usize> = (0..all.len()).filter(|&i| all[i].runs_on(vm)).collect();
+            let order = start_order(&all, &here).unwrap_or_else(|e| panic!("{vm}: {e}"));
+            let pos = |name: &str| order.iter().position(|&i| all[i].name == name);
+            let clients = [
+                "kubelet",
+                "kube-proxy",
+                "kube-controller-manager",
+                "kube-scheduler",
+                "dns-records",
+            ];
+            for c in clients.iter().filter(|c| pos(c).is_some()) {
+                let spec = all.iter().find(|s| s.name == *c).unwrap();
+                assert!(spec.after.contains(&"apiserver-ready".to_string()), "{c}");
+                assert!(pos("apiserver-ready") < pos(c), "{vm}: {c}");
+            }
+            match vm.role() {
+                Role::Node => assert!(pos("kubelet").is_some() && pos("kube-proxy").is_some()),
+                _ => assert_eq!(pos("apiserver-ready"), None, "{vm}"),
+            }
+            if vm.number() == 1 {
+                assert!(pos("kube-apiserver").is_some());
+                assert!(pos("kube-apiserver") < pos("apiserver-ready"));
+            }
         }
     }
 
