@@ -72,10 +72,10 @@ pub fn process_dir(base: &Path, prefix: &str) -> PathBuf {
             let pid = name.to_str().and_then(|n| {
                 n.strip_prefix(prefix)?
                     .strip_prefix('-')?
-                    .parse::<u32>()
+                    .parse::<i32>()
                     .ok()
             });
-            if pid.is_some_and(|p| p != mine && !Path::new(&format!("/proc/{p}")).exists()) {
+            if pid.is_some_and(|p| p as u32 != mine && !kimg_cluster::process::alive(p)) {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -177,26 +177,25 @@ impl TestCluster {
     pub fn reaches(&self, from: &str, target: &str, diagnose: &[&str]) {
         let t = Instant::now();
         let mut tries = 0;
-        let last = loop {
+        let mut last = String::new();
+        let answered = poll_until(REACH_WINDOW, &mut || {
             tries += 1;
             let o = self.exec(from, &["ping", "-c", "1", "-W", "5", target]);
-            if o.status.success() {
-                if tries > 1 {
-                    eprintln!(
-                        "{from} -> {target}: answered on try {tries}, after {:?}",
-                        t.elapsed()
-                    );
-                }
-                return;
+            last = text(&o);
+            o.status.success()
+        });
+        if answered {
+            if tries > 1 {
+                eprintln!(
+                    "{from} -> {target}: answered on try {tries}, after {:?}",
+                    t.elapsed()
+                );
             }
-            if t.elapsed() > REACH_WINDOW {
-                break o;
-            }
-        };
+            return;
+        }
         let mut report = format!(
-            "{from} -> {target}: no reply in {tries} tries over {:?}:\n{}",
-            t.elapsed(),
-            text(&last)
+            "{from} -> {target}: no reply in {tries} tries over {:?}:\n{last}",
+            t.elapsed()
         );
         for vm in std::iter::once(&from).chain(diagnose) {
             let o = self.exec(vm, &["sh", "-c", "ip neigh; ip -s link; ip route"]);
@@ -233,13 +232,23 @@ impl TestCluster {
     }
 }
 
-/// Polls `ok` every half second until it holds; panics naming `what` after `limit`.
-pub fn wait_until(what: &str, limit: Duration, ok: &mut dyn FnMut() -> bool) {
+/// Polls `ok` every half second until it holds or `limit` has passed; whether it held.
+pub fn poll_until(limit: Duration, ok: &mut dyn FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+    loop {
+        if ok() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Polls `ok` every half second until it holds; panics naming `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, ok: &mut dyn FnMut() -> bool) {
+    assert!(poll_until(limit, ok), "{what}: not within {limit:?}");
 }
 
 /// Pids of QEMU processes whose command line mentions `needle` (a runtime dir).
