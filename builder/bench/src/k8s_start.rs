@@ -2,7 +2,9 @@
 //! (issue 14): etcd serving, the apiserver's port open, `/readyz`, each node
 //! registered and Ready, the `default` service account, a first pod Running, each in
 //! seconds from `kimg run`, for each cluster shape and each variant (kimg's defaults
-//! next to what they replaced), run one after the other on the same machine.
+//! next to what they replaced), run one after the other on the same machine, round
+//! after round; then what the running cluster costs the host once idle (its QEMUs'
+//! CPU over a minute), which every test against a cluster pays while it runs.
 //!
 //! Everything is asked inside vm-001 through the agent, with one curl per poll (one
 //! TLS connection for every URL, as the cluster's admin: the curl `kimg run --wait`
@@ -11,9 +13,11 @@
 
 use super::BenchError;
 use kimg_cluster::accel::AccelChoice;
-use kimg_cluster::{self as cluster, k8s, session, RunOptions};
+use kimg_cluster::qemu::VmPaths;
+use kimg_cluster::{self as cluster, k8s, process, session, RunOptions};
 use kimg_contract::k8s::{CONTROL_PLANE, DEFAULT_SA_PATH, READYZ_PATH};
 use kimg_contract::service::ServiceState;
+use kimg_contract::VmId;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -47,6 +51,8 @@ pub struct K8sStartOptions {
     pub shapes: Vec<(u16, u16)>,
     /// The variants, each run for every shape.
     pub variants: Vec<Variant>,
+    /// Runs of each variant on each shape, the variants alternating.
+    pub rounds: u32,
     /// Give up on a run after this long.
     pub limit: Duration,
     /// Accelerator.
@@ -81,7 +87,17 @@ pub struct ColdStart {
     pub default_sa: Option<f64>,
     /// A first pod Running.
     pub first_pod: Option<f64>,
+    /// Seconds of CPU all the cluster's QEMUs used in [`IDLE_WINDOW`], [`SETTLE`]
+    /// after the first pod ran (None: it never ran).
+    pub idle_cpu: Option<f64>,
+    /// The same for vm-001's QEMU alone.
+    pub idle_cpu_vm001: Option<f64>,
 }
+
+/// How long the cluster runs before its idle cost is measured.
+pub const SETTLE: Duration = Duration::from_secs(20);
+/// How long the idle cost is measured.
+pub const IDLE_WINDOW: Duration = Duration::from_secs(60);
 
 /// Runs every variant on every shape; `log` gets one line per milestone. No
 /// cluster is left running.
@@ -89,11 +105,16 @@ pub fn run(o: &K8sStartOptions, log: &dyn Fn(&str)) -> Result<Vec<ColdStart>, Be
     std::env::set_var("KIMG_RUNTIME_DIR", &o.runtime);
     let mut out = Vec::new();
     for &(nodes, routers) in &o.shapes {
-        for v in &o.variants {
-            log(&format!("{nodes} nodes + {routers} routers, {}", v.label));
-            let r = measure(o, v, nodes, routers, log);
-            let _ = cluster::stop(NAME, Duration::from_secs(10));
-            out.push(r?);
+        for round in 1..=o.rounds {
+            for v in &o.variants {
+                log(&format!(
+                    "{nodes} nodes + {routers} routers, {} (round {round} of {})",
+                    v.label, o.rounds
+                ));
+                let r = measure(o, v, nodes, routers, log);
+                let _ = cluster::stop(NAME, Duration::from_secs(10));
+                out.push(r?);
+            }
         }
     }
     Ok(out)
@@ -197,6 +218,8 @@ fn measure(
         all_ready: None,
         default_sa: None,
         first_pod: None,
+        idle_cpu: None,
+        idle_cpu_vm001: None,
     };
     let t = Instant::now();
     cluster::run(
@@ -287,7 +310,43 @@ fn measure(
             mark("first pod Running", &mut r.first_pod);
         }
     }
+    if r.first_pod.is_some() {
+        std::thread::sleep(SETTLE);
+        let (all, vm001) = idle_cpu()?;
+        log(&format!(
+            "QEMU CPU over {} s idle: {all:.1} s in all, vm-001 {vm001:.1} s",
+            IDLE_WINDOW.as_secs()
+        ));
+        r.idle_cpu = Some(all);
+        r.idle_cpu_vm001 = Some(vm001);
+    }
     Ok(r)
+}
+
+/// CPU seconds of every QEMU of the cluster, and of vm-001's, over [`IDLE_WINDOW`].
+fn idle_cpu() -> Result<(f64, f64), BenchError> {
+    let dir = cluster::cluster_dir(NAME)?;
+    let (state, _) = cluster::status(NAME)?;
+    let pids: Vec<_> = state
+        .vms
+        .iter()
+        .filter_map(|r| Some((r.vm, cluster::qemu_pid(&VmPaths::new(&dir, r.vm))?)))
+        .collect();
+    let cpu = |p| process::cpu_time(p).map_or(0.0, |d| d.as_secs_f64());
+    let before: Vec<f64> = pids.iter().map(|&(_, p)| cpu(p)).collect();
+    std::thread::sleep(IDLE_WINDOW);
+    let used: Vec<(VmId, f64)> = pids
+        .iter()
+        .zip(before)
+        .map(|(&(vm, p), b)| (vm, cpu(p) - b))
+        .collect();
+    let all = used.iter().map(|u| u.1).sum();
+    let vm001 = used
+        .iter()
+        .filter(|u| u.0 == CONTROL_PLANE)
+        .map(|u| u.1)
+        .sum();
+    Ok((all, vm001))
 }
 
 #[cfg(test)]
