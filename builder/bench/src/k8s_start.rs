@@ -11,10 +11,9 @@
 //! uses, [`k8s::apiserver_curl`]): a kubectl start costs vm-001 seconds of CPU
 //! under TCG, and the host may have no kubectl.
 
-use super::BenchError;
+use super::{cpu_secs, median, qemu_pids, BenchError};
 use kimg_cluster::accel::AccelChoice;
-use kimg_cluster::qemu::VmPaths;
-use kimg_cluster::{self as cluster, k8s, process, session, RunOptions};
+use kimg_cluster::{self as cluster, k8s, session, RunOptions};
 use kimg_contract::k8s::{CONTROL_PLANE, DEFAULT_SA_PATH, READYZ_PATH};
 use kimg_contract::service::ServiceState;
 use kimg_contract::VmId;
@@ -325,20 +324,13 @@ fn measure(
 
 /// CPU seconds of every QEMU of the cluster, and of vm-001's, over [`IDLE_WINDOW`].
 fn idle_cpu() -> Result<(f64, f64), BenchError> {
-    let dir = cluster::cluster_dir(NAME)?;
-    let (state, _) = cluster::status(NAME)?;
-    let pids: Vec<_> = state
-        .vms
-        .iter()
-        .filter_map(|r| Some((r.vm, cluster::qemu_pid(&VmPaths::new(&dir, r.vm))?)))
-        .collect();
-    let cpu = |p| process::cpu_time(p).map_or(0.0, |d| d.as_secs_f64());
-    let before: Vec<f64> = pids.iter().map(|&(_, p)| cpu(p)).collect();
+    let pids = qemu_pids(NAME)?;
+    let before: Vec<f64> = pids.iter().map(|&(_, p)| cpu_secs(p)).collect();
     std::thread::sleep(IDLE_WINDOW);
     let used: Vec<(VmId, f64)> = pids
         .iter()
         .zip(before)
-        .map(|(&(vm, p), b)| (vm, cpu(p) - b))
+        .map(|(&(vm, p), b)| (vm, cpu_secs(p) - b))
         .collect();
     let all = used.iter().map(|u| u.1).sum();
     let vm001 = used
@@ -347,6 +339,68 @@ fn idle_cpu() -> Result<(f64, f64), BenchError> {
         .map(|u| u.1)
         .sum();
     Ok((all, vm001))
+}
+
+/// The columns of a cold start's row, as [`ColdStart::figures`] gives them.
+pub const COLUMNS: [&str; 9] = [
+    "etcd",
+    "port",
+    "/readyz",
+    "registered",
+    "all Ready",
+    "SA",
+    "pod",
+    "idle CPU",
+    "vm-001",
+];
+
+impl ColdStart {
+    /// Its figures in [`COLUMNS`]' order ("registered": the last node's).
+    pub fn figures(&self) -> [Option<f64>; 9] {
+        [
+            self.etcd,
+            self.apiserver_port,
+            self.readyz,
+            self.registered.values().copied().reduce(f64::max),
+            self.all_ready,
+            self.default_sa,
+            self.first_pod,
+            self.idle_cpu,
+            self.idle_cpu_vm001,
+        ]
+    }
+
+    /// NODES+ROUTERS.
+    pub fn shape(&self) -> String {
+        format!("{}+{}", self.nodes, self.routers)
+    }
+}
+
+/// (shape, variant, figures) for each shape and variant, in the order of their first
+/// run: each figure the median of the runs that reached it.
+pub fn medians(starts: &[ColdStart]) -> Vec<(String, String, [Option<f64>; 9])> {
+    let mut groups: Vec<(String, String)> = Vec::new();
+    for s in starts {
+        let key = (s.shape(), s.variant.clone());
+        if !groups.contains(&key) {
+            groups.push(key);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(shape, variant)| {
+            let runs: Vec<_> = starts
+                .iter()
+                .filter(|s| s.shape() == shape && s.variant == variant)
+                .map(ColdStart::figures)
+                .collect();
+            let figures = std::array::from_fn(|i| {
+                let xs: Vec<f64> = runs.iter().filter_map(|r| r[i]).collect();
+                (!xs.is_empty()).then(|| median(&xs))
+            });
+            (shape, variant, figures)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -373,5 +427,45 @@ mod tests {
         assert!(create_pod_argv()
             .iter()
             .any(|a| a.contains("\"name\":\"bench-first\"")));
+    }
+
+    fn start(variant: &str, nodes: u16, all_ready: Option<f64>, idle: f64) -> ColdStart {
+        ColdStart {
+            variant: variant.into(),
+            nodes,
+            routers: 1,
+            etcd: Some(10.0),
+            apiserver_port: None,
+            readyz: None,
+            registered: BTreeMap::from([("vm-001".into(), 30.0), ("vm-002".into(), 40.0)]),
+            ready: BTreeMap::new(),
+            all_ready,
+            default_sa: None,
+            first_pod: None,
+            idle_cpu: Some(idle),
+            idle_cpu_vm001: None,
+        }
+    }
+
+    #[test]
+    fn medians_group_by_shape_and_variant_over_the_runs_that_reached_each_figure() {
+        let runs = [
+            start("a", 2, Some(100.0), 50.0),
+            start("b", 2, Some(200.0), 80.0),
+            start("a", 2, None, 40.0),
+            start("a", 2, Some(140.0), 60.0),
+            start("a", 4, Some(300.0), 90.0),
+        ];
+        let m = medians(&runs);
+        let keys: Vec<(&str, &str)> = m.iter().map(|g| (g.0.as_str(), g.1.as_str())).collect();
+        assert_eq!(keys, [("2+1", "a"), ("2+1", "b"), ("4+1", "a")]);
+        let col = |name: &str| COLUMNS.iter().position(|c| *c == name).unwrap();
+        // The run that never got every node Ready counts for the others only.
+        assert_eq!(m[0].2[col("all Ready")], Some(120.0));
+        assert_eq!(m[0].2[col("idle CPU")], Some(50.0));
+        assert_eq!(m[0].2[col("registered")], Some(40.0));
+        assert_eq!(m[0].2[col("port")], None);
+        assert_eq!(m[1].2[col("all Ready")], Some(200.0));
+        assert_eq!(m[2].2[col("idle CPU")], Some(90.0));
     }
 }

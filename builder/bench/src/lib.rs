@@ -12,7 +12,10 @@ pub mod publish;
 pub mod scale;
 pub mod snapshot;
 
+use kimg_cluster::qemu::VmPaths;
+use kimg_contract::VmId;
 use kimg_util::fs::IoError;
+use nix::unistd::Pid;
 
 /// Errors of every suite: what failed underneath, or a step of the suite itself.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +57,21 @@ pub fn step<E: std::fmt::Display>(step: &str) -> impl FnOnce(E) -> BenchError + 
         step: step.to_string(),
         why: e.to_string(),
     }
+}
+
+/// The QEMU of each VM of cluster `name` that runs.
+pub(crate) fn qemu_pids(name: &str) -> Result<Vec<(VmId, Pid)>, BenchError> {
+    let (dir, state) = kimg_cluster::load(name)?;
+    Ok(state
+        .vms
+        .iter()
+        .filter_map(|r| Some((r.vm, kimg_cluster::qemu_pid(&VmPaths::new(&dir, r.vm))?)))
+        .collect())
+}
+
+/// utime + stime of a process in seconds; 0 once it is gone.
+pub(crate) fn cpu_secs(pid: Pid) -> f64 {
+    kimg_cluster::process::cpu_time(pid).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The median of some samples (0 when empty).

@@ -10,9 +10,9 @@
 //!   two more ksmd passes) and right after `run` = 2 took them back: side by side,
 //!   what sharing saves.
 
-use super::{step, BenchError};
+use super::{qemu_pids, step, BenchError};
 use kimg_cluster::accel::{Accel, AccelChoice};
-use kimg_cluster::qemu::{Machine, VmPaths};
+use kimg_cluster::qemu::Machine;
 use kimg_cluster::{self as cluster, RunOptions, Wait};
 use kimg_cluster::{ksm, process};
 use serde::Serialize;
@@ -94,16 +94,6 @@ fn options(o: &ScaleBenchOptions, nodes: u16, routers: u16) -> RunOptions {
     }
 }
 
-/// The QEMU pids of the benchmark's cluster.
-fn pids() -> Result<Vec<nix::unistd::Pid>, BenchError> {
-    let (dir, state) = cluster::load(NAME)?;
-    Ok(state
-        .vms
-        .iter()
-        .filter_map(|r| cluster::qemu_pid(&VmPaths::new(&dir, r.vm)))
-        .collect())
-}
-
 /// Runs the suite; `log` gets one line per measurement. A failed step leaves no
 /// cluster running.
 pub fn run(o: &ScaleBenchOptions, log: &dyn Fn(&str)) -> Result<ScaleBenchReport, BenchError> {
@@ -115,10 +105,16 @@ pub fn run(o: &ScaleBenchOptions, log: &dyn Fn(&str)) -> Result<ScaleBenchReport
 
 fn measure(o: &ScaleBenchOptions, log: &dyn Fn(&str)) -> Result<ScaleBenchReport, BenchError> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cpu = |p| process::cpu_time(p).map_or(0.0, |d| d.as_secs_f64());
+    // Every QEMU of the cluster's CPU seconds so far.
+    let qemu_cpu = || -> Result<f64, BenchError> {
+        Ok(qemu_pids(NAME)?
+            .into_iter()
+            .map(|(_, p)| super::cpu_secs(p))
+            .sum())
+    };
 
     let state = cluster::run(&options(o, 1, 0), &|_| {})?;
-    let single_cpu_secs = pids()?.into_iter().map(cpu).sum::<f64>();
+    let single_cpu_secs = qemu_cpu()?;
     if single_cpu_secs <= 0.0 {
         return Err(step("one VM")("its QEMU is gone"));
     }
@@ -132,7 +128,7 @@ fn measure(o: &ScaleBenchOptions, log: &dyn Fn(&str)) -> Result<ScaleBenchReport
     let state = cluster::run(&options(o, o.nodes, 1), &|_| {})?;
     let wall_secs = t.elapsed().as_secs_f64();
     let vms = state.vms.len();
-    let cpu_secs = pids()?.into_iter().map(cpu).sum::<f64>();
+    let cpu_secs = qemu_cpu()?;
     let load_avg = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_ascii_whitespace().next()?.parse().ok())
@@ -144,16 +140,18 @@ fn measure(o: &ScaleBenchOptions, log: &dyn Fn(&str)) -> Result<ScaleBenchReport
     // Idle: the last boots settle, freed pages are reported back; what the idle VMs
     // cost the host's cores (under TCG, each wakeup of a guest is host CPU).
     std::thread::sleep(Duration::from_secs(10));
-    let cpu0 = pids()?.into_iter().map(cpu).sum::<f64>();
+    let cpu0 = qemu_cpu()?;
     std::thread::sleep(IDLE);
-    let idle_core_pct =
-        (pids()?.into_iter().map(cpu).sum::<f64>() - cpu0) / IDLE.as_secs_f64() * 100.0;
+    let idle_core_pct = (qemu_cpu()? - cpu0) / IDLE.as_secs_f64() * 100.0;
     let t = Instant::now();
     let (_, st) = cluster::status(NAME)?;
     let status_secs = t.elapsed().as_secs_f64();
     let idle_rss_mb = st.iter().filter_map(|v| v.qemu_rss_kib).sum::<u64>() as f64 / 1024.0;
     let pss_mb = || -> Result<f64, BenchError> {
-        let kib: u64 = pids()?.into_iter().filter_map(process::pss_kib).sum();
+        let kib: u64 = qemu_pids(NAME)?
+            .into_iter()
+            .filter_map(|(_, p)| process::pss_kib(p))
+            .sum();
         Ok(kib as f64 / 1024.0)
     };
     // The same idle VMs with KSM's merged pages, then without: ksmd merges a page
